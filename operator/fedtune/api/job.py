@@ -1,0 +1,244 @@
+"""The FederatedJob resource: what to fine-tune, how, with whom, for how many rounds."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
+from fedtune.api.methods import TASK_TYPES, check_peft_config, strategy_params
+from fedtune.api.party import StorageSpec
+from fedtune.api.status import FederatedJobStatus
+
+Task = Literal["sequence-classification", "causal-lm"]
+MODEL_SCHEMES = ("file://", "pkg://", "hf://", "s3://")
+
+
+class ModelSpec(ApiModel):
+    """The shared base model. It is loaded once per trainer pod and never leaves it."""
+
+    source: str = Field(
+        description="file:///path or /path (local dir), pkg://<python package>/<sub dir> (shipped in a package), "
+        "hf://<repo id> (needs a reachable hub), s3://<bucket>/<prefix> (read through presigned URLs)."
+    )
+    task: Task = Field(description="sequence-classification or causal-lm.")
+    gguf_file: str | None = Field(None, description="GGUF file name inside the source, for GGUF-packed models.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Base model weight dtype.")
+
+    @field_validator("source")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(MODEL_SCHEMES):
+            raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(MODEL_SCHEMES)} or a local path")
+        return v
+
+
+class PeftSpec(ApiModel):
+    """The parameter-efficient method; `config` goes to peft as written (peft's snake_case keys)."""
+
+    method: str = Field("lora", description="lora, ia3, prompt_tuning, prefix_tuning, loha, lokr, … (any peft method).")
+    config: dict[str, Any] = Field(default_factory=dict, description="peft config keyword arguments, e.g. {r: 8}.")
+
+
+class DataSchema(ApiModel):
+    """The shape of every party's JSON-lines data."""
+
+    format: Literal["jsonl"] = "jsonl"
+    text_field: str = Field("text", description="Input text field (sequence classification).")
+    label_field: str = Field("label", description="Label field (sequence classification).")
+    labels: list[str] = Field(default_factory=list, description="Class names, in label-id order (classification).")
+    prompt_field: str = Field("prompt", description="Prompt field (causal LM).")
+    response_field: str = Field("response", description="Response field (causal LM); the loss covers it only.")
+    max_length: int = Field(128, ge=8, le=32768, description="Tokens per example after truncation.")
+
+    @field_validator("labels")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({x for x in v if v.count(x) > 1})
+        if dup:
+            raise ValueError(f"duplicate label(s) {', '.join(dup)}: list each class once")
+        return v
+
+
+class TrainingSpec(ApiModel):
+    """Local training each party runs per round."""
+
+    local_epochs: float | None = Field(None, gt=0, description="Passes over the local data per round (default 1).")
+    local_steps: int | None = Field(None, ge=1, description="Optimizer steps per round; instead of localEpochs.")
+    batch_size: int = Field(8, ge=1, description="Micro-batch size per device.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Local optimizer learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_batch_size: int = Field(32, ge=1)
+    max_train_samples: int | None = Field(None, ge=1, description="Cap on local training examples per round.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Cap on local evaluation examples.")
+    seed: int = Field(0, description="Seeds the adapter initialisation and data order.")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> TrainingSpec:
+        if self.local_epochs is not None and self.local_steps is not None:
+            raise ValueError("set either training.localEpochs or training.localSteps, not both")
+        return self
+
+
+class DeepSpeedSpec(ApiModel):
+    """DeepSpeed engine settings; the operator turns them into pod resources."""
+
+    enabled: bool = False
+    zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3.")
+    bf16: bool = Field(False, description="bf16 mixed precision.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer state to CPU (stage >= 1).")
+    offload_params: bool = Field(False, description="Offload parameters to CPU (stage 3 only).")
+    train_batch_size: int | None = Field(
+        None, ge=1, description="Global batch; must equal batchSize x gradientAccumulation x GPUs per pod."
+    )
+
+    @model_validator(mode="after")
+    def _offload(self) -> DeepSpeedSpec:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offloadParams needs deepspeed.zeroStage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offloadOptimizer needs deepspeed.zeroStage >= 1")
+        return self
+
+
+class StrategySpec(ApiModel):
+    """Server-side aggregation strategy and its parameters."""
+
+    name: str = Field("fedavg", description="fedavg, fedprox, fedadam, fedyogi, fedadagrad or fedavgm.")
+    params: dict[str, float] = Field(default_factory=dict, description="Strategy parameters (see docs).")
+
+    @model_validator(mode="after")
+    def _known(self) -> StrategySpec:
+        strategy_params(self.name, self.params)
+        return self
+
+    def resolved(self) -> dict[str, float]:
+        """Parameters with defaults filled in."""
+        return strategy_params(self.name, self.params)
+
+
+class AggregatorSpec(ApiModel):
+    """How the aggregator combines updates."""
+
+    lora_mode: Literal["average", "exact"] = Field(
+        "average", description="average: A and B separately; exact: mean of B·A re-factored by truncated SVD."
+    )
+    cpu: str = "1"
+    memory: str = "4Gi"
+
+
+class PartyRef(ApiModel):
+    """A Party taking part in the job."""
+
+    name: str
+    namespace: str | None = Field(None, description="Party namespace; defaults to the job's.")
+
+
+class FederatedJobSpec(ApiModel):
+    """Desired state of a federated fine-tuning job."""
+
+    model: ModelSpec
+    peft: PeftSpec = Field(default_factory=PeftSpec)
+    data: DataSchema = Field(default_factory=DataSchema)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    storage: StorageSpec | None = Field(None, description="Coordinator bucket (global and final adapters).")
+    rounds: int = Field(3, description="Federated rounds.")
+    min_parties: int = Field(1, description="Fewest updates a round may aggregate.")
+    round_timeout_seconds: int = Field(1800, ge=5, description="Deadline for a round's updates (and its aggregation).")
+    max_round_retries: int = Field(2, ge=0, description="Retries of a round that missed quorum before the job fails.")
+    max_party_failures: int = Field(3, ge=1, description="Consecutive missed rounds before a party is dropped.")
+    parties: list[PartyRef] = Field(min_length=1)
+    trainer_image: str = Field("ghcr.io/fedtune/trainer:0.1.0", description="Image of trainer and aggregator pods.")
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"rounds must be at least 1 (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederatedJobSpec:
+        n = len(self.parties)
+        if self.min_parties < 1:
+            raise ValueError(f"minParties must be at least 1 (got {self.min_parties})")
+        if self.min_parties > n:
+            raise ValueError(
+                f"minParties ({self.min_parties}) is larger than the number of parties ({n}): "
+                f"lower minParties to at most {n} or add parties"
+            )
+        if self.model.task == "sequence-classification" and len(self.data.labels) < 2:
+            raise ValueError("data.labels must list at least two classes for sequence-classification")
+        try:
+            check_peft_config(self.peft.method, self.peft.config, self.model.task)
+        except ValueError as exc:
+            raise ValueError(f"peft: {exc}") from None
+        ds, tr = self.deepspeed, self.training
+        if ds.train_batch_size is not None:
+            per_device = tr.batch_size * tr.gradient_accumulation
+            if ds.train_batch_size % per_device:
+                raise ValueError(
+                    f"deepspeed.trainBatchSize ({ds.train_batch_size}) must be a multiple of training.batchSize x "
+                    f"training.gradientAccumulation ({tr.batch_size} x {tr.gradient_accumulation} = {per_device}); "
+                    "fix one of them or drop trainBatchSize to derive it"
+                )
+        if ds.bf16 and self.model.dtype == "float32" and not ds.enabled:
+            raise ValueError("deepspeed.bf16 needs deepspeed.enabled: true (or set model.dtype: bfloat16)")
+        if self.strategy.name == "fedprox" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
+            raise ValueError("fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2")
+        return self
+
+    @property
+    def peft_task_type(self) -> str:
+        return TASK_TYPES[self.model.task]
+
+    def world_size(self, gpus_per_pod: int) -> int:
+        """DeepSpeed world size on a party offering `gpus_per_pod` GPUs (CPU: one process)."""
+        return max(1, gpus_per_pod) if self.deepspeed.enabled else 1
+
+    def global_batch(self, gpus_per_pod: int) -> int:
+        """micro x accumulation x world, checked against deepspeed.trainBatchSize when set."""
+        world = self.world_size(gpus_per_pod)
+        derived = self.training.batch_size * self.training.gradient_accumulation * world
+        want = self.deepspeed.train_batch_size
+        if want is not None and want != derived:
+            raise ValueError(
+                f"deepspeed.trainBatchSize ({want}) != batchSize x gradientAccumulation x world "
+                f"({self.training.batch_size} x {self.training.gradient_accumulation} x {world} = {derived}) "
+                f"for a party with {gpus_per_pod} GPU(s) per pod"
+            )
+        return derived
+
+
+class FederatedJob(ApiModel):
+    """The FederatedJob custom resource."""
+
+    api_version: Literal["fedtune.io/v1alpha1"] = GROUP_VERSION
+    kind: Literal["FederatedJob"] = "FederatedJob"
+    metadata: ObjectMeta
+    spec: FederatedJobSpec
+    status: FederatedJobStatus | None = None
+
+    @model_validator(mode="after")
+    def _no_duplicate_parties(self) -> FederatedJob:
+        seen: set[str] = set()
+        for i, ref in enumerate(self.spec.parties):
+            key = self.party_key(ref)
+            if key in seen:
+                raise ValueError(f"spec.parties[{i}]: party {key} is listed twice; list each party once")
+            seen.add(key)
+        return self
+
+    def party_key(self, ref: PartyRef) -> str:
+        """namespace/name of a referenced Party."""
+        return f"{ref.namespace or self.metadata.namespace}/{ref.name}"
+
+    @property
+    def party_keys(self) -> list[str]:
+        return [self.party_key(r) for r in self.spec.parties]

@@ -1,0 +1,112 @@
+"""Tables of the PEFT methods and aggregation strategies fedtune accepts, and their checks.
+
+Pure data and functions: the operator validates specs with them without importing torch;
+the trainer's strategies read their defaults from here so both sides agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# peft method name (as written in a FederatedJob) -> peft.PeftType value.
+PEFT_METHODS: dict[str, str] = {
+    "lora": "LORA",
+    "adalora": "ADALORA",
+    "ia3": "IA3",
+    "loha": "LOHA",
+    "lokr": "LOKR",
+    "oft": "OFT",
+    "boft": "BOFT",
+    "vera": "VERA",
+    "fourierft": "FOURIERFT",
+    "hra": "HRA",
+    "ln_tuning": "LN_TUNING",
+    "prompt_tuning": "PROMPT_TUNING",
+    "prefix_tuning": "PREFIX_TUNING",
+    "p_tuning": "P_TUNING",
+}
+
+TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+
+# Keys fedtune owns; a peft config may not set them.
+RESERVED_PEFT_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "revision"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One strategy parameter: default and the open/closed bounds it must lie in."""
+
+    default: float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    doc: str = ""
+
+    def check(self, name: str, value: float) -> str | None:
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            op = ">" if self.low_open else ">="
+            return f"{name} must be {op} {self.low} (got {value})"
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            op = "<" if self.high_open else "<="
+            return f"{name} must be {op} {self.high} (got {value})"
+        return None
+
+
+_ADAPTIVE = {
+    "serverLearningRate": Param(0.01, 0.0, None, low_open=True, doc="server step size (eta)"),
+    "beta1": Param(0.9, 0.0, 1.0, high_open=True, doc="first-moment decay"),
+    "beta2": Param(0.99, 0.0, 1.0, high_open=True, doc="second-moment decay"),
+    "tau": Param(1e-3, 0.0, None, low_open=True, doc="adaptivity (epsilon)"),
+}
+
+STRATEGIES: dict[str, dict[str, Param]] = {
+    "fedavg": {},
+    "fedprox": {"mu": Param(0.01, 0.0, None, doc="proximal term weight, applied by each party")},
+    "fedadam": dict(_ADAPTIVE),
+    "fedyogi": dict(_ADAPTIVE),
+    "fedadagrad": {k: v for k, v in _ADAPTIVE.items() if k in ("serverLearningRate", "tau")},
+    "fedavgm": {
+        "serverLearningRate": Param(1.0, 0.0, None, low_open=True, doc="server step size"),
+        "momentum": Param(0.9, 0.0, 1.0, high_open=True, doc="server momentum"),
+    },
+}
+
+
+def strategy_params(name: str, given: dict[str, float]) -> dict[str, float]:
+    """All parameters of strategy `name` with defaults filled in. Raises ValueError on bad input."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(sorted(STRATEGIES))}")
+    table = STRATEGIES[name]
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        allowed = ", ".join(sorted(table)) or "none"
+        raise ValueError(f"strategy {name!r} has no parameter(s) {', '.join(unknown)}; it accepts: {allowed}")
+    problems = [p for k, v in given.items() if (p := table[k].check(k, float(v)))]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return {k: float(given.get(k, p.default)) for k, p in table.items()}
+
+
+def check_peft_config(method: str, config: dict[str, Any], task: str) -> None:
+    """Validate a peft config. Deep checks run only where peft is installed (it imports torch)."""
+    if method not in PEFT_METHODS:
+        raise ValueError(f"unknown PEFT method {method!r}; choose one of: {', '.join(sorted(PEFT_METHODS))}")
+    reserved = sorted(RESERVED_PEFT_KEYS & set(config))
+    if reserved:
+        raise ValueError(f"config may not set {', '.join(reserved)}: fedtune sets them from the job")
+    for key in ("r", "num_virtual_tokens"):
+        if key in config and (not isinstance(config[key], int) or config[key] < 1):
+            raise ValueError(f"config.{key} must be a positive integer (got {config[key]!r})")
+    if method in ("prompt_tuning", "prefix_tuning", "p_tuning") and "num_virtual_tokens" not in config:
+        raise ValueError(f"{method} needs config.num_virtual_tokens, e.g. 16")
+    try:
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # lazy: imports torch; absent in the operator image
+    except ImportError:
+        return
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_METHODS[method]]
+    try:
+        config_cls(task_type=TASK_TYPES[task], **config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"peft rejects this {method} config: {exc}") from None

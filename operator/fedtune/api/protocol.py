@@ -1,0 +1,156 @@
+"""The round protocol: tickets the control plane writes, receipts the pods answer with.
+
+Both sides (operator/local runner and fedtune_trainer) import these models, so the wire
+format has one definition. Tickets carry presigned URLs only, never credentials.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from fedtune.api.base import ApiModel
+from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
+from fedtune.api.status import Metrics
+
+# init: load the model, report its fingerprint; the designated party also uploads global 0.
+# train: evaluate the received global adapter on the local eval split, then train and upload.
+# eval: evaluate the final global adapter only. exit: stop the pod.
+TicketKind = Literal["init", "train", "eval", "exit"]
+
+
+class Download(ApiModel):
+    """A presigned GET URL for one object, with the sha256 it must have (when known)."""
+
+    url: str
+    sha256: str | None = None
+
+
+class TrainerConfig(ApiModel):
+    """Everything a trainer needs to build its model and train; constant for a job."""
+
+    model: ModelSpec
+    peft: PeftSpec
+    data: DataSchema
+    training: TrainingSpec
+    deepspeed: DeepSpeedSpec
+    world_size: int = 1
+    prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (0 = off).")
+    model_files: dict[str, str] = Field(
+        default_factory=dict, description="For s3:// model sources: relative file path -> presigned GET URL."
+    )
+
+
+class TrainerTicket(ApiModel):
+    """Work for one party trainer (see TicketKind)."""
+
+    kind: TicketKind
+    job: str = Field(description="Job uid; every object key of the job lives under it.")
+    party: str
+    round: int
+    attempt: int = 0
+    deadline: datetime
+    config: TrainerConfig
+    train_data: Download | None = None
+    eval_data: Download | None = None
+    global_in: Download | None = Field(None, description="Global adapter of the previous round.")
+    update_out: str | None = Field(None, description="PUT URL for this party's update (or global 0 on init).")
+    adapter_config_out: str | None = Field(None, description="PUT URL for adapter_config.json (init only).")
+    receipt_out: str | None = Field(None, description="PUT URL for a copy of the receipt in the party bucket.")
+
+    @property
+    def ticket_id(self) -> str:
+        return f"{self.kind}-r{self.round}-a{self.attempt}"
+
+
+class Timings(ApiModel):
+    load_seconds: float = 0.0
+    download_seconds: float = 0.0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    upload_seconds: float = 0.0
+
+
+class TrainerReceipt(ApiModel):
+    """A trainer's answer to one ticket."""
+
+    kind: TicketKind
+    job: str
+    party: str
+    round: int
+    attempt: int = 0
+    ok: bool
+    error: str | None = None
+    num_samples: int = 0
+    num_eval_samples: int = 0
+    metrics: Metrics = Field(
+        default_factory=Metrics,
+        description="eval* of the received global adapter (before local training); trainLoss of local training.",
+    )
+    sha256: str | None = Field(None, description="sha256 of the uploaded update (or of global 0 on init).")
+    bytes_up: int = 0
+    bytes_down: int = 0
+    base_model_fingerprint: str | None = None
+    timings: Timings = Field(default_factory=Timings)
+    finished_at: datetime | None = None
+
+    def answers(self, ticket: TrainerTicket) -> bool:
+        return (self.kind, self.job, self.round, self.attempt) == (ticket.kind, ticket.job, ticket.round, ticket.attempt)
+
+
+class UpdateIn(ApiModel):
+    """One party's update offered to the aggregator."""
+
+    party: str
+    url: str
+    sha256: str
+    num_samples: int = Field(ge=1)
+
+
+class AggregatorTicket(ApiModel):
+    """Work for the aggregator: combine this round's updates into the next global adapter."""
+
+    kind: Literal["aggregate", "exit"]
+    job: str
+    round: int
+    attempt: int = 0
+    deadline: datetime
+    strategy: str = "fedavg"
+    strategy_params: dict[str, float] = Field(default_factory=dict)
+    lora_mode: Literal["average", "exact"] = "average"
+    min_updates: int = 1
+    global_in: Download | None = None
+    state_in: Download | None = Field(None, description="Server optimiser state of the previous round.")
+    updates: list[UpdateIn] = Field(default_factory=list)
+    global_out: str | None = None
+    state_out: str | None = None
+    receipt_out: str | None = None
+
+    @property
+    def ticket_id(self) -> str:
+        return f"{self.kind}-r{self.round}-a{self.attempt}"
+
+
+class AggregatorReceipt(ApiModel):
+    """The aggregator's answer to one ticket."""
+
+    kind: Literal["aggregate", "exit"] = "aggregate"
+    job: str
+    round: int
+    attempt: int = 0
+    ok: bool
+    error: str | None = None
+    accepted: list[str] = Field(default_factory=list)
+    rejected: dict[str, str] = Field(default_factory=dict, description="party -> why its update was refused.")
+    sha256: str | None = Field(None, description="sha256 of the new global adapter.")
+    bytes_up: int = 0
+    bytes_down: int = 0
+    state_sha256: str | None = None
+    lora_residual: float | None = Field(None, description="Relative Frobenius residual of exact LoRA re-factoring.")
+    duration_seconds: float = 0.0
+    finished_at: datetime | None = None
+
+    def answers(self, ticket: AggregatorTicket) -> bool:
+        return (self.kind, self.job, self.round, self.attempt) == (ticket.kind, ticket.job, ticket.round, ticket.attempt)

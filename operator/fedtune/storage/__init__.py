@@ -1,0 +1,1 @@
+"""Object storage: key layout (pure), S3 access with credentials (operator side), embedded SeaweedFS."""

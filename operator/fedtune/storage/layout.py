@@ -1,0 +1,46 @@
+"""Where every object of a job lives. Pure functions; one place to change the layout.
+
+Party bucket:        fedtune/<job>/round-<r>/update.safetensors, …/receipt.json, data/… (its own data)
+Coordinator bucket:  fedtune/<job>/global/<r>.safetensors (+ .json receipt, .state.safetensors),
+                     fedtune/<job>/global/adapter_config.json, fedtune/<job>/final/…
+"""
+
+from __future__ import annotations
+
+
+def _job(job: str) -> str:
+    return f"fedtune/{job}"
+
+
+def update_key(job: str, rnd: int) -> str:
+    return f"{_job(job)}/round-{rnd}/update.safetensors"
+
+
+def party_receipt_key(job: str, rnd: int) -> str:
+    return f"{_job(job)}/round-{rnd}/receipt.json"
+
+
+def global_key(job: str, rnd: int) -> str:
+    return f"{_job(job)}/global/{rnd}.safetensors"
+
+
+def global_receipt_key(job: str, rnd: int) -> str:
+    return f"{_job(job)}/global/{rnd}.json"
+
+
+def state_key(job: str, rnd: int) -> str:
+    return f"{_job(job)}/global/{rnd}.state.safetensors"
+
+
+def adapter_config_key(job: str) -> str:
+    return f"{_job(job)}/global/adapter_config.json"
+
+
+def final_prefix(job: str) -> str:
+    return f"{_job(job)}/final/"
+
+
+FINAL_ADAPTER = "adapter_model.safetensors"
+FINAL_CONFIG = "adapter_config.json"
+FINAL_METRICS = "metrics.json"
+FINAL_PLOT = "metrics.png"
