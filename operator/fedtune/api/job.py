@@ -178,7 +178,7 @@ class FederatedJobSpec(ApiModel):
         try:
             check_peft_config(self.peft.method, self.peft.config, self.model.task)
         except ValueError as exc:
-            raise ValueError(f"peft: {exc}") from None
+            raise ValueError(f"peft.config: {exc}") from None
         ds, tr = self.deepspeed, self.training
         if ds.train_batch_size is not None:
             per_device = tr.batch_size * tr.gradient_accumulation

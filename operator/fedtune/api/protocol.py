@@ -154,3 +154,7 @@ class AggregatorReceipt(ApiModel):
 
     def answers(self, ticket: AggregatorTicket) -> bool:
         return (self.kind, self.job, self.round, self.attempt) == (ticket.kind, ticket.job, ticket.round, ticket.attempt)
+
+    def answers_round(self, job: str | None, rnd: int, attempt: int) -> bool:
+        """Whether this receipt is the aggregation of round `rnd`, attempt `attempt` of `job`."""
+        return (self.kind, self.job, self.round, self.attempt) == ("aggregate", job, rnd, attempt)

@@ -13,7 +13,7 @@ MAX_HISTORY = 50
 
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 PartyPhase = Literal["Pending", "Ready", "Training", "Submitted", "Straggler", "Failed", "Dropped", "Done"]
-Stage = Literal["init", "training", "aggregating", "done"]
+Stage = Literal["init", "training", "aggregating", "evaluating", "done"]
 
 
 def utcnow() -> datetime:
@@ -50,6 +50,13 @@ class PartyState(ApiModel):
     metrics: Metrics | None = None
     failures: int = Field(0, description="Consecutive rounds missed or rejected.")
     message: str = ""
+    fingerprint: str | None = Field(None, description="Base-model fingerprint the party reported.")
+    # The party's answer to the current round (cleared when a round or attempt starts).
+    update_sha256: str | None = None
+    num_eval_samples: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    train_seconds: float = 0.0
 
 
 class RoundRecord(ApiModel):

@@ -1,0 +1,109 @@
+"""The `fedtune` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fedtune import __version__
+from fedtune.api.errors import SpecError
+from fedtune.storage.s3 import StorageError
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from fedtune.documents import load_documents
+
+    docs = load_documents(args.file)
+    job = docs.job
+    print(f"{args.file}: FederatedJob {job.metadata.name} with {len(docs.parties)} Part"
+          f"{'y' if len(docs.parties) == 1 else 'ies'}{', a Dataset' if docs.dataset else ''}: valid")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedtune.documents import load_documents
+    from fedtune.local.runner import LocalRun
+
+    docs = load_documents(args.file)
+    workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{docs.job.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if workdir.exists() and any(workdir.iterdir()):
+        raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
+    run = LocalRun(docs, workdir, threads=args.threads)
+    try:
+        st = run.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}", file=sys.stderr)
+        return 130
+    return 0 if st.phase == "Succeeded" else 1
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    """Partition a Dataset across the file's Parties and upload the shards with each party's credentials."""
+    from fedtune.data.partition import plan_shards
+    from fedtune.data.sources import load_source
+    from fedtune.data.upload import upload_shards
+    from fedtune.documents import load_documents
+    from fedtune.storage.s3 import Bucket, S3Credentials
+
+    docs = load_documents(args.file)
+    if docs.dataset is None:
+        raise SpecError(f"{args.file} has no Dataset document: add one saying the source and how to split it")
+    try:
+        creds_doc = json.loads(Path(args.credentials).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SpecError(f"--credentials {args.credentials}: {exc}") from None
+    parties = [docs.parties[k] for k in docs.job.party_keys]
+    buckets = {}
+    for p in parties:
+        c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name)
+        if not c:
+            raise SpecError(f"--credentials has no entry for party {p.key} (keys: namespace/name or name, "
+                            "values: {accessKeyId, secretAccessKey})")
+        storage = p.spec.storage.model_copy(update={"endpoint": args.endpoint or p.spec.storage.endpoint})
+        buckets[p.key] = Bucket(storage, S3Credentials(c["accessKeyId"], c["secretAccessKey"]))
+    shards = plan_shards(load_source(docs.dataset.spec.source), docs.dataset, [p.key for p in parties])
+    summary = upload_shards(shards, parties, buckets, labels=docs.job.spec.data.labels or None,
+                            create_buckets=args.create_buckets)
+    for key, s in summary.items():
+        print(f"{key}: {s['train']['records']} train / {s['eval']['records']} eval records -> "
+              f"s3://{s['bucket']}/{s['train']['key']}  labels {s['train']['labels']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job file locally (embedded S3, pods as processes)")
+    run.add_argument("file", help="YAML with a FederatedJob, its Parties and a Dataset")
+    run.add_argument("--workdir", help="where S3 data, logs, mailboxes and results go (default runs/<job>-<time>)")
+    run.add_argument("--threads", type=int, help="torch threads per party (default: cores / parties)")
+    run.set_defaults(func=_cmd_run)
+    val = sub.add_parser("validate", help="check a job file and explain what is wrong")
+    val.add_argument("file")
+    val.set_defaults(func=_cmd_validate)
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    part = data.add_parser("partition", help="split a Dataset across parties and upload each shard to its bucket")
+    part.add_argument("file", help="YAML with a FederatedJob, its Parties and a Dataset")
+    part.add_argument("--credentials", required=True,
+                      help="JSON file: {party: {accessKeyId, secretAccessKey}}; each shard is written with its party's own")
+    part.add_argument("--endpoint", help="S3 endpoint overriding the Parties' spec.storage.endpoint")
+    part.add_argument("--create-buckets", action="store_true", help="create missing buckets")
+    part.set_defaults(func=_cmd_partition)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SpecError, StorageError) as exc:  # the user can act on these: say what, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

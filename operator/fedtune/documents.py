@@ -1,0 +1,86 @@
+"""Read FederatedJob, Party and Dataset documents from YAML, with errors that point at the document."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from fedtune.api.errors import SpecError, describe
+from fedtune.api.job import FederatedJob
+from fedtune.api.party import Party
+
+KINDS = ("FederatedJob", "Party", "Dataset")
+
+
+@dataclass
+class Documents:
+    """The resources of one job file."""
+
+    job: FederatedJob
+    parties: dict[str, Party]  # namespace/name -> Party
+    dataset: Any | None = None  # fedtune.api.dataset.Dataset
+    extra: list[dict] = field(default_factory=list)
+
+
+def _model_for(kind: str):
+    if kind == "FederatedJob":
+        return FederatedJob
+    if kind == "Party":
+        return Party
+    from fedtune.api.dataset import Dataset
+
+    return Dataset
+
+
+def parse_documents(text: str, source: str = "<input>") -> Documents:
+    """Parse a multi-document YAML string; raises SpecError naming the document and field."""
+    try:
+        raw = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: not valid YAML: {exc}") from None
+    jobs, parties, datasets, problems = [], {}, [], []
+    for i, doc in enumerate(raw, 1):
+        where = f"{source}, document {i}"
+        if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
+            kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
+            problems.append(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
+            continue
+        name = (doc.get("metadata") or {}).get("name", "?")
+        try:
+            obj = _model_for(doc["kind"]).model_validate(doc)
+        except ValidationError as exc:
+            problems.append(f"{where} ({doc['kind']} {name}):\n  " + describe(exc).replace("\n", "\n  "))
+            continue
+        if doc["kind"] == "FederatedJob":
+            jobs.append(obj)
+        elif doc["kind"] == "Party":
+            if obj.key in parties:
+                problems.append(f"{where}: Party {obj.key} is defined twice")
+            parties[obj.key] = obj
+        else:
+            datasets.append(obj)
+    if not problems and len(jobs) != 1:
+        problems.append(f"{source}: expected exactly one FederatedJob, found {len(jobs)}")
+    if not problems and len(datasets) > 1:
+        problems.append(f"{source}: at most one Dataset document, found {len(datasets)}")
+    if not problems:
+        missing = [k for k in jobs[0].party_keys if k not in parties]
+        if missing:
+            problems.append(f"{source}: spec.parties names {', '.join(missing)} but no such Party document is in the file")
+    if problems:
+        raise SpecError("\n".join(problems))
+    return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None)
+
+
+def load_documents(path: str | Path) -> Documents:
+    """Read and validate a job file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read {p}: {exc.strerror}") from None
+    return parse_documents(text, str(p))

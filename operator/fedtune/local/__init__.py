@@ -1,0 +1,1 @@
+"""Local mode: the same FederatedJob + Party documents on one machine (`fedtune run`)."""

@@ -1,0 +1,256 @@
+"""`fedtune run`: one FederatedJob on this machine, with an embedded S3 server and pods as subprocesses.
+
+The control loop is the operator's: observe mailboxes -> `advance` the pure round state machine ->
+write the tickets the status asks for. Each party gets its own S3 identity and bucket; the
+coordinator another. Only this process holds credentials; pods get presigned URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TextIO
+
+from pydantic import ValidationError
+
+from fedtune.api.errors import SpecError
+from fedtune.api.party import StorageSpec
+from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
+from fedtune.api.status import FederatedJobStatus
+from fedtune.documents import Documents
+from fedtune.local import report
+from fedtune.local.children import Pod, Pods
+from fedtune.local.progress import Progress
+from fedtune.local.signer import BucketSigner
+from fedtune.rounds.intents import (
+    COORDINATOR, aggregator_intent, build_aggregator_ticket, build_trainer_ticket, trainer_intents,
+)
+from fedtune.rounds.machine import Observation, advance, new_status
+from fedtune.storage import layout
+from fedtune.storage.s3 import Bucket, S3Credentials
+from fedtune.storage.seaweed import Identity, SeaweedServer
+from fedtune_trainer.mailbox import FileMailbox, ticket_id
+
+COORDINATOR_BUCKET = "fedtune-coordinator"
+POLL_SECONDS = 0.1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _dirname(key: str) -> str:
+    return key.replace("/", "--")
+
+
+class LocalRun:
+    """One local run of a job file. `run()` returns the final status."""
+
+    def __init__(self, docs: Documents, workdir: Path, out: TextIO = sys.stdout, threads: int | None = None):
+        if docs.dataset is None:
+            raise SpecError("local mode needs a Dataset document in the job file: it says which data each "
+                            "party gets (see examples/quickstart.yaml)")
+        self.docs, self.job, self.out = docs, docs.job, out
+        if not self.job.metadata.uid:
+            self.job.metadata.uid = uuid.uuid4().hex[:12]
+        self.job.metadata.generation = self.job.metadata.generation or 1
+        self.workdir = Path(workdir)
+        self.parties = [docs.parties[k] for k in self.job.party_keys]
+        self.threads = threads
+        self.progress = Progress(out)
+        self.baseline: float | None = None
+        self.buckets: dict[str, Bucket] = {}
+        self.mailboxes: dict[str, FileMailbox] = {}
+        self.pods = Pods()
+        self._bad_receipts: set[str] = set()
+        self._check_buckets()
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _coordinator_bucket(self) -> str:
+        return self.job.spec.storage.bucket if self.job.spec.storage else COORDINATOR_BUCKET
+
+    def _check_buckets(self) -> None:
+        owners: dict[str, str] = {}
+        for owner, bucket in [(p.key, p.spec.storage.bucket) for p in self.parties] + [
+            (COORDINATOR, self._coordinator_bucket())
+        ]:
+            if bucket in owners:
+                raise SpecError(f"{owner} and {owners[bucket]} both use bucket {bucket!r}: each party needs its "
+                                "own bucket (spec.storage.bucket), separate from the coordinator's")
+            owners[bucket] = owner
+
+    def _start_storage(self, stack: ExitStack) -> None:
+        owners = {p.key: p.spec.storage.bucket for p in self.parties}
+        owners[COORDINATOR] = self._coordinator_bucket()
+        creds = {o: S3Credentials.generate() for o in owners}
+        identities = [Identity(name=_dirname(o), credentials=creds[o], buckets=[b]) for o, b in owners.items()]
+        server = SeaweedServer(self.workdir / "s3", identities)
+        self.progress.say("starting the embedded S3 server (SeaweedFS) …")
+        server.start()
+        stack.callback(server.stop)
+        for owner, bucket in owners.items():
+            b = Bucket(StorageSpec(endpoint=server.endpoint, bucket=bucket), creds[owner])
+            b.ensure(create=True)
+            self.buckets[owner] = b
+        self.progress.say(f"S3 at {server.endpoint}: {len(owners)} buckets, one identity each "
+                          f"(data under {self.workdir / 's3'})")
+
+    def _upload_data(self) -> None:
+        from fedtune.data.partition import majority_baseline, plan_shards
+        from fedtune.data.sources import load_source
+        from fedtune.data.upload import upload_shards
+
+        ds, schema = self.docs.dataset, self.job.spec.data
+        label_key = ds.spec.label_field
+        records = load_source(ds.spec.source)
+        shards = plan_shards(records, ds, [p.key for p in self.parties])
+        if self.job.spec.model.task == "sequence-classification":
+            found = {str(r.get(label_key)) for tr, ev in shards.values() for r in (*tr, *ev)}
+            unknown = sorted(found - set(schema.labels))
+            if unknown:
+                raise SpecError(f"the Dataset yields label(s) {', '.join(unknown)} that the job's spec.data.labels "
+                                f"({', '.join(schema.labels)}) does not list: add them there, or keep only the "
+                                "job's classes with the Dataset's spec.labels")
+            self.baseline = majority_baseline(shards, label_key=label_key)
+        summary = upload_shards(shards, self.parties, {p.key: self.buckets[p.key] for p in self.parties},
+                                label_key=label_key, labels=schema.labels or None)
+        for key, s in summary.items():
+            hist = ", ".join(f"{k} {v}" for k, v in s["train"]["labels"].items())
+            kinds = len(s["train"]["labels"])
+            shown = hist if kinds <= 6 else f"{kinds} categories"
+            self.progress.say(f"data  {key.split('/')[-1]:<10} {s['train']['records']} train / "
+                              f"{s['eval']['records']} eval records in its own bucket ({shown})")
+
+    def _start_pods(self) -> None:
+        n = len(self.parties)
+        threads = self.threads or max(1, (os.cpu_count() or 1) // n)
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # pods hold no credentials
+        base_env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                        TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        pods = [(p.key, "party") for p in self.parties] + [("aggregator", "aggregator")]
+        for name, role in pods:
+            box = self.workdir / "mailboxes" / _dirname(name)
+            self.mailboxes[name] = FileMailbox(box)
+            env = dict(base_env, FEDTUNE_NAME=name.split("/")[-1])
+            if role == "aggregator":
+                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            self.pods.start(Pod(name=name, argv=[sys.executable, "-m", "fedtune_trainer", role, "--mailbox", str(box)],
+                                env=env, log_path=self.workdir / "logs" / f"{_dirname(name)}.log"))
+        self.progress.say(f"started {n} party trainers ({threads} thread(s) each) and the aggregator; "
+                          f"logs in {self.workdir / 'logs'}")
+
+    # -- control loop ----------------------------------------------------------------------------
+
+    def _receipt(self, name: str, model):
+        raw = self.mailboxes[name].read_receipt()
+        if raw is None:
+            return None
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            if name not in self._bad_receipts:
+                self._bad_receipts.add(name)
+                self.progress.say(f"! ignoring a malformed receipt from {name}: {exc.errors()[0]['msg']}")
+            return None
+
+    def _observe(self) -> Observation:
+        receipts = {p.key: r for p in self.parties if (r := self._receipt(p.key, TrainerReceipt))}
+        return Observation(now=utcnow(), receipts=receipts, aggregator=self._receipt("aggregator", AggregatorReceipt))
+
+    def _apply(self, st: FederatedJobStatus, signer: BucketSigner) -> None:
+        now = utcnow()
+        by_key = {p.key: p for p in self.parties}
+        for name, intent in trainer_intents(self.job, st).items():
+            box = self.mailboxes[name]
+            if ticket_id(box.read_ticket() or {}) != intent.id:
+                box.write_ticket(build_trainer_ticket(self.job, intent, by_key[name], st, signer, now).to_wire())
+        intent = aggregator_intent(self.job, st)
+        box = self.mailboxes["aggregator"]
+        if intent is not None and ticket_id(box.read_ticket() or {}) != intent.id:
+            box.write_ticket(build_aggregator_ticket(self.job, intent, st, signer, now).to_wire())
+
+    def _finalize(self, st: FederatedJobStatus) -> None:
+        """Copy the last global adapter to final/ in PEFT layout (idempotent)."""
+        if st.final_adapter is not None or st.stage not in ("evaluating", "done") or st.phase == "Failed":
+            return
+        uid, coord = self.job.metadata.uid, self.buckets[COORDINATOR]
+        prefix = layout.final_prefix(uid)
+        coord.copy(layout.global_key(uid, st.current_round), prefix + layout.FINAL_ADAPTER)
+        coord.copy(layout.adapter_config_key(uid), prefix + layout.FINAL_CONFIG)
+        st.final_adapter = coord.uri(prefix)
+
+    def _loop(self, signer: BucketSigner) -> FederatedJobStatus:
+        st = new_status(self.job, utcnow())
+        status_path = self.workdir / "status.json"
+        while True:
+            st, events = advance(self.job, st, self._observe())
+            self._finalize(st)
+            self._apply(st, signer)
+            self.progress.update(st, events)
+            status_path.write_text(st.model_dump_json(by_alias=True, exclude_none=True, indent=1))
+            if st.phase in ("Succeeded", "Failed"):
+                return st
+            for note in self.pods.check():
+                self.progress.say("! " + note)
+            if all(p.gave_up for p in self.pods.pods.values()):
+                raise RuntimeError(f"every pod keeps crashing; see the logs in {self.workdir / 'logs'}")
+            time.sleep(POLL_SECONDS)
+
+    # -- results -----------------------------------------------------------------------------------
+
+    def _collect(self, st: FederatedJobStatus) -> Path:
+        final = self.workdir / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        uid, coord = self.job.metadata.uid, self.buckets[COORDINATOR]
+        prefix = layout.final_prefix(uid)
+        extra = {"majorityBaseline": self.baseline, "workdir": str(self.workdir)}
+        doc = report.metrics_document(self.job, st, extra)
+        report.write_metrics(final / layout.FINAL_METRICS, doc)
+        title = f"{self.job.metadata.name}: {self.job.spec.peft.method} + {self.job.spec.strategy.name}"
+        has_plot = report.plot(st, final / layout.FINAL_PLOT, title, self.baseline)
+        if st.phase == "Succeeded":
+            for name in (layout.FINAL_ADAPTER, layout.FINAL_CONFIG):
+                (final / name).write_bytes(coord.get_bytes(prefix + name))
+        coord.put_bytes(prefix + layout.FINAL_METRICS, (final / layout.FINAL_METRICS).read_bytes())
+        if has_plot:
+            coord.put_bytes(prefix + layout.FINAL_PLOT, (final / layout.FINAL_PLOT).read_bytes())
+        return final
+
+    def run(self) -> FederatedJobStatus:
+        """Run the job to the end; Ctrl-C stops every child and the S3 server, keeping what was written."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        spec = self.job.spec
+        self.progress.say(f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties, "
+                          f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
+                          f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {self.workdir}")
+        with ExitStack() as stack:
+            self._start_storage(stack)
+            self._upload_data()
+            stack.callback(self.pods.stop)
+            self._start_pods()
+            st = self._loop(BucketSigner(self.buckets))
+            self.pods.finishing = True
+            if not self.pods.wait(timeout=60):
+                self.progress.say("! some pods did not exit in 60 s; stopping them")
+            final = self._collect(st)
+        self._print_summary(st, final)
+        return st
+
+    def _print_summary(self, st: FederatedJobStatus, final: Path) -> None:
+        print("\n" + report.round_table(st), file=self.out)
+        if self.baseline is not None:
+            print(f"\nmajority-class baseline on the parties' eval splits: {self.baseline:.3f}", file=self.out)
+        if st.phase == "Succeeded":
+            print(f"\nSucceeded. Final adapter (PEFT layout) in {final}; metrics.json and metrics.png beside it.\n"
+                  f"Load it with: PeftModel.from_pretrained(base_model, {str(final)!r})", file=self.out)
+        else:
+            print(f"\nFailed: {st.message}\nPartial results and logs in {self.workdir}", file=self.out)
+        self.out.flush()
+

@@ -1,0 +1,60 @@
+"""kstatus-style conditions: Ready, Reconciling, Stalled and fedtune's specific ones."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from fedtune.api.status import Condition, FederatedJobStatus
+
+# Reasons are CamelCase constants so tools can match on them.
+READY = "Ready"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+QUORUM_LOST = "QuorumLost"
+DEGRADED = "Degraded"
+INVALID_SPEC = "InvalidSpec"
+
+
+def set_condition(
+    status: FederatedJobStatus,
+    ctype: str,
+    value: Literal["True", "False", "Unknown"],
+    reason: str,
+    message: str,
+    now: datetime,
+) -> None:
+    """Add or update a condition; lastTransitionTime changes only when the status value does."""
+    for i, c in enumerate(status.conditions):
+        if c.type == ctype:
+            when = c.last_transition_time if c.status == value else now
+            status.conditions[i] = Condition(
+                type=ctype, status=value, reason=reason, message=message, last_transition_time=when,
+                observed_generation=status.observed_generation,
+            )
+            return
+    status.conditions.append(
+        Condition(type=ctype, status=value, reason=reason, message=message, last_transition_time=now,
+                  observed_generation=status.observed_generation)
+    )
+
+
+def mark_running(status: FederatedJobStatus, message: str, now: datetime) -> None:
+    set_condition(status, READY, "False", "RoundInProgress", message, now)
+    set_condition(status, RECONCILING, "True", "RoundInProgress", message, now)
+    set_condition(status, STALLED, "False", "RoundInProgress", "", now)
+
+
+def mark_succeeded(status: FederatedJobStatus, message: str, now: datetime) -> None:
+    status.phase = "Succeeded"
+    set_condition(status, READY, "True", "Succeeded", message, now)
+    set_condition(status, RECONCILING, "False", "Succeeded", "", now)
+    set_condition(status, STALLED, "False", "Succeeded", "", now)
+
+
+def mark_failed(status: FederatedJobStatus, reason: str, message: str, now: datetime) -> None:
+    status.phase = "Failed"
+    status.message = message
+    set_condition(status, READY, "False", reason, message, now)
+    set_condition(status, RECONCILING, "False", reason, "", now)
+    set_condition(status, STALLED, "True", reason, message, now)

@@ -1,0 +1,149 @@
+"""What every mailbox should hold, derived from the status alone, and the tickets that say it.
+
+`trainer_intents` / `aggregator_intent` are pure. `build_*_ticket` turn an intent into a wire
+ticket with presigned URLs through a `Signer` (presigning is local crypto, no network), so the
+same code serves local mode and the operator. URLs expire shortly after the stage's deadline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from fedtune.api.job import FederatedJob
+from fedtune.api.party import Party
+from fedtune.api.protocol import AggregatorTicket, Download, TrainerConfig, TrainerTicket, UpdateIn
+from fedtune.api.status import FederatedJobStatus
+from fedtune.rounds.machine import active, designated_initialiser
+from fedtune.storage import layout
+
+COORDINATOR = "coordinator"
+URL_GRACE_SECONDS = 120  # uploads that start just before the deadline may still finish
+
+
+@dataclass(frozen=True)
+class TrainerIntent:
+    party: str
+    kind: str
+    round: int
+    attempt: int
+    deadline: datetime
+    upload_global0: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-r{self.round}-a{self.attempt}"
+
+
+@dataclass(frozen=True)
+class AggregatorIntent:
+    kind: str
+    round: int
+    attempt: int
+    deadline: datetime
+    updates: tuple[tuple[str, str, int], ...] = ()  # (party, sha256, num_samples)
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-r{self.round}-a{self.attempt}"
+
+
+class Signer(Protocol):
+    """Mints presigned URLs with the credentials of `owner` (a party key or COORDINATOR)."""
+
+    def presign_get(self, owner: str, key: str, expires_s: int) -> str: ...
+
+    def presign_put(self, owner: str, key: str, expires_s: int) -> str: ...
+
+
+def trainer_intents(job: FederatedJob, st: FederatedJobStatus) -> dict[str, TrainerIntent]:
+    """The ticket each party's mailbox should hold now."""
+    deadline = st.round_deadline
+    if st.phase in ("Succeeded", "Failed") or st.stage == "done":
+        return {p.name: TrainerIntent(p.name, "exit", st.current_round, 0, deadline) for p in st.parties}
+    kind = {"init": "init", "training": "train", "aggregating": "train", "evaluating": "eval"}[st.stage]
+    lead = designated_initialiser(st) if st.stage == "init" else None
+    out = {
+        p.name: TrainerIntent(p.name, kind, st.current_round, st.attempt, deadline, upload_global0=p.name == lead)
+        for p in active(st)
+    }
+    for p in st.parties:
+        if p.state == "Dropped":
+            out[p.name] = TrainerIntent(p.name, "exit", st.current_round, 0, deadline)
+    return out
+
+
+def aggregator_intent(job: FederatedJob, st: FederatedJobStatus) -> AggregatorIntent | None:
+    """The ticket the aggregator's mailbox should hold now (None: leave it as it is)."""
+    if st.phase in ("Succeeded", "Failed") or st.stage == "done":
+        return AggregatorIntent("exit", st.current_round, 0, st.round_deadline)
+    if st.stage != "aggregating":
+        return None
+    ups = tuple((p.name, p.update_sha256, p.num_samples) for p in active(st) if p.state == "Submitted")
+    return AggregatorIntent("aggregate", st.current_round, st.attempt, st.round_deadline, ups)
+
+
+def trainer_config(job: FederatedJob, party: Party) -> TrainerConfig:
+    """The constant part of a party's tickets."""
+    spec = job.spec
+    mu = spec.strategy.resolved().get("mu", 0.0) if spec.strategy.name == "fedprox" else 0.0
+    return TrainerConfig(
+        model=spec.model, peft=spec.peft, data=spec.data, training=spec.training, deepspeed=spec.deepspeed,
+        world_size=spec.world_size(party.spec.compute.gpus_per_pod), prox_mu=mu,
+    )
+
+
+def _expires(deadline: datetime, now: datetime) -> int:
+    return max(60, int((deadline - now).total_seconds()) + URL_GRACE_SECONDS)
+
+
+def build_trainer_ticket(job: FederatedJob, intent: TrainerIntent, party: Party, st: FederatedJobStatus,
+                         signer: Signer, now: datetime, model_files: dict[str, str] | None = None) -> TrainerTicket:
+    """A party's ticket with URLs scoped to single objects."""
+    uid, owner = job.metadata.uid, party.key
+    ttl = _expires(intent.deadline, now)
+    config = trainer_config(job, party)
+    if model_files:
+        config.model_files = model_files
+    t = TrainerTicket(kind=intent.kind, job=uid, party=owner, round=intent.round, attempt=intent.attempt,
+                      deadline=intent.deadline, config=config)
+    if intent.kind == "exit":
+        return t
+    if intent.kind == "init":
+        if intent.upload_global0:
+            t.update_out = signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl)
+            t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)
+        return t
+    # A train ticket of round r starts from global r-1; the final eval ticket reads the last global.
+    global_round = intent.round - 1 if intent.kind == "train" else intent.round
+    t.eval_data = Download(url=signer.presign_get(owner, party.spec.data.eval_key, ttl))
+    t.global_in = Download(url=signer.presign_get(COORDINATOR, layout.global_key(uid, global_round), ttl),
+                           sha256=st.global_sha256)
+    if intent.kind == "train":
+        t.train_data = Download(url=signer.presign_get(owner, party.spec.data.train_key, ttl))
+        t.update_out = signer.presign_put(owner, layout.update_key(uid, intent.round), ttl)
+        t.receipt_out = signer.presign_put(owner, layout.party_receipt_key(uid, intent.round), ttl)
+    return t
+
+
+def build_aggregator_ticket(job: FederatedJob, intent: AggregatorIntent, st: FederatedJobStatus,
+                            signer: Signer, now: datetime) -> AggregatorTicket:
+    """The aggregator's ticket: GET URLs of the updates (each minted by its party), PUT URL of global r."""
+    spec, uid, rnd = job.spec, job.metadata.uid, intent.round
+    t = AggregatorTicket(kind=intent.kind, job=uid, round=rnd, attempt=intent.attempt, deadline=intent.deadline)
+    if intent.kind == "exit":
+        return t
+    ttl = _expires(intent.deadline, now)
+    t.strategy, t.strategy_params = spec.strategy.name, spec.strategy.resolved()
+    t.lora_mode, t.min_updates = spec.aggregator.lora_mode, spec.min_parties
+    t.global_in = Download(url=signer.presign_get(COORDINATOR, layout.global_key(uid, rnd - 1), ttl), sha256=st.global_sha256)
+    if st.server_state_sha256:
+        t.state_in = Download(url=signer.presign_get(COORDINATOR, layout.state_key(uid, rnd - 1), ttl),
+                              sha256=st.server_state_sha256)
+    t.updates = [UpdateIn(party=p, url=signer.presign_get(p, layout.update_key(uid, rnd), ttl), sha256=sha, num_samples=n)
+                 for p, sha, n in intent.updates]
+    t.global_out = signer.presign_put(COORDINATOR, layout.global_key(uid, rnd), ttl)
+    t.state_out = signer.presign_put(COORDINATOR, layout.state_key(uid, rnd), ttl)
+    t.receipt_out = signer.presign_put(COORDINATOR, layout.global_receipt_key(uid, rnd), ttl)
+    return t

@@ -1,0 +1,320 @@
+"""The round state machine (DESIGN §3). Pure: no I/O, no clock; `now` comes in with the observation.
+
+`advance(job, status, observation)` reads the receipts found in the mailboxes and returns the
+next status plus events. What each mailbox should hold is derived from the status alone
+(see `fedtune.rounds.intents`), so a restarted controller rebuilds everything from the
+persisted status and the mailboxes, and never loses or repeats a round.
+
+Stages of a job: init (every party loads the model; one uploads global 0) -> training of
+round r (parties evaluate global r-1, train, upload) -> aggregating r -> … -> evaluating
+(parties evaluate the last global) -> done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from fedtune.api.job import FederatedJob, FederatedJobSpec
+from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
+from fedtune.api.status import MAX_HISTORY, FederatedJobStatus, Metrics, PartyState, RoundRecord
+from fedtune.rounds import conditions as cond
+
+WAITING = ("Pending", "Training")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something worth telling a person (a Kubernetes Event, a progress line)."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Observation:
+    """What the controller saw: the latest receipt in each mailbox, and the time."""
+
+    now: datetime
+    receipts: dict[str, TrainerReceipt] = field(default_factory=dict)
+    aggregator: AggregatorReceipt | None = None
+
+
+def new_status(job: FederatedJob, now: datetime) -> FederatedJobStatus:
+    """The status of a job that starts now: every party asked to load its model."""
+    st = FederatedJobStatus(
+        observed_generation=job.metadata.generation,
+        phase="Running",
+        stage="init",
+        parties=[PartyState(name=k) for k in job.party_keys],
+    )
+    st.round_started_at = now
+    st.round_deadline = now + timedelta(seconds=job.spec.round_timeout_seconds)
+    cond.mark_running(st, "loading the base model on every party", now)
+    return st
+
+
+def active(status: FederatedJobStatus) -> list[PartyState]:
+    """Parties still taking part (not dropped)."""
+    return [p for p in status.parties if p.state != "Dropped"]
+
+
+def designated_initialiser(status: FederatedJobStatus) -> str | None:
+    """The party that uploads global 0; rotates on retries so one broken party cannot block the job."""
+    act = active(status)
+    return act[status.attempt % len(act)].name if act else None
+
+
+def advance(job: FederatedJob, status: FederatedJobStatus, obs: Observation) -> tuple[FederatedJobStatus, list[Event]]:
+    """One level-triggered step. Returns a new status (the input is not modified) and events."""
+    st = status.model_copy(deep=True)
+    events: list[Event] = []
+    if st.phase in ("Succeeded", "Failed"):
+        return st, events
+    step = {"init": _init, "training": _training, "aggregating": _aggregating, "evaluating": _evaluating}[st.stage]
+    step(job, st, obs, events)
+    _summarise(st)
+    return st, events
+
+
+# --- stages -------------------------------------------------------------------------------
+
+
+def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: list[Event]) -> None:
+    spec, uid = job.spec, job.metadata.uid
+    first = designated_initialiser(st)
+    for p in _waiting(st):
+        r = obs.receipts.get(p.name)
+        if not _answers(r, "init", uid, 0, st.attempt):
+            continue
+        if r.ok:
+            p.state, p.message = "Ready", ""
+            if p.name == first:
+                st.global_sha256 = r.sha256
+                st.base_model_fingerprint = r.base_model_fingerprint
+                p.message = "uploaded the initial adapter"
+            p.fingerprint = r.base_model_fingerprint  # compared below once the reference is known
+        else:
+            _party_failed(p, f"could not start: {r.error}", events)
+    lead = st.party(first) if first else None
+    if lead is None:
+        return
+    if lead.state == "Failed":
+        return _retry(spec, st, obs.now, f"{first} could not produce the initial adapter", events)
+    if lead.state != "Ready" or (any(_waiting(st)) and obs.now < st.round_deadline):
+        return
+    for p in active(st):
+        if p.state == "Ready" and p.fingerprint != st.base_model_fingerprint:
+            _party_failed(p, "its base model differs from the others' (fingerprint mismatch): "
+                             "check spec.model.source resolves to the same weights everywhere", events)
+        elif p.state in WAITING:
+            _party_failed(p, "did not load the model before the deadline", events, state="Straggler")
+    ready = [p for p in active(st) if p.state == "Ready"]
+    if len(ready) < spec.min_parties:
+        return _retry(spec, st, obs.now, f"only {len(ready)} of {spec.min_parties} required parties are ready", events)
+    _record(st, RoundRecord(round=0, participants=[first], finished_at=obs.now))
+    _start_round(spec, st, 1, obs.now, events)
+
+
+def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: list[Event]) -> None:
+    spec, uid, rnd = job.spec, job.metadata.uid, st.current_round
+    for p in _waiting(st):
+        r = obs.receipts.get(p.name)
+        if not _answers(r, "train", uid, rnd, st.attempt):
+            continue
+        if not r.ok:
+            _party_failed(p, f"round {rnd} failed: {r.error}", events)
+        elif r.base_model_fingerprint != st.base_model_fingerprint:
+            _party_failed(p, "update refused: trained on a different base model (fingerprint mismatch)", events)
+        elif not r.sha256 or r.num_samples < 1:
+            _party_failed(p, "update refused: the receipt names no update or no samples", events)
+        else:
+            p.state, p.message = "Submitted", ""
+            p.update_sha256, p.num_samples, p.num_eval_samples = r.sha256, r.num_samples, r.num_eval_samples
+            p.metrics, p.bytes_up, p.bytes_down = r.metrics, r.bytes_up, r.bytes_down
+            p.train_seconds = r.timings.train_seconds
+    if any(_waiting(st)) and obs.now < st.round_deadline:
+        return
+    for p in _waiting(st):
+        _party_failed(p, f"no update for round {rnd} before the deadline", events, state="Straggler")
+    _drop_failing(spec, st, obs.now, events)
+    if st.phase == "Failed":
+        return
+    submitted = [p for p in active(st) if p.state == "Submitted"]
+    if len(submitted) < spec.min_parties:
+        return _retry(spec, st, obs.now, f"round {rnd}: {len(submitted)} update(s), {spec.min_parties} required", events)
+    # Parties evaluated global r-1 before training on it: that is round r-1's quality.
+    _record_eval(st, rnd - 1, submitted)
+    st.stage = "aggregating"
+    st.round_deadline = obs.now + timedelta(seconds=spec.round_timeout_seconds)
+
+
+def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: list[Event]) -> None:
+    spec, rnd, a = job.spec, st.current_round, obs.aggregator
+    if not (a is not None and a.answers_round(job.metadata.uid, rnd, st.attempt)):
+        if obs.now >= st.round_deadline:
+            _retry(spec, st, obs.now, f"round {rnd}: the aggregator did not answer before the deadline", events)
+        return
+    for name, reason in a.rejected.items():
+        p = st.party(name)
+        _party_failed(p, f"update rejected by the aggregator: {reason}", events, state="Failed", reason="UpdateRejected")
+    if not a.ok:
+        return _retry(spec, st, obs.now, f"round {rnd}: aggregation failed: {a.error}", events)
+    accepted = [st.party(n) for n in a.accepted]
+    for p in accepted:
+        p.failures, p.last_round = 0, rnd
+    _record(st, RoundRecord(
+        round=rnd, attempt=st.attempt, participants=list(a.accepted), rejected=dict(a.rejected),
+        stragglers=[p.name for p in active(st) if p.state == "Straggler"],
+        bytes_up=sum(p.bytes_up for p in accepted) + a.bytes_up,
+        bytes_down=sum(p.bytes_down for p in accepted) + a.bytes_down,
+        duration_seconds=(obs.now - st.round_started_at).total_seconds() if st.round_started_at else 0.0,
+        slowest_train_seconds=max((p.train_seconds for p in accepted), default=0.0),
+        metrics=Metrics(train_loss=_weighted([(p.metrics.train_loss if p.metrics else None, p.num_samples)
+                                              for p in accepted])),
+        lora_residual=a.lora_residual, finished_at=obs.now,
+    ))
+    st.global_sha256, st.server_state_sha256 = a.sha256, a.state_sha256
+    events.append(Event("Normal", "RoundCompleted", f"round {rnd}/{spec.rounds}: aggregated {len(accepted)} update(s)"))
+    _drop_failing(spec, st, obs.now, events)
+    if st.phase == "Failed":
+        return
+    if rnd >= spec.rounds:
+        st.stage, st.attempt = "evaluating", 0
+        st.round_deadline = obs.now + timedelta(seconds=spec.round_timeout_seconds)
+        for p in active(st):
+            p.state = "Pending"
+    else:
+        _start_round(spec, st, rnd + 1, obs.now, events)
+
+
+def _evaluating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: list[Event]) -> None:
+    rnd = st.current_round
+    for p in _waiting(st):
+        r = obs.receipts.get(p.name)
+        if _answers(r, "eval", job.metadata.uid, rnd, st.attempt):
+            if r.ok:
+                p.state, p.metrics, p.num_eval_samples = "Done", r.metrics, r.num_eval_samples
+            else:
+                p.state, p.message = "Failed", f"final evaluation failed: {r.error}"
+    if (any(_waiting(st)) and obs.now < st.round_deadline) or st.final_adapter is None:
+        return
+    for p in _waiting(st):
+        p.state, p.message = "Straggler", "no final evaluation before the deadline"
+    _record_eval(st, rnd, [p for p in active(st) if p.state == "Done"])
+    st.stage = "done"
+    cond.mark_succeeded(st, f"{rnd} round(s) done; final adapter at {st.final_adapter}", obs.now)
+    events.append(Event("Normal", "Succeeded", f"final adapter at {st.final_adapter}"))
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _answers(r: TrainerReceipt | None, kind: str, uid: str | None, rnd: int, attempt: int) -> bool:
+    return r is not None and (r.kind, r.job, r.round, r.attempt) == (kind, uid, rnd, attempt)
+
+
+def _waiting(st: FederatedJobStatus) -> list[PartyState]:
+    return [p for p in active(st) if p.state in WAITING]
+
+
+def _party_failed(p: PartyState, message: str, events: list[Event], state: str = "Failed",
+                  reason: str = "PartyFailed") -> None:
+    p.state, p.message = state, message
+    p.failures += 1
+    events.append(Event("Warning", reason, f"{p.name}: {message}"))
+
+
+def _start_round(spec: FederatedJobSpec, st: FederatedJobStatus, rnd: int, now: datetime, events: list[Event]) -> None:
+    st.current_round, st.attempt, st.stage = rnd, 0, "training"
+    _reset_round(spec, st, now)
+    events.append(Event("Normal", "RoundStarted", f"round {rnd}/{spec.rounds} started with {len(active(st))} parties"))
+
+
+def _reset_round(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime) -> None:
+    st.round_started_at = now
+    st.round_deadline = now + timedelta(seconds=spec.round_timeout_seconds)
+    waiting = "Pending" if st.stage == "init" else "Training"
+    for p in active(st):
+        p.state = waiting
+        p.update_sha256, p.num_eval_samples = None, None
+        p.bytes_up = p.bytes_down = 0
+        p.train_seconds = 0.0
+    cond.mark_running(st, f"round {st.current_round}/{spec.rounds}, attempt {st.attempt}", now)
+
+
+def _retry(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime, why: str, events: list[Event]) -> None:
+    """Run the current round again (bounded), or fail the job with QuorumLost."""
+    if st.attempt >= spec.max_round_retries:
+        msg = f"{why}; gave up after {st.attempt + 1} attempt(s) (spec.maxRoundRetries={spec.max_round_retries})"
+        cond.set_condition(st, cond.QUORUM_LOST, "True", cond.QUORUM_LOST, msg, now)
+        cond.mark_failed(st, cond.QUORUM_LOST, msg, now)
+        st.stage = "done"
+        events.append(Event("Warning", cond.QUORUM_LOST, msg))
+        return
+    st.attempt += 1
+    if st.stage != "init":
+        st.stage = "training"
+    _reset_round(spec, st, now)
+    events.append(Event("Warning", "RoundRetry", f"{why}; retrying (attempt {st.attempt})"))
+
+
+def _drop_failing(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime, events: list[Event]) -> None:
+    for p in active(st):
+        if p.failures >= spec.max_party_failures:
+            p.state = "Dropped"
+            p.message = f"dropped after {p.failures} consecutive failed rounds; last: {p.message}"
+            events.append(Event("Warning", "PartyDropped", f"{p.name}: {p.message}"))
+    dropped = [p.name for p in st.parties if p.state == "Dropped"]
+    if dropped:
+        cond.set_condition(st, cond.DEGRADED, "True", "PartiesDropped", f"dropped: {', '.join(dropped)}", now)
+    if len(active(st)) < spec.min_parties:
+        msg = f"{len(active(st))} parties left, spec.minParties={spec.min_parties}"
+        cond.set_condition(st, cond.QUORUM_LOST, "True", cond.QUORUM_LOST, msg, now)
+        cond.mark_failed(st, cond.QUORUM_LOST, msg, now)
+        st.stage = "done"
+        events.append(Event("Warning", cond.QUORUM_LOST, msg))
+
+
+def _weighted(pairs: list[tuple[float | None, int | None]]) -> float | None:
+    pairs = [(v, w) for v, w in pairs if v is not None and w]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def _record(st: FederatedJobStatus, rec: RoundRecord) -> None:
+    """Insert or replace a round's record, keeping eval metrics already known, bounded in size."""
+    old = next((h for h in st.history if h.round == rec.round), None)
+    if old is not None:
+        for k in ("eval_loss", "eval_accuracy", "eval_perplexity"):
+            if getattr(rec.metrics, k) is None:
+                setattr(rec.metrics, k, getattr(old.metrics, k))
+        st.history.remove(old)
+    st.history.append(rec)
+    st.history.sort(key=lambda h: h.round)
+    del st.history[:-MAX_HISTORY]
+
+
+def _record_eval(st: FederatedJobStatus, rnd: int, parties: list[PartyState]) -> None:
+    rec = next((h for h in st.history if h.round == rnd), None)
+    if rec is None:
+        rec = RoundRecord(round=rnd)
+        _record(st, rec)
+    for k in ("eval_loss", "eval_accuracy", "eval_perplexity"):
+        setattr(rec.metrics, k, _weighted([(getattr(p.metrics, k) if p.metrics else None, p.num_eval_samples)
+                                           for p in parties]))
+
+
+def _summarise(st: FederatedJobStatus) -> None:
+    act = active(st)
+    st.parties_ready = f"{sum(p.state not in WAITING for p in act)}/{len(act)}"
+    for h in reversed(st.history):
+        m = h.metrics
+        if m.eval_accuracy is not None:
+            st.last_metric = f"acc={m.eval_accuracy:.3f}"
+            break
+        if m.eval_perplexity is not None:
+            st.last_metric = f"ppl={m.eval_perplexity:.2f}"
+            break

@@ -1,0 +1,30 @@
+"""Entry point of trainer and aggregator pods: `python -m fedtune_trainer party|aggregator --mailbox URI`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedtune_trainer", description=__doc__)
+    parser.add_argument("role", choices=["party", "aggregator"], help="what this pod does")
+    parser.add_argument("--mailbox", required=True, help="mailbox directory (local mode)")
+    parser.add_argument("--poll", type=float, default=0.1, help="seconds between mailbox checks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {os.environ.get('FEDTUNE_NAME', args.role)} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    if args.role == "party":
+        from fedtune_trainer.party import serve
+    else:
+        from fedtune_trainer.aggregator import serve
+    return serve(args.mailbox, poll=args.poll)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

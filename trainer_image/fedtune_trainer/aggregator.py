@@ -1,0 +1,215 @@
+"""The aggregator: turns one round's party updates into the next global adapter.
+
+It holds no credentials: every object comes and goes through presigned URLs in its ticket.
+`handle` does one ticket and always returns a receipt (errors become ok=False with the
+reason, so a bad round never becomes a crash loop); `serve` answers tickets from a mailbox
+until told to exit, and skips a ticket its mailbox already answered (a restart).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import save as save_safetensors
+
+from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket
+from fedtune.api.status import utcnow
+from fedtune_trainer import transfer
+from fedtune_trainer.mailbox import FileMailbox, open_mailbox, ticket_id
+from fedtune_trainer.strategies import aggregate_round, make_strategy
+from fedtune_trainer.verify import UpdateRejected, load_verified
+
+log = logging.getLogger(__name__)
+
+
+def serialise(tensors: dict[str, torch.Tensor]) -> bytes:
+    """safetensors bytes with peft's metadata, so the global loads as an adapter_model file."""
+    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def _fetch(url: str, receipt: AggregatorReceipt) -> bytes:
+    # The hash is checked by load_verified, which words a mismatch for the receipt.
+    data = transfer.get(url)
+    receipt.bytes_down += len(data)
+    return data
+
+
+def _describe(exc: Exception) -> str:
+    """Expected failures carry their own wording; anything else also names its type."""
+    if isinstance(exc, (ValueError, transfer.TransferError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _collect_updates(ticket: AggregatorTicket, global_prev: dict[str, torch.Tensor], receipt: AggregatorReceipt):
+    """Download and verify each update; refusals go to receipt.rejected, the round goes on."""
+    tensors: list[dict[str, torch.Tensor]] = []
+    weights: list[float] = []
+    for upd in ticket.updates:
+        if upd.party in receipt.accepted or upd.party in receipt.rejected:
+            log.warning("ticket lists party %s twice; using its first update only", upd.party)
+            continue
+        try:
+            data = _fetch(upd.url, receipt)
+            tensors.append(load_verified(data, upd.sha256, global_prev, source=f"update from {upd.party}"))
+        except UpdateRejected as exc:
+            reason = str(exc)
+        except transfer.TransferError as exc:
+            reason = f"update from {upd.party}: {exc}"
+        else:
+            receipt.accepted.append(upd.party)
+            weights.append(1.0)
+            continue
+        receipt.rejected[upd.party] = reason
+        log.warning("round %d: rejected %s", ticket.round, reason)
+    return tensors, weights
+
+
+def _aggregate(ticket: AggregatorTicket, receipt: AggregatorReceipt) -> None:
+    # Validate the strategy before moving any bytes: a bad spec should fail fast.
+    strategy = make_strategy(ticket.strategy, ticket.strategy_params)
+    if ticket.global_in is None:
+        raise ValueError("aggregate ticket has no globalIn: there is no previous global adapter to start from")
+    if ticket.global_out is None:
+        raise ValueError("aggregate ticket has no globalOut: nowhere to upload the new global adapter")
+
+    global_prev = load_verified(
+        _fetch(ticket.global_in.url, receipt), ticket.global_in.sha256, None, source="global adapter (globalIn)"
+    )
+    if ticket.state_in is not None:
+        state = load_verified(
+            _fetch(ticket.state_in.url, receipt), ticket.state_in.sha256, None, source="server state (stateIn)"
+        )
+        strategy.load_state_dict(state)
+
+    updates, weights = _collect_updates(ticket, global_prev, receipt)
+    needed = max(1, ticket.min_updates)
+    if len(updates) < needed:
+        why = f"; rejected: {'; '.join(receipt.rejected.values())}" if receipt.rejected else ""
+        receipt.error = (
+            f"quorum not reached: {len(updates)} of {len(ticket.updates)} update(s) usable, "
+            f"at least {needed} needed{why}"
+        )
+        log.error("round %d: %s", ticket.round, receipt.error)
+        return
+
+    new_global, residual = aggregate_round(global_prev, updates, weights, strategy, ticket.lora_mode)
+    blob = serialise(new_global)
+    receipt.sha256 = transfer.put(ticket.global_out, blob)
+    receipt.bytes_up += len(blob)
+    state = strategy.state_dict()
+    if state and ticket.state_out:
+        blob = serialise(state)
+        receipt.state_sha256 = transfer.put(ticket.state_out, blob)
+        receipt.bytes_up += len(blob)
+    elif state:
+        log.warning("%s keeps server state but the ticket has no stateOut: it will not survive a restart", strategy.name)
+    receipt.lora_residual = residual
+    receipt.ok = True
+    log.info(
+        "round %d: aggregated %d update(s) with %s (%s), residual %s",
+        ticket.round, len(updates), strategy.name, ticket.lora_mode, residual,
+    )
+
+
+def handle(ticket: AggregatorTicket) -> AggregatorReceipt:
+    """Do one aggregator ticket and return its receipt; never raises for a failed round.
+
+    Downloads global_in (hash-checked; the reference for names, shapes, dtypes), state_in if
+    any, and every update (verified; refused ones are listed in receipt.rejected). Below
+    ticket.min_updates accepted updates the receipt is ok=False with the quorum explained;
+    otherwise the new global (and the strategy's state, if it has any) is uploaded.
+    """
+    start = time.monotonic()
+    receipt = AggregatorReceipt(kind=ticket.kind, job=ticket.job, round=ticket.round, attempt=ticket.attempt, ok=False)
+    if ticket.kind == "exit":
+        receipt.ok = True
+    else:
+        try:
+            _aggregate(ticket, receipt)
+        except Exception as exc:  # any failure must become a receipt, not a crash loop
+            receipt.ok = False
+            receipt.error = _describe(exc)
+            log.exception("round %d: aggregation failed", ticket.round)
+    receipt.duration_seconds = round(time.monotonic() - start, 3)
+    receipt.finished_at = utcnow()
+    return receipt
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _invalid_ticket_receipt(raw: dict[str, Any], exc: ValidationError) -> AggregatorReceipt:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+    return AggregatorReceipt(
+        job=str(raw.get("job", "")),
+        round=_int(raw.get("round"), -1),
+        attempt=_int(raw.get("attempt"), 0),
+        ok=False,
+        error=f"invalid aggregator ticket: {problems}",
+        finished_at=utcnow(),
+    )
+
+
+def _answers(receipt: dict[str, Any] | None, raw: dict[str, Any]) -> bool:
+    """Whether a mailbox receipt already answers this raw ticket (after a restart)."""
+    if receipt is None:
+        return False
+    fields = ("kind", "job", "round")
+    return all(receipt.get(f) == raw.get(f) for f in fields) and receipt.get("attempt", 0) == raw.get("attempt", 0)
+
+
+def _deliver(mailbox: FileMailbox, receipt: AggregatorReceipt, receipt_out: str | None) -> None:
+    wire = receipt.to_wire()
+    # S3 copy first, so a control plane woken by the mailbox finds the copy already there.
+    if receipt_out:
+        try:
+            transfer.put(receipt_out, json.dumps(wire, indent=1, sort_keys=True).encode())
+        except transfer.TransferError as exc:
+            log.error("could not upload the receipt copy: %s", exc)
+    mailbox.write_receipt(wire)
+
+
+def serve(mailbox_uri: str, poll: float = 0.1) -> int:
+    """Answer aggregator tickets from the mailbox at `mailbox_uri` until an exit ticket; returns 0."""
+    mailbox = open_mailbox(mailbox_uri)
+    last: str | None = None
+    while True:
+        raw = mailbox.wait_ticket(newer_than=last, poll=poll)
+        last = ticket_id(raw)
+        answered = _answers(mailbox.read_receipt(), raw)
+        if raw.get("kind") == "exit":
+            # Checked before full validation: a pod must stop even on a terse exit ticket.
+            if not answered:
+                receipt = AggregatorReceipt(
+                    kind="exit", job=str(raw.get("job", "")), round=_int(raw.get("round"), 0),
+                    attempt=_int(raw.get("attempt"), 0), ok=True, finished_at=utcnow(),
+                )
+                _deliver(mailbox, receipt, raw.get("receiptOut"))
+            log.info("exit ticket: stopping")
+            return 0
+        if answered:
+            log.info("ticket %s already answered before a restart; waiting for the next", last)
+            continue
+        try:
+            ticket = AggregatorTicket.model_validate(raw)
+        except ValidationError as exc:
+            receipt, receipt_out = _invalid_ticket_receipt(raw, exc), None
+        else:
+            log.info("ticket %s: %d update(s)", last, len(ticket.updates))
+            receipt, receipt_out = handle(ticket), ticket.receipt_out
+        _deliver(mailbox, receipt, receipt_out)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m fedtune_trainer.aggregator MAILBOX")
+    sys.exit(serve(sys.argv[1]))

@@ -1,0 +1,173 @@
+"""Base model loading, base-model fingerprints and PEFT wrapping for party trainers.
+
+Every party must start from bit-identical weights: the base checkpoint is the same file, and
+anything initialised at random (a new classification head, the adapter) is drawn from the job's
+seed. `fingerprint` lets the control plane check that parties really agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
+from fedtune.api.methods import PEFT_METHODS, TASK_TYPES
+from fedtune_trainer import transfer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_SAMPLE_ELEMENTS = 1024  # per tensor: enough to tell checkpoints apart, cheap on billions of weights
+
+
+def cache_root() -> Path:
+    """Where downloaded models live: $FEDTUNE_CACHE or ~/.cache/fedtune."""
+    return Path(os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune")
+
+
+def resolve_source(model: ModelSpec, model_files: dict[str, str] | None = None) -> Path | str:
+    """A local directory holding the model, or (hf:// only) a hub repo id for from_pretrained.
+
+    s3:// sources are read through the presigned URLs in `model_files` (relative path -> URL),
+    downloaded once into the cache.
+    """
+    src = model.source
+    if src.startswith("file://"):
+        return _existing(Path(src[len("file://") :]), src)
+    if src.startswith("pkg://"):
+        package, _, sub = src[len("pkg://") :].partition("/")
+        # find_spec without importing: some model packages fail to import (missing deps) yet ship the files.
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model source {src}: Python package {package!r} is not installed in the trainer")
+        return _existing(Path(list(spec.submodule_search_locations)[0]) / sub, src)
+    if src.startswith("hf://"):
+        return src[len("hf://") :]
+    if src.startswith("s3://"):
+        return _download_model(src, model_files or {})
+    return _existing(Path(src), src)
+
+
+def _existing(path: Path, src: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"model source {src}: {path} does not exist in the trainer")
+    return path
+
+
+def _download_model(src: str, files: dict[str, str]) -> Path:
+    if not files:
+        raise ValueError(f"model source {src}: the ticket carries no modelFiles URLs to read it with")
+    target = cache_root() / "models" / hashlib.sha256(src.encode()).hexdigest()[:16]
+    for rel, url in sorted(files.items()):
+        parts = PurePosixPath(rel).parts
+        # The file list comes from the control plane, but a path must never escape the cache.
+        if not parts or rel.startswith("/") or ".." in parts:
+            raise ValueError(f"model source {src}: refusing file path {rel!r}")
+        dest = target.joinpath(*parts)
+        if dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.write_bytes(transfer.get(url))
+        os.replace(tmp, dest)  # a crash mid-download must not leave a truncated file that looks complete
+    return target
+
+
+def load_base_model(
+    model: ModelSpec, data: DataSchema, seed: int, model_files: dict[str, str] | None = None, dtype: str | None = None
+) -> tuple[torch.nn.Module, Any]:
+    """Load (model, tokenizer) for the job's task; `dtype` overrides model.dtype (e.g. DeepSpeed bf16)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    where = resolve_source(model, model_files)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype or model.dtype]}
+    if model.gguf_file:
+        kwargs["gguf_file"] = model.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": model.gguf_file} if model.gguf_file else {}))
+        # Seed before building: a freshly initialised head must be the same on every party.
+        torch.manual_seed(seed)
+        if model.task == "sequence-classification":
+            labels = list(data.labels)
+            net = AutoModelForSequenceClassification.from_pretrained(
+                where,
+                num_labels=len(labels),
+                id2label=dict(enumerate(labels)),
+                label2id={name: i for i, name in enumerate(labels)},
+                **kwargs,
+            )
+        else:
+            net = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except OSError as exc:
+        if isinstance(where, str):
+            raise OSError(
+                f"cannot load {model.source}: hf:// needs a reachable Hugging Face hub or a filled HF cache "
+                f"({exc}); ship the model with pkg://, file:// or s3:// instead"
+            ) from None
+        raise
+    if tokenizer.pad_token is None:
+        # Decoder-only tokenizers often have no pad token; padding is masked out anyway.
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of {model.source} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    net.config.pad_token_id = tokenizer.pad_token_id
+    return net, tokenizer
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the config, every tensor's (name, shape, dtype) and a strided sample of its values.
+
+    Call it on the base model before PEFT wraps it. Parties with a different checkpoint, head
+    initialisation or dtype get different fingerprints; a single edited element may go unseen.
+    """
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        doc = config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "_commit_hash"):
+            doc.pop(volatile, None)  # where it was loaded from is not what it is
+        h.update(json.dumps(doc, sort_keys=True, default=str).encode())
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        flat = tensor.reshape(-1)
+        if flat.numel() > _SAMPLE_ELEMENTS:
+            flat = flat[torch.linspace(0, flat.numel() - 1, _SAMPLE_ELEMENTS).long()]
+        h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def apply_peft(model: torch.nn.Module, peft: PeftSpec, task: str, seed: int) -> torch.nn.Module:
+    """Wrap the base model with the job's PEFT method; the adapter init is drawn from `seed`."""
+    from peft import get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if peft.method not in PEFT_METHODS:
+        raise ValueError(f"unknown PEFT method {peft.method!r}; choose one of: {', '.join(sorted(PEFT_METHODS))}")
+    config = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_METHODS[peft.method]](task_type=TASK_TYPES[task], **peft.config)
+    torch.manual_seed(seed)
+    wrapped = get_peft_model(model, config)
+    _check_state_covers_trainable(wrapped, peft.method)
+    return wrapped
+
+
+def _check_state_covers_trainable(model: torch.nn.Module, method: str) -> None:
+    """Refuse methods whose trained weights peft does not save: they cannot be federated.
+
+    (p_tuning trains a prompt encoder but saves only its output, so parties would average
+    something they do not train from.)
+    """
+    from peft import get_peft_model_state_dict
+
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    saved = sum(t.numel() for t in get_peft_model_state_dict(model).values())
+    if trained != saved:
+        raise ValueError(
+            f"PEFT method {method!r} trains {trained} values but its saved adapter holds {saved}: "
+            "what parties train would not be what they exchange; choose another method (e.g. prompt_tuning)"
+        )

@@ -1,0 +1,267 @@
+"""The party trainer: a long-lived process answering tickets from its mailbox.
+
+The base model is loaded once per job and kept; each train ticket resets the adapter to the
+received global weights, evaluates it on the local eval split, trains, and uploads the update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from datetime import timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket
+from fedtune.api.status import Metrics, utcnow
+from fedtune_trainer import transfer
+from fedtune_trainer.mailbox import FileMailbox, open_mailbox, ticket_id
+
+log = logging.getLogger(__name__)
+_URL = re.compile(r"https?://[^\s'\"]+")
+
+
+class PartyRuntime:
+    """What a trainer keeps between tickets: the loaded model, its fingerprint, parsed data."""
+
+    def __init__(self) -> None:
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.fingerprint: str | None = None
+        self.initial: dict | None = None  # the freshly initialised adapter (global 0)
+        self._key: str | None = None
+        self._data: dict[tuple[str, str], list[dict]] = {}
+
+    @staticmethod
+    def model_key(cfg: TrainerConfig) -> str:
+        """What decides the model's weights and tokenization (not the per-round URLs)."""
+        doc = {
+            "model": cfg.model.to_wire(), "peft": cfg.peft.to_wire(), "data": cfg.data.to_wire(),
+            "seed": cfg.training.seed, "bf16": cfg.deepspeed.enabled and cfg.deepspeed.bf16,
+            "files": sorted(cfg.model_files),
+        }
+        return json.dumps(doc, sort_keys=True)
+
+    def ensure(self, cfg: TrainerConfig) -> float:
+        """Load model and adapter unless this config's are already loaded; returns seconds spent."""
+        from fedtune_trainer.adapters import adapter_state
+        from fedtune_trainer.models import apply_peft, fingerprint, load_base_model
+
+        key = self.model_key(cfg)
+        if key == self._key:
+            return 0.0
+        start = time.perf_counter()
+        self.model = self.tokenizer = self._key = None
+        self._data.clear()  # tokenization may have changed with the config
+        # DeepSpeed bf16 casts the whole module; loading the base in bf16 keeps that cast lossless.
+        dtype = "bfloat16" if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else None
+        seed = cfg.training.seed
+        base, self.tokenizer = load_base_model(cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype)
+        self.fingerprint = fingerprint(base)
+        self.model = apply_peft(base, cfg.peft, cfg.model.task, seed)
+        self.initial = adapter_state(self.model)
+        self._key = key
+        return time.perf_counter() - start
+
+    def examples(self, job: str, source: Download, cfg: TrainerConfig, receipt: TrainerReceipt) -> list[dict]:
+        """A data file's examples, downloaded and parsed once per job (keyed by URL path, not signature)."""
+        from fedtune_trainer.data import load_examples
+
+        key = (job, transfer.redact(source.url))
+        if key not in self._data:
+            start = time.perf_counter()
+            raw = transfer.get(source.url, source.sha256)
+            receipt.bytes_down += len(raw)
+            receipt.timings.download_seconds += time.perf_counter() - start
+            name = key[1].rsplit("/", 1)[-1]
+            self._data[key] = load_examples(raw, cfg.data, cfg.model.task, self.tokenizer, source=name)
+        return self._data[key]
+
+
+def _load_global(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
+    from fedtune_trainer.adapters import from_bytes, load_adapter_state
+
+    if ticket.global_in is None:
+        raise ValueError(f"{ticket.kind} ticket carries no globalIn adapter")
+    start = time.perf_counter()
+    raw = transfer.get(ticket.global_in.url, ticket.global_in.sha256)
+    receipt.bytes_down += len(raw)
+    receipt.timings.download_seconds += time.perf_counter() - start
+    load_adapter_state(rt.model, from_bytes(raw))
+
+
+def _evaluate(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> Metrics:
+    from fedtune_trainer.evaluate import evaluate
+
+    cfg = ticket.config
+    if ticket.eval_data is None:
+        return Metrics()
+    data = rt.examples(ticket.job, ticket.eval_data, cfg, receipt)[: cfg.training.max_eval_samples]
+    start = time.perf_counter()
+    metrics = evaluate(rt.model, data, cfg.model.task, cfg.training.eval_batch_size, rt.tokenizer.pad_token_id)
+    receipt.timings.eval_seconds = time.perf_counter() - start
+    receipt.num_eval_samples = len(data)
+    return metrics
+
+
+def _upload(url: str, data: bytes, receipt: TrainerReceipt) -> str:
+    start = time.perf_counter()
+    digest = transfer.put(url, data)
+    receipt.bytes_up += len(data)
+    receipt.timings.upload_seconds += time.perf_counter() - start
+    return digest
+
+
+def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
+    from fedtune_trainer.adapters import adapter_config_json, to_bytes
+
+    # Reading the data now turns a schema mistake into an init failure, not a round-1 failure.
+    if ticket.train_data is not None:
+        receipt.num_samples = len(rt.examples(ticket.job, ticket.train_data, ticket.config, receipt))
+    if ticket.eval_data is not None:
+        receipt.num_eval_samples = len(rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt))
+    if ticket.update_out:
+        receipt.sha256 = _upload(ticket.update_out, to_bytes(rt.initial), receipt)
+    if ticket.adapter_config_out:
+        _upload(ticket.adapter_config_out, adapter_config_json(rt.model), receipt)
+    log.info("[%s] initialised: base model %s", ticket.party, rt.fingerprint[:12])
+
+
+def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
+    from fedtune_trainer.adapters import adapter_state, to_bytes
+    from fedtune_trainer.train import train_local
+
+    cfg = ticket.config
+    if ticket.train_data is None or not ticket.update_out:
+        raise ValueError("train ticket needs trainData and updateOut")
+    train = rt.examples(ticket.job, ticket.train_data, cfg, receipt)
+    _load_global(ticket, rt, receipt)
+    metrics = _evaluate(ticket, rt, receipt)
+    result = train_local(rt.model, train, cfg, None, cfg.training.seed, ticket.round, rt.tokenizer.pad_token_id)
+    metrics.train_loss = result.train_loss
+    receipt.metrics, receipt.num_samples = metrics, result.num_samples
+    receipt.timings.train_seconds = result.seconds
+    receipt.sha256 = _upload(ticket.update_out, to_bytes(adapter_state(rt.model)), receipt)
+    log.info(
+        "[%s] round %d: global eval_loss=%s accuracy=%s | local train_loss=%.4f on %d examples in %.1fs",
+        ticket.party, ticket.round, _fmt(metrics.eval_loss), _fmt(metrics.eval_accuracy),
+        result.train_loss, result.num_samples, result.seconds,
+    )
+
+
+def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
+    if ticket.eval_data is None:
+        raise ValueError("eval ticket needs evalData")
+    rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt)  # download counted before timing eval
+    _load_global(ticket, rt, receipt)
+    receipt.metrics = _evaluate(ticket, rt, receipt)
+    log.info("[%s] final eval: loss=%s accuracy=%s perplexity=%s", ticket.party, _fmt(receipt.metrics.eval_loss),
+             _fmt(receipt.metrics.eval_accuracy), _fmt(receipt.metrics.eval_perplexity))
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for a receipt, with every URL's signature removed."""
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ValueError, transfer.TransferError)) else str(exc)
+    return _URL.sub(lambda m: transfer.redact(m.group(0)), text)
+
+
+def handle(ticket: TrainerTicket, rt: PartyRuntime) -> TrainerReceipt:
+    """Do one ticket's work and say how it went; failures become ok=False receipts, never exceptions."""
+    receipt = TrainerReceipt(
+        kind=ticket.kind, job=ticket.job, party=ticket.party, round=ticket.round, attempt=ticket.attempt, ok=True
+    )
+    try:
+        if ticket.kind != "exit":
+            deadline = ticket.deadline if ticket.deadline.tzinfo else ticket.deadline.replace(tzinfo=timezone.utc)
+            if utcnow() > deadline:
+                raise TimeoutError(f"ticket {ticket.ticket_id} reached the trainer after its deadline {deadline}")
+            receipt.timings.load_seconds = rt.ensure(ticket.config)
+            receipt.base_model_fingerprint = rt.fingerprint
+            {"init": _init, "train": _train, "eval": _eval}[ticket.kind](ticket, rt, receipt)
+    except Exception as exc:  # the control plane decides what a failure means; the pod stays up
+        log.error("[%s] %s failed: %s", ticket.party, ticket.ticket_id, describe(exc))
+        receipt.ok, receipt.error = False, describe(exc)
+    receipt.finished_at = utcnow()
+    return receipt
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _raw_receipt(raw: dict[str, Any], ok: bool, error: str | None = None) -> TrainerReceipt:
+    """A receipt for a ticket that could not be parsed (or a terse exit ticket)."""
+    kind = raw.get("kind") if raw.get("kind") in ("init", "train", "eval", "exit") else "exit"
+    return TrainerReceipt(
+        kind=kind, job=str(raw.get("job", "")), party=str(raw.get("party", "")), round=_int(raw.get("round"), -1),
+        attempt=_int(raw.get("attempt"), 0), ok=ok, error=error, finished_at=utcnow(),
+    )
+
+
+def _answers(receipt: dict[str, Any] | None, raw: dict[str, Any]) -> bool:
+    """Whether the mailbox's receipt already answers this raw ticket (we restarted after answering)."""
+    if receipt is None:
+        return False
+    same = all(receipt.get(f) == raw.get(f) for f in ("kind", "job", "round"))
+    return same and receipt.get("attempt", 0) == raw.get("attempt", 0)
+
+
+def _deliver(mailbox: FileMailbox, receipt: TrainerReceipt, receipt_out: str | None) -> None:
+    wire = receipt.to_wire()
+    # The S3 copy first: a control plane woken by the mailbox then finds the copy already there.
+    if receipt_out:
+        try:
+            transfer.put(receipt_out, json.dumps(wire, indent=1, sort_keys=True).encode())
+        except transfer.TransferError as exc:
+            log.error("could not upload the receipt copy: %s", exc)
+    mailbox.write_receipt(wire)
+
+
+def _configure_threads() -> None:
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))  # the runner sizes parties to share the machine
+
+
+def serve(mailbox_uri: str, poll: float = 0.1) -> int:
+    """Answer tickets from the mailbox at `mailbox_uri` until an exit ticket; returns 0."""
+    _configure_threads()
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-tensor loading bars would drown the round log
+    except ImportError:
+        pass
+    mailbox, rt = open_mailbox(mailbox_uri), PartyRuntime()
+    last: str | None = None
+    while True:
+        raw = mailbox.wait_ticket(newer_than=last, poll=poll)
+        last = ticket_id(raw)
+        answered = _answers(mailbox.read_receipt(), raw)
+        if raw.get("kind") == "exit":
+            if not answered:
+                _deliver(mailbox, _raw_receipt(raw, ok=True), raw.get("receiptOut"))
+            log.info("[%s] exit ticket: stopping", raw.get("party", "?"))
+            return 0
+        if answered:
+            log.info("[%s] ticket %s was answered before a restart; waiting for the next", raw.get("party"), last)
+            continue
+        try:
+            ticket = TrainerTicket.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            receipt, receipt_out = _raw_receipt(raw, ok=False, error=f"invalid trainer ticket: {problems}"), None
+        else:
+            log.info("[%s] ticket %s", ticket.party, last)
+            receipt, receipt_out = handle(ticket, rt), ticket.receipt_out
+        _deliver(mailbox, receipt, receipt_out)

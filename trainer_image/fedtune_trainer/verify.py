@@ -1,0 +1,105 @@
+"""Checks an uploaded adapter must pass before it may touch the global model.
+
+Bytes from a party are untrusted: they are parsed only as safetensors (a JSON header plus
+raw buffers, nothing executable; never pickle or torch.load), and must match the hash the
+party reported, the reference adapter's tensor names, shapes and dtypes, and hold finite
+values. Every refusal says who sent what and what was expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
+from safetensors.torch import load as load_safetensors
+
+_SHOWN = 3  # names listed in one message before "… and N more"
+
+
+class UpdateRejected(ValueError):
+    """An update that failed verification; `str()` is a reason a person can act on."""
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f" … and {len(names) - _SHOWN} more" if len(names) > _SHOWN else "")
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _summary(problems: list[str]) -> str:
+    text = "; ".join(problems[:_SHOWN])
+    return text + (f"; and {len(problems) - _SHOWN} more problem(s)" if len(problems) > _SHOWN else "")
+
+
+def _structure_problems(tensors: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> list[str]:
+    problems = []
+    missing = sorted(set(reference) - set(tensors))
+    extra = sorted(set(tensors) - set(reference))
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing: {_names(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s): {_names(extra)}")
+    for name in sorted(set(tensors) & set(reference)):
+        got, want = tensors[name], reference[name]
+        if got.shape != want.shape:
+            problems.append(f"tensor {name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        if got.dtype != want.dtype:
+            problems.append(f"tensor {name} has dtype {_dtype(got.dtype)}, expected {_dtype(want.dtype)}")
+    return problems
+
+
+def _finite_problems(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    problems = []
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+            continue
+        nan = int(torch.isnan(t).sum())
+        inf = int(torch.isinf(t).sum())
+        what = " and ".join(part for part in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if part)
+        problems.append(f"tensor {name} holds {what} value(s)")
+    return problems
+
+
+def load_verified(
+    data: bytes,
+    expected_sha256: str | None,
+    reference: Mapping[str, torch.Tensor] | None,
+    *,
+    source: str = "update",
+) -> dict[str, torch.Tensor]:
+    """Parse `data` as safetensors after checking it; raise UpdateRejected with the reason.
+
+    Checks, in order: not empty; sha256 equals `expected_sha256` (None skips this, for objects
+    whose hash the control plane does not know); a valid safetensors file holding at least one
+    tensor; the same tensor names, shapes and dtypes as `reference` (None skips this, e.g. for
+    the global adapter, which is itself the reference); finite values in every float tensor.
+    Messages start with `source`, e.g. "update from alice".
+    """
+    if not data:
+        raise UpdateRejected(f"{source}: the object is empty (0 bytes)")
+    if expected_sha256 is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != expected_sha256.lower():
+            raise UpdateRejected(
+                f"{source}: sha256 mismatch: expected {expected_sha256[:12]}…, got {got[:12]}… "
+                "(the object was altered or replaced after its receipt was written)"
+            )
+    try:
+        tensors = load_safetensors(bytes(data))
+    except Exception as exc:  # the parser's error types vary by version; all mean "not safetensors"
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UpdateRejected(f"{source}: not a valid safetensors file ({detail})") from None
+    if not tensors:
+        raise UpdateRejected(f"{source}: holds no tensors (an empty update)")
+    problems = _structure_problems(tensors, reference) if reference is not None else []
+    if problems:
+        raise UpdateRejected(f"{source}: does not match the global adapter: {_summary(problems)}")
+    problems = _finite_problems(tensors)
+    if problems:
+        raise UpdateRejected(f"{source}: {_summary(problems)}")
+    return tensors
