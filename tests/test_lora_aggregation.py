@@ -134,7 +134,10 @@ def test_naming_forms_shapes_and_dtypes(key_a, key_b, shape_a, shape_b, dtype):
     g = gen(11)
     base_a, base_b = torch.randn(shape_a, generator=g), torch.randn(shape_b, generator=g)
     # Same product for both parties (B·2, A/2): exact must give back exactly that product.
-    updates = [{key_a: base_a.to(dtype), key_b: base_b.to(dtype)}, {key_a: (base_a / 2).to(dtype), key_b: (base_b * 2).to(dtype)}]
+    updates = [
+        {key_a: base_a.to(dtype), key_b: base_b.to(dtype)},
+        {key_a: (base_a / 2).to(dtype), key_b: (base_b * 2).to(dtype)},
+    ]
     out, residual = combine(updates, [1, 1], "exact")
     assert out[key_a].dtype == dtype and out[key_b].dtype == dtype
     assert out[key_a].shape == shape_a and out[key_b].shape == shape_b

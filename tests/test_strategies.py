@@ -189,7 +189,11 @@ def test_update_must_cover_the_global_adapter():
     "name, params, message",
     [
         ("fedsgd", {}, "unknown strategy 'fedsgd'; choose one of: fedadagrad, fedadam"),
-        ("fedadagrad", {"beta1": 0.9}, "strategy 'fedadagrad' has no parameter\\(s\\) beta1; it accepts: serverLearningRate, tau"),
+        (
+            "fedadagrad",
+            {"beta1": 0.9},
+            r"strategy 'fedadagrad' has no parameter\(s\) beta1; it accepts: serverLearningRate, tau",
+        ),
         ("fedadam", {"beta1": 1.0}, "beta1 must be < 1.0"),
         ("fedavgm", {"serverLearningRate": 0.0}, "serverLearningRate must be > 0.0"),
     ],

@@ -135,8 +135,10 @@ def test_gradient_accumulation_matches_large_batch(tiny):
         model, _, examples = build(cfg)
         train_local(model, examples, cfg, seed=0, rnd=1)
         updates.append(adapter_state(model))
+    # Adam turns rounding noise in near-zero gradients into ~1e-5 differences; one optimizer
+    # step per micro-batch instead of per group would move weights by ~1e-2 more.
     for key in updates[0]:
-        torch.testing.assert_close(updates[0][key], updates[1][key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(updates[0][key], updates[1][key], rtol=1e-3, atol=2e-4)
 
 
 def test_round_restarts_from_global_and_is_reproducible(tiny):

@@ -63,9 +63,15 @@ def with_value(value: float, count: int = 1) -> dict[str, torch.Tensor]:
             {**reference(), A: torch.zeros(4, 32)},
             f"update from alice: does not match the global adapter: tensor {A} has shape (4, 32), expected (8, 32)",
         ),
-        ({**reference(), HEAD: torch.zeros(3, dtype=torch.float16)}, f"tensor {HEAD} has dtype float16, expected float32"),
+        (
+            {**reference(), HEAD: torch.zeros(3, dtype=torch.float16)},
+            f"tensor {HEAD} has dtype float16, expected float32",
+        ),
         ({A: torch.zeros(8, 32), B: torch.zeros(16, 8)}, f"1 tensor(s) missing: {HEAD}"),
-        ({**reference(), "extra.x": torch.zeros(1), "extra.y": torch.zeros(1)}, "2 unexpected tensor(s): extra.x, extra.y"),
+        (
+            {**reference(), "extra.x": torch.zeros(1), "extra.y": torch.zeros(1)},
+            "2 unexpected tensor(s): extra.x, extra.y",
+        ),
         (
             {f"other.{i}": torch.zeros(1) for i in range(5)},
             r"3 tensor\(s\) missing: .*; 5 unexpected tensor\(s\): other.0, other.1, other.2 … and 2 more",
@@ -88,7 +94,14 @@ def test_empty_updates_are_refused():
         load_verified(data, sha, None)
 
 
-@pytest.mark.parametrize("garbage", [b"not a safetensors file", b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}", b"\x00" * 3])
+GARBAGE = [
+    b"not a safetensors file",
+    b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}",  # header length 8, header not JSON
+    b"\x00" * 3,  # shorter than the length prefix
+]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
 def test_garbage_is_not_safetensors(garbage):
     with pytest.raises(UpdateRejected, match="update from bob: not a valid safetensors file"):
         load_verified(garbage, hashlib.sha256(garbage).hexdigest(), reference(), source="update from bob")

@@ -50,7 +50,10 @@ def make_tiny_model(directory: str | Path, task: str, seed: int = 0) -> Path:
         model = BertForSequenceClassification(config)
     elif task == "causal-lm":
         # BERT's special tokens double as Llama's: [CLS] starts, [SEP] ends, [PAD] pads.
+        # With the default init (std 0.02) the tied output embeddings are so small that, behind a
+        # frozen RMSNorm, logits stay within about ±0.6: no adapter could fit anything. std 0.3 can.
         config = LlamaConfig(
+            initializer_range=0.3,
             vocab_size=30522,
             hidden_size=32,
             intermediate_size=64,

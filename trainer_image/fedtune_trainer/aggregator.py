@@ -47,7 +47,9 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _collect_updates(ticket: AggregatorTicket, global_prev: dict[str, torch.Tensor], receipt: AggregatorReceipt):
+def _collect_updates(
+    ticket: AggregatorTicket, global_prev: dict[str, torch.Tensor], receipt: AggregatorReceipt
+) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """Download and verify each update; refusals go to receipt.rejected, the round goes on."""
     tensors: list[dict[str, torch.Tensor]] = []
     weights: list[float] = []
@@ -64,7 +66,7 @@ def _collect_updates(ticket: AggregatorTicket, global_prev: dict[str, torch.Tens
             reason = f"update from {upd.party}: {exc}"
         else:
             receipt.accepted.append(upd.party)
-            weights.append(1.0)
+            weights.append(float(upd.num_samples))
             continue
         receipt.rejected[upd.party] = reason
         log.warning("round %d: rejected %s", ticket.round, reason)
@@ -109,7 +111,7 @@ def _aggregate(ticket: AggregatorTicket, receipt: AggregatorReceipt) -> None:
         receipt.state_sha256 = transfer.put(ticket.state_out, blob)
         receipt.bytes_up += len(blob)
     elif state:
-        log.warning("%s keeps server state but the ticket has no stateOut: it will not survive a restart", strategy.name)
+        log.warning("%s keeps server state but the ticket has no stateOut: a restart loses it", strategy.name)
     receipt.lora_residual = residual
     receipt.ok = True
     log.info(

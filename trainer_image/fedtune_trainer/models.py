@@ -93,11 +93,13 @@ def load_base_model(
         torch.manual_seed(seed)
         if model.task == "sequence-classification":
             labels = list(data.labels)
+            # id2label fixes the label count; a checkpoint whose head has another count gets a
+            # new (seeded) head instead of an error: the head is trained and federated anyway.
             net = AutoModelForSequenceClassification.from_pretrained(
                 where,
-                num_labels=len(labels),
                 id2label=dict(enumerate(labels)),
                 label2id={name: i for i, name in enumerate(labels)},
+                ignore_mismatched_sizes=True,
                 **kwargs,
             )
         else:

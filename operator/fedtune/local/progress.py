@@ -9,7 +9,7 @@ from typing import TextIO
 from fedtune.api.status import FederatedJobStatus, PartyState
 from fedtune.rounds.machine import Event
 
-_SHOWN_EVENTS = {"RoundStarted", "RoundRetry", "QuorumLost", "PartyDropped", "UpdateRejected"}
+_SHOWN_EVENTS = {"PartyReady", "RoundStarted", "RoundRetry", "QuorumLost", "PartyDropped", "UpdateRejected"}
 
 
 def _short(name: str) -> str:
@@ -19,8 +19,6 @@ def _short(name: str) -> str:
 def _party_line(p: PartyState, rnd: int) -> str | None:
     who = f"{_short(p.name):<10}"
     m = p.metrics
-    if p.state == "Ready":
-        return f"{who} ready{' — ' + p.message if p.message else ''}"
     if p.state == "Submitted":
         acc = f"  global acc {m.eval_accuracy:.3f}" if m and m.eval_accuracy is not None else ""
         ppl = f"  global ppl {m.eval_perplexity:.2f}" if m and m.eval_perplexity is not None else ""
@@ -48,9 +46,15 @@ class Progress:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=self.out, flush=True)
 
     def update(self, st: FederatedJobStatus, events: list[Event]) -> None:
+        for h in st.history:
+            if h.round > 0 and h.round not in self.rounds_seen and h.finished_at is not None:
+                self.rounds_seen.add(h.round)
+                res = f", LoRA residual {h.lora_residual:.2e}" if h.lora_residual is not None else ""
+                self.say(f"round {h.round} aggregated: {len(h.participants)} update(s), "
+                         f"{(h.bytes_up + h.bytes_down) / 1e6:.2f} MB moved, {h.duration_seconds:.1f}s{res}")
         for e in events:
             if e.reason in _SHOWN_EVENTS:
-                self.say(("! " if e.type == "Warning" else "") + e.message)
+                self.say(("! " if e.type == "Warning" else "") + e.message.removeprefix("default/"))
         for p in st.parties:
             key = (p.state, st.current_round, st.attempt)
             if self.states.get(p.name) != key:
@@ -58,9 +62,3 @@ class Progress:
                 line = _party_line(p, st.current_round)
                 if line:
                     self.say(line)
-        for h in st.history:
-            if h.round > 0 and h.round not in self.rounds_seen and h.finished_at is not None:
-                self.rounds_seen.add(h.round)
-                res = f", LoRA residual {h.lora_residual:.2e}" if h.lora_residual is not None else ""
-                self.say(f"round {h.round} aggregated: {len(h.participants)} update(s), "
-                         f"{(h.bytes_up + h.bytes_down) / 1e6:.2f} MB moved, {h.duration_seconds:.1f}s{res}")

@@ -86,6 +86,9 @@ class LocalRun:
             owners[bucket] = owner
 
     def _start_storage(self, stack: ExitStack) -> None:
+        # The embedded server is on loopback: never send that traffic (or presigned URLs) through a proxy.
+        for var in ("no_proxy", "NO_PROXY"):
+            os.environ[var] = ",".join(filter(None, [os.environ.get(var), "127.0.0.1", "localhost"]))
         owners = {p.key: p.spec.storage.bucket for p in self.parties}
         owners[COORDINATOR] = self._coordinator_bucket()
         creds = {o: S3Credentials.generate() for o in owners}

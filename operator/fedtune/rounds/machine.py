@@ -96,6 +96,9 @@ def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: l
                 st.base_model_fingerprint = r.base_model_fingerprint
                 p.message = "uploaded the initial adapter"
             p.fingerprint = r.base_model_fingerprint  # compared below once the reference is known
+            extra = f"; {p.message}" if p.message else ""
+            events.append(Event("Normal", "PartyReady", f"{p.name}: base model loaded in "
+                                                        f"{r.timings.load_seconds:.1f}s{extra}"))
         else:
             _party_failed(p, f"could not start: {r.error}", events)
     lead = st.party(first) if first else None

@@ -1,0 +1,198 @@
+"""`fedtune run` end to end: real SeaweedFS, real trainer and aggregator subprocesses, tiny models."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fedtune.api.errors import SpecError
+from fedtune.documents import parse_documents
+from fedtune.local.runner import LocalRun
+from tiny_models import make_tiny_model
+
+POS = ["great", "love", "happy", "excellent", "wonderful"]
+NEG = ["awful", "hate", "sad", "terrible", "horrible"]
+FILLER = ["the", "day", "movie", "food", "service", "was", "today", "really", "this", "my"]
+
+
+@pytest.fixture(scope="module")
+def tiny_seq_cls(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "sequence-classification")
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    """A learnable sentiment task: the label is set by one keyword among filler words."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
+    with path.open("w") as fh:
+        for i in range(600):
+            label = "positive" if i % 2 else "negative"
+            words = rng.sample(FILLER, 5) + [rng.choice(POS if i % 2 else NEG)]
+            rng.shuffle(words)
+            fh.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+def job_yaml(model: Path, data: Path, parties=("alice", "bob"), rounds=2, strategy=None, lora_mode="average",
+             peft=None, samples=80, min_parties=None, timeout=120) -> str:
+    job = {
+        "apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedJob", "metadata": {"name": "tiny"},
+        "spec": {
+            "model": {"source": f"file://{model}", "task": "sequence-classification"},
+            "peft": peft or {"method": "lora", "config": {"r": 4, "target_modules": ["query", "value"]}},
+            "data": {"labels": ["negative", "positive"], "maxLength": 16},
+            "training": {"localEpochs": 1, "batchSize": 8, "learningRate": 0.01},
+            "strategy": strategy or {"name": "fedavg"},
+            "aggregator": {"loraMode": lora_mode},
+            "rounds": rounds, "minParties": min_parties or len(parties), "roundTimeoutSeconds": timeout,
+            "parties": [{"name": p} for p in parties],
+        },
+    }
+    docs = [job] + [{"apiVersion": "fedtune.io/v1alpha1", "kind": "Party", "metadata": {"name": p},
+                     "spec": {"storage": {"bucket": f"{p}-data"}}} for p in parties]
+    docs.append({"apiVersion": "fedtune.io/v1alpha1", "kind": "Dataset", "metadata": {"name": "toy"},
+                 "spec": {"source": f"file://{data}", "labels": ["negative", "positive"],
+                          "partition": {"method": "dirichlet", "alpha": 1.0}, "samplesPerParty": samples,
+                          "evalFraction": 0.25, "seed": 1}})
+    return yaml.safe_dump_all(docs)
+
+
+def run_local(text: str, workdir: Path):
+    out = io.StringIO()
+    st = LocalRun(parse_documents(text, "job.yaml"), workdir, out=out, threads=1).run()
+    return st, out.getvalue()
+
+
+def test_federated_run_end_to_end(tiny_seq_cls, toy_data, tmp_path):
+    st, out = run_local(job_yaml(tiny_seq_cls, toy_data, rounds=3), tmp_path / "run")
+    assert st.phase == "Succeeded", out
+    assert [h.round for h in st.history] == [0, 1, 2, 3]
+    # every round of the global adapter was evaluated by the parties
+    assert all(h.metrics.eval_loss is not None for h in st.history)
+    assert st.history[-1].metrics.eval_loss < st.history[0].metrics.eval_loss, out
+    assert all(h.participants == ["default/alice", "default/bob"] for h in st.history[1:])
+    assert all(h.bytes_up > 0 and h.bytes_down > 0 for h in st.history[1:])
+    for text in ("round 1 aggregated", "final evaluation", "Succeeded", "majority-class baseline"):
+        assert text in out
+    final = tmp_path / "run" / "final"
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["phase"] == "Succeeded" and len(metrics["rounds"]) == 4
+    assert (final / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    # the final adapter loads with peft and is exactly the last global adapter
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_seq_cls, num_labels=2)
+    model = PeftModel.from_pretrained(base, final)
+    saved = load_file(final / "adapter_model.safetensors")
+    assert any("lora_A" in k for k in saved) and all(torch.isfinite(v).all() for v in saved.values())
+    import hashlib
+
+    assert hashlib.sha256((final / "adapter_model.safetensors").read_bytes()).hexdigest() == st.global_sha256
+    assert model(**{"input_ids": torch.tensor([[101, 2307, 102]])}).logits.shape == (1, 2)
+    # nothing of the run is left running
+    assert not _processes_mentioning(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("strategy,lora_mode,peft", [
+    ({"name": "fedadam", "params": {"serverLearningRate": 0.01}}, "exact", None),
+    ({"name": "fedprox", "params": {"mu": 0.1}}, "average", {"method": "ia3", "config": {
+        "target_modules": ["query", "value", "output.dense"], "feedforward_modules": ["output.dense"]}}),
+])
+def test_strategies_and_methods_run(tiny_seq_cls, toy_data, tmp_path, strategy, lora_mode, peft):
+    st, out = run_local(job_yaml(tiny_seq_cls, toy_data, rounds=2, strategy=strategy, lora_mode=lora_mode,
+                                 peft=peft, samples=40), tmp_path / "run")
+    assert st.phase == "Succeeded", out
+    if strategy["name"] == "fedadam":
+        assert st.server_state_sha256  # the server optimiser's moments went through S3 between rounds
+        assert st.history[1].lora_residual is not None and st.history[1].lora_residual >= 0
+
+
+def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_path):
+    run = LocalRun(parse_documents(job_yaml(tiny_seq_cls, toy_data, rounds=2, samples=40), "j"),
+                   tmp_path / "run", out=io.StringIO(), threads=1)
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("st", run.run()))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while "default/bob" not in run.pods.pods or not run.pods.pods["default/bob"].alive:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    run.pods.pods["default/bob"].proc.kill()
+    thread.join(timeout=300)
+    assert result["st"].phase == "Succeeded"
+    assert run.pods.pods["default/bob"].restarts == 1
+    assert "restarting" in run.progress.out.getvalue()
+
+
+def test_ctrl_c_stops_everything_and_two_runs_do_not_collide(tiny_seq_cls, toy_data, tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(job_yaml(tiny_seq_cls, toy_data, rounds=50, samples=40))
+    procs, logs = [], []
+    for i in range(2):
+        logs.append(tmp_path / f"out{i}.txt")
+        cmd = [sys.executable, "-m", "fedtune.cli", "run", str(job), "--threads", "1", "--workdir", str(tmp_path / f"w{i}")]
+        procs.append(subprocess.Popen(cmd, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT))
+    try:
+        for i in range(2):  # both runs progress side by side on one machine
+            _wait_for_round(tmp_path / f"w{i}" / "status.json", 2, procs[i], logs[i], timeout=240)
+        procs[0].send_signal(signal.SIGINT)
+        procs[0].wait(timeout=60)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out = logs[0].read_text()
+    assert procs[0].returncode == 130, out
+    assert "interrupted" in out
+    assert not _processes_mentioning(str(tmp_path / "w0"))
+    assert (tmp_path / "w0" / "status.json").exists()  # what was done is kept
+
+
+def test_local_mode_input_errors(tiny_seq_cls, toy_data, tmp_path):
+    docs = list(yaml.safe_load_all(job_yaml(tiny_seq_cls, toy_data)))
+    without_dataset = yaml.safe_dump_all(docs[:-1])
+    with pytest.raises(SpecError, match="needs a Dataset document"):
+        LocalRun(parse_documents(without_dataset, "j"), tmp_path / "a")
+    shared = [dict(d) for d in docs]
+    shared[2] = {**shared[2], "spec": {"storage": {"bucket": "alice-data"}}}
+    with pytest.raises(SpecError, match="both use bucket 'alice-data'"):
+        LocalRun(parse_documents(yaml.safe_dump_all(shared), "j"), tmp_path / "b")
+    docs[-1]["spec"]["labels"] = []  # keep every class of the file: fine here, both are in the job
+    docs[0]["spec"]["data"]["labels"] = ["negative", "neutral"]
+    with pytest.raises(SpecError, match="label\\(s\\) positive that the job's spec.data.labels"):
+        LocalRun(parse_documents(yaml.safe_dump_all(docs), "j"), tmp_path / "c", out=io.StringIO()).run()
+    assert not _processes_mentioning(str(tmp_path / "c"))
+
+
+def _wait_for_round(status: Path, rnd: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if json.loads(status.read_text()).get("currentRound", 0) >= rnd:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.3)
+    raise AssertionError(f"round {rnd} not reached:\n{log.read_text()}")
+
+
+def _processes_mentioning(path: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if path in line and "ps -eo" not in line]
