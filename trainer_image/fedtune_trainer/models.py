@@ -139,7 +139,8 @@ def fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
         flat = tensor.reshape(-1)
         if flat.numel() > _SAMPLE_ELEMENTS:
-            flat = flat[torch.linspace(0, flat.numel() - 1, _SAMPLE_ELEMENTS).long()]
+            # Integer strides: a float32 linspace rounds past the end on tensors of ~10M+ elements.
+            flat = flat[torch.arange(_SAMPLE_ELEMENTS, dtype=torch.int64) * (flat.numel() - 1) // (_SAMPLE_ELEMENTS - 1)]
         h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

@@ -34,7 +34,7 @@ class PartyRuntime:
         self.fingerprint: str | None = None
         self.initial: dict | None = None  # the freshly initialised adapter (global 0)
         self._key: str | None = None
-        self._data: dict[tuple[str, str], list[dict]] = {}
+        self._data: dict[tuple[str, str, str | None], list[dict]] = {}
 
     @staticmethod
     def model_key(cfg: TrainerConfig) -> str:
@@ -71,7 +71,7 @@ class PartyRuntime:
         """A data file's examples, downloaded and parsed once per job (keyed by URL path, not signature)."""
         from fedtune_trainer.data import load_examples
 
-        key = (job, transfer.redact(source.url))
+        key = (job, transfer.redact(source.url), source.sha256)  # the signature changes per ticket; the path does not
         if key not in self._data:
             start = time.perf_counter()
             raw = transfer.get(source.url, source.sha256)

@@ -171,6 +171,12 @@ def _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id) -> tupl
     """
     deepspeed = import_deepspeed()
     init_distributed_once()
+    world = torch.distributed.get_world_size()
+    if world != max(1, cfg.world_size):
+        raise RuntimeError(
+            f"the job trains with world size {cfg.world_size} but this trainer's process group has {world}: "
+            "multi-GPU parties must start the trainer with one process per GPU (deepspeed/torchrun launcher)"
+        )
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for _, p in params], config=deepspeed_config(cfg)
