@@ -43,6 +43,8 @@ CASES = [
     ({"peft.config": {"r": 0}}, ["config.r must be a positive integer"]),
     ({"peft.config": {"task_type": "CAUSAL_LM"}}, ["may not set task_type"]),
     ({"peft.method": "prompt_tuning", "peft.config": {}}, ["num_virtual_tokens"]),
+    ({"peft.method": "p_tuning", "peft.config": {"num_virtual_tokens": 8}}, ["p_tuning cannot be federated",
+                                                                             "use prompt_tuning"]),
     ({"strategy": {"name": "fedmagic"}}, ["unknown strategy 'fedmagic'", "fedavg"]),
     ({"strategy": {"name": "fedadam", "params": {"beta1": 1.5}}}, ["beta1 must be < 1.0"]),
     ({"strategy": {"name": "fedavg", "params": {"mu": 0.1}}}, ["has no parameter(s) mu", "accepts: none"]),

@@ -24,7 +24,12 @@ PEFT_METHODS: dict[str, str] = {
     "ln_tuning": "LN_TUNING",
     "prompt_tuning": "PROMPT_TUNING",
     "prefix_tuning": "PREFIX_TUNING",
-    "p_tuning": "P_TUNING",
+}
+
+# Methods peft has but fedtune refuses, and why.
+UNFEDERATABLE = {
+    "p_tuning": "peft saves only the prompt encoder's output, not the encoder it trains, so parties' "
+                "updates cannot be aggregated; use prompt_tuning or prefix_tuning",
 }
 
 TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
@@ -91,6 +96,8 @@ def strategy_params(name: str, given: dict[str, float]) -> dict[str, float]:
 
 def check_peft_config(method: str, config: dict[str, Any], task: str) -> None:
     """Validate a peft config. Deep checks run only where peft is installed (it imports torch)."""
+    if method in UNFEDERATABLE:
+        raise ValueError(f"{method} cannot be federated: {UNFEDERATABLE[method]}")
     if method not in PEFT_METHODS:
         raise ValueError(f"unknown PEFT method {method!r}; choose one of: {', '.join(sorted(PEFT_METHODS))}")
     reserved = sorted(RESERVED_PEFT_KEYS & set(config))
@@ -99,7 +106,7 @@ def check_peft_config(method: str, config: dict[str, Any], task: str) -> None:
     for key in ("r", "num_virtual_tokens"):
         if key in config and (not isinstance(config[key], int) or config[key] < 1):
             raise ValueError(f"config.{key} must be a positive integer (got {config[key]!r})")
-    if method in ("prompt_tuning", "prefix_tuning", "p_tuning") and "num_virtual_tokens" not in config:
+    if method in ("prompt_tuning", "prefix_tuning") and "num_virtual_tokens" not in config:
         raise ValueError(f"{method} needs config.num_virtual_tokens, e.g. 16")
     try:
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # lazy: imports torch; absent in the operator image
