@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from fedtune.api.party import StorageSpec
 from fedtune.storage.s3 import Bucket, S3Credentials
 from fedtune.storage.seaweed import Identity, SeaweedServer

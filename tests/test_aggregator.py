@@ -11,13 +11,13 @@ from datetime import timedelta
 
 import pytest
 import torch
-from safetensors.torch import load, save
-
 from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket, Download, UpdateIn
 from fedtune.api.status import utcnow
+from fedtune.storage.s3 import StorageError
 from fedtune_trainer.aggregator import handle, serve
 from fedtune_trainer.mailbox import FileMailbox
 from fedtune_trainer.strategies import make_strategy
+from safetensors.torch import load, save
 
 EXPIRY = 600
 W, BIAS = "base_model.model.classifier.weight", "base_model.model.classifier.bias"
@@ -50,8 +50,13 @@ class Round:
     def ticket(self, global_in: Download, **kw) -> AggregatorTicket:
         out = self.key(f"global/{self.rnd}.safetensors")
         fields = dict(
-            kind="aggregate", job=self.job, round=self.rnd, deadline=utcnow() + timedelta(minutes=10),
-            global_in=global_in, updates=self.updates, global_out=self.hub.presign_put(out, EXPIRY),
+            kind="aggregate",
+            job=self.job,
+            round=self.rnd,
+            deadline=utcnow() + timedelta(minutes=10),
+            global_in=global_in,
+            updates=self.updates,
+            global_out=self.hub.presign_put(out, EXPIRY),
         )
         fields.update(kw)
         return AggregatorTicket(**fields)
@@ -113,7 +118,7 @@ def test_below_quorum_fails_the_round_and_uploads_nothing(s3world):
     assert "expected (1, 2)" in receipt.rejected["bob"]
     assert receipt.rejected["carol"].startswith("update from carol: sha256 mismatch")
     assert receipt.sha256 is None
-    with pytest.raises(Exception):
+    with pytest.raises(StorageError, match="no such object"):  # nothing was uploaded
         rnd.new_global()
 
 
@@ -141,8 +146,14 @@ def test_server_state_round_trips_between_rounds(s3world):
     first = Round(s3world, job, 1)
     first.add_update("alice", targets[0], 5)
     state_key = first.key("global/1.state.safetensors")
-    r1 = handle(first.ticket(first.put_global(g0), strategy="fedadam", strategy_params=params,
-                             state_out=first.hub.presign_put(state_key, EXPIRY)))
+    r1 = handle(
+        first.ticket(
+            first.put_global(g0),
+            strategy="fedadam",
+            strategy_params=params,
+            state_out=first.hub.presign_put(state_key, EXPIRY),
+        )
+    )
     assert r1.ok, r1.error
     assert r1.state_sha256 == hashlib.sha256(first.hub.get_bytes(state_key)).hexdigest()
 
@@ -150,8 +161,15 @@ def test_server_state_round_trips_between_rounds(s3world):
     second.add_update("alice", targets[1], 5)
     global1 = Download(url=first.hub.presign_get(first.key("global/1.safetensors"), EXPIRY), sha256=r1.sha256)
     state1 = Download(url=first.hub.presign_get(state_key, EXPIRY), sha256=r1.state_sha256)
-    r2 = handle(second.ticket(global1, strategy="fedadam", strategy_params=params, state_in=state1,
-                              state_out=second.hub.presign_put(second.key("global/2.state.safetensors"), EXPIRY)))
+    r2 = handle(
+        second.ticket(
+            global1,
+            strategy="fedadam",
+            strategy_params=params,
+            state_in=state1,
+            state_out=second.hub.presign_put(second.key("global/2.state.safetensors"), EXPIRY),
+        )
+    )
     assert r2.ok, r2.error
 
     for got, want in zip((first.new_global(), second.new_global()), expected):
@@ -187,8 +205,14 @@ def test_failures_become_receipts(s3world):
 
 
 def raw_ticket(kind: str, rnd: int, **kw) -> dict:
-    return {"kind": kind, "job": "j1", "round": rnd, "attempt": 0,
-            "deadline": (utcnow() + timedelta(minutes=5)).isoformat(), **kw}
+    return {
+        "kind": kind,
+        "job": "j1",
+        "round": rnd,
+        "attempt": 0,
+        "deadline": (utcnow() + timedelta(minutes=5)).isoformat(),
+        **kw,
+    }
 
 
 def wait_receipt(box: FileMailbox, rnd: int, kind: str = "aggregate", timeout: float = 10.0) -> dict:

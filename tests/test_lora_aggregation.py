@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fedtune_trainer.strategies import aggregate_round, combine, make_strategy
 from fedtune_trainer.strategies.lora import exact_combine, lora_pairs
 

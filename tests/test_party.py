@@ -11,8 +11,6 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from trainer_helpers import config, keyword_jsonl, tiny_paths
-
 from fedtune.api.job import ModelSpec
 from fedtune.api.protocol import Download, TrainerReceipt, TrainerTicket
 from fedtune.api.status import utcnow
@@ -20,6 +18,7 @@ from fedtune_trainer.adapters import from_bytes
 from fedtune_trainer.mailbox import FileMailbox
 from fedtune_trainer.models import fingerprint, load_base_model
 from fedtune_trainer.party import PartyRuntime, handle, serve
+from trainer_helpers import config, keyword_jsonl, tiny_paths
 
 CLS = "sequence-classification"
 TTL = 600
@@ -50,7 +49,11 @@ class World:
 
     def ticket(self, kind: str, rnd: int, global_key: str | None = None, **extra) -> TrainerTicket:
         fields = dict(
-            kind=kind, job=self.job, party="alice", round=rnd, deadline=utcnow() + timedelta(seconds=TTL),
+            kind=kind,
+            job=self.job,
+            party="alice",
+            round=rnd,
+            deadline=utcnow() + timedelta(seconds=TTL),
             config=self.cfg,
             train_data=Download(url=self.bucket.presign_get(self.train_key, TTL)),
             eval_data=Download(url=self.bucket.presign_get(self.eval_key, TTL)),

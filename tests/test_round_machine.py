@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from fedtune.api import FederatedJob
 from fedtune.api.protocol import AggregatorReceipt, Timings, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus, Metrics
 from fedtune.rounds.intents import aggregator_intent, trainer_intents
 from fedtune.rounds.machine import Observation, advance, new_status
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 FP = "fp-base"
 
 
 def make_job(n=3, rounds=2, min_parties=2, retries=1, max_failures=3, timeout=60) -> FederatedJob:
-    return FederatedJob.model_validate({
-        "metadata": {"name": "j", "uid": "uid-1", "generation": 1},
-        "spec": {
-            "model": {"source": "/m", "task": "sequence-classification"},
-            "data": {"labels": ["neg", "pos"]},
-            "rounds": rounds, "minParties": min_parties, "maxRoundRetries": retries,
-            "maxPartyFailures": max_failures, "roundTimeoutSeconds": timeout,
-            "parties": [{"name": n} for n in "abcdefgh"[:n]],
-        },
-    })
+    return FederatedJob.model_validate(
+        {
+            "metadata": {"name": "j", "uid": "uid-1", "generation": 1},
+            "spec": {
+                "model": {"source": "/m", "task": "sequence-classification"},
+                "data": {"labels": ["neg", "pos"]},
+                "rounds": rounds,
+                "minParties": min_parties,
+                "maxRoundRetries": retries,
+                "maxPartyFailures": max_failures,
+                "roundTimeoutSeconds": timeout,
+                "parties": [{"name": n} for n in "abcdefgh"[:n]],
+            },
+        }
+    )
 
 
 class Sim:
@@ -54,22 +58,43 @@ class Sim:
             ok = short not in self.fail
             acc = 0.5 + 0.1 * it.round
             self.receipts[name] = TrainerReceipt(
-                kind=it.kind, job="uid-1", party=name, round=it.round, attempt=it.attempt, ok=ok,
-                error=None if ok else "boom", num_samples=10 * (1 + "abcdefgh".index(short)), num_eval_samples=10,
+                kind=it.kind,
+                job="uid-1",
+                party=name,
+                round=it.round,
+                attempt=it.attempt,
+                ok=ok,
+                error=None if ok else "boom",
+                num_samples=10 * (1 + "abcdefgh".index(short)),
+                num_eval_samples=10,
                 sha256=f"sha-{short}-{it.round}" if it.kind in ("train", "init") else None,
                 base_model_fingerprint=self.fingerprint.get(short, FP),
                 metrics=Metrics(train_loss=1.0 / (it.round + 1), eval_accuracy=acc, eval_loss=1 - acc),
-                bytes_up=100, bytes_down=50, timings=Timings(train_seconds=2.0),
+                bytes_up=100,
+                bytes_down=50,
+                timings=Timings(train_seconds=2.0),
             )
         ai = aggregator_intent(self.job, self.st)
-        if ai and ai.kind == "aggregate" and not (self.agg and (self.agg.round, self.agg.attempt) == (ai.round, ai.attempt)):
+        if (
+            ai
+            and ai.kind == "aggregate"
+            and not (self.agg and (self.agg.round, self.agg.attempt) == (ai.round, ai.attempt))
+        ):
             parties = [p for p, _, _ in ai.updates]
             rejected = {p: "NaN in lora_A" for p in parties if p.split("/")[1] in self.reject}
             accepted = [p for p in parties if p not in rejected]
             ok = len(accepted) >= self.job.spec.min_parties
-            self.agg = AggregatorReceipt(job="uid-1", round=ai.round, attempt=ai.attempt, ok=ok,
-                                         error=None if ok else "quorum", accepted=accepted if ok else [],
-                                         rejected=rejected, sha256=f"g-{ai.round}", bytes_up=7)
+            self.agg = AggregatorReceipt(
+                job="uid-1",
+                round=ai.round,
+                attempt=ai.attempt,
+                ok=ok,
+                error=None if ok else "quorum",
+                accepted=accepted if ok else [],
+                rejected=rejected,
+                sha256=f"g-{ai.round}",
+                bytes_up=7,
+            )
             if ok:
                 self.aggregated.append(accepted)
 
@@ -191,8 +216,9 @@ def test_init_lead_failure_rotates_the_initialiser():
 def test_stale_receipts_do_not_count():
     job = make_job(rounds=1)
     st = new_status(job, T0)
-    old = TrainerReceipt(kind="init", job="uid-1", party="default/a", round=0, attempt=5, ok=True, sha256="x",
-                         base_model_fingerprint=FP)
+    old = TrainerReceipt(
+        kind="init", job="uid-1", party="default/a", round=0, attempt=5, ok=True, sha256="x", base_model_fingerprint=FP
+    )
     other_job = old.model_copy(update={"attempt": 0, "job": "uid-OTHER"})
     for r in (old, other_job):
         st2, _ = advance(job, st, Observation(now=T0, receipts={"default/a": r}))

@@ -14,7 +14,6 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-
 from fedtune.api.party import StorageSpec
 from fedtune.storage.s3 import MAX_EXPIRY_S, Bucket, S3Credentials, StorageError
 from fedtune.storage.seaweed import Identity, SeaweedError, find_weed
@@ -106,8 +105,11 @@ def test_other_party_cannot_read_or_write(s3world):
     bob = s3world.creds("bob")
     # Plain boto3 with bob's keys, independent of fedtune's wrapper.
     client = boto3.client(
-        "s3", endpoint_url=s3world.endpoint, region_name="us-east-1",
-        aws_access_key_id=bob.access_key_id, aws_secret_access_key=bob.secret_access_key,
+        "s3",
+        endpoint_url=s3world.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=bob.access_key_id,
+        aws_secret_access_key=bob.secret_access_key,
         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
     )
     with pytest.raises(ClientError) as info:

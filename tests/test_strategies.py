@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load as st_load, save as st_save
-
 from fedtune.api.methods import STRATEGIES
 from fedtune_trainer.strategies import REGISTRY, aggregate_round, make_strategy, weighted_mean
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 
 def t(*values: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:

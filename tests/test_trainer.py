@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from trainer_helpers import build, config, keyword_jsonl, tiny_paths
-
 from fedtune.api.job import ModelSpec, PeftSpec
 from fedtune_trainer.adapters import (
     adapter_config_json,
@@ -19,6 +17,7 @@ from fedtune_trainer.adapters import (
 from fedtune_trainer.evaluate import evaluate
 from fedtune_trainer.models import apply_peft, fingerprint, load_base_model, resolve_source
 from fedtune_trainer.train import train_local
+from trainer_helpers import build, config, keyword_jsonl, tiny_paths
 
 CLS, LM = "sequence-classification", "causal-lm"
 

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from tiny_models import LABELS, minilm_dir
-from trainer_helpers import config
-
 from fedtune.api.job import DataSchema
 from fedtune_trainer.data import IGNORE, DataError, collate, load_examples, parse_jsonl
 from fedtune_trainer.train import schedule
+from tiny_models import LABELS, minilm_dir
+from trainer_helpers import config
 
 CLS, LM = "sequence-classification", "causal-lm"
 

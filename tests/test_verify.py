@@ -8,9 +8,8 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save
-
 from fedtune_trainer.verify import UpdateRejected, load_verified
+from safetensors.torch import save
 
 A = "base_model.model.layer.0.q.lora_A.weight"
 B = "base_model.model.layer.0.q.lora_B.weight"

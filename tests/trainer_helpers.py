@@ -6,10 +6,9 @@ import json
 import random
 from pathlib import Path
 
-from tiny_models import LABELS, make_tiny_model
-
 from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
 from fedtune.api.protocol import TrainerConfig
+from tiny_models import LABELS, make_tiny_model
 
 WORDS = "alpha beta gamma delta river stone cloud paper green house".split()
 
@@ -51,7 +50,9 @@ def config(
         defaults.pop("local_steps")
     return TrainerConfig(
         model=ModelSpec(source=str(path), task=task),
-        peft=PeftSpec(method=method, config={"r": 4} if peft_config is None and method == "lora" else peft_config or {}),
+        peft=PeftSpec(
+            method=method, config={"r": 4} if peft_config is None and method == "lora" else peft_config or {}
+        ),
         data=DataSchema(labels=LABELS, max_length=32),
         training=TrainingSpec(**{**defaults, **training}),
         deepspeed=deepspeed or DeepSpeedSpec(),

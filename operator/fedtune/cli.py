@@ -18,8 +18,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     docs = load_documents(args.file)
     job = docs.job
-    print(f"{args.file}: FederatedJob {job.metadata.name} with {len(docs.parties)} Part"
-          f"{'y' if len(docs.parties) == 1 else 'ies'}{', a Dataset' if docs.dataset else ''}: valid")
+    print(
+        f"{args.file}: FederatedJob {job.metadata.name} with {len(docs.parties)} Part"
+        f"{'y' if len(docs.parties) == 1 else 'ies'}{', a Dataset' if docs.dataset else ''}: valid"
+    )
     return 0
 
 
@@ -28,7 +30,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedtune.local.runner import LocalRun
 
     docs = load_documents(args.file)
-    workdir = Path(args.workdir) if args.workdir else Path("runs") / f"{docs.job.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    workdir = (
+        Path(args.workdir)
+        if args.workdir
+        else Path("runs") / f"{docs.job.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     if workdir.exists() and any(workdir.iterdir()):
         raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
     run = LocalRun(docs, workdir, threads=args.threads)
@@ -60,16 +66,21 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     for p in parties:
         c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name)
         if not c:
-            raise SpecError(f"--credentials has no entry for party {p.key} (keys: namespace/name or name, "
-                            "values: {accessKeyId, secretAccessKey})")
+            raise SpecError(
+                f"--credentials has no entry for party {p.key} (keys: namespace/name or name, "
+                "values: {accessKeyId, secretAccessKey})"
+            )
         storage = p.spec.storage.model_copy(update={"endpoint": args.endpoint or p.spec.storage.endpoint})
         buckets[p.key] = Bucket(storage, S3Credentials(c["accessKeyId"], c["secretAccessKey"]))
     shards = plan_shards(load_source(docs.dataset.spec.source), docs.dataset, [p.key for p in parties])
-    summary = upload_shards(shards, parties, buckets, labels=docs.job.spec.data.labels or None,
-                            create_buckets=args.create_buckets)
+    summary = upload_shards(
+        shards, parties, buckets, labels=docs.job.spec.data.labels or None, create_buckets=args.create_buckets
+    )
     for key, s in summary.items():
-        print(f"{key}: {s['train']['records']} train / {s['eval']['records']} eval records -> "
-              f"s3://{s['bucket']}/{s['train']['key']}  labels {s['train']['labels']}")
+        print(
+            f"{key}: {s['train']['records']} train / {s['eval']['records']} eval records -> "
+            f"s3://{s['bucket']}/{s['train']['key']}  labels {s['train']['labels']}"
+        )
     return 0
 
 
@@ -88,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     part = data.add_parser("partition", help="split a Dataset across parties and upload each shard to its bucket")
     part.add_argument("file", help="YAML with a FederatedJob, its Parties and a Dataset")
-    part.add_argument("--credentials", required=True,
-                      help="JSON file: {party: {accessKeyId, secretAccessKey}}; each shard is written with its party's own")
+    part.add_argument(
+        "--credentials",
+        required=True,
+        help="JSON file: {party: {accessKeyId, secretAccessKey}}; each shard is written with its party's own",
+    )
     part.add_argument("--endpoint", help="S3 endpoint overriding the Parties' spec.storage.endpoint")
     part.add_argument("--create-buckets", action="store_true", help="create missing buckets")
     part.set_defaults(func=_cmd_partition)

@@ -70,7 +70,9 @@ def parse_documents(text: str, source: str = "<input>") -> Documents:
     if not problems:
         missing = [k for k in jobs[0].party_keys if k not in parties]
         if missing:
-            problems.append(f"{source}: spec.parties names {', '.join(missing)} but no such Party document is in the file")
+            problems.append(
+                f"{source}: spec.parties names {', '.join(missing)} but no such Party document is in the file"
+            )
     if problems:
         raise SpecError("\n".join(problems))
     return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None)

@@ -32,7 +32,11 @@ def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
             + (f"missing {len(missing)} key(s) e.g. {missing[:3]}; " if missing else "")
             + (f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}" if unexpected else "")
         )
-    bad = [f"{k}: {tuple(tensors[k].shape)} != {shape}" for k, shape in expected.items() if tuple(tensors[k].shape) != shape]
+    bad = [
+        f"{k}: {tuple(tensors[k].shape)} != {shape}"
+        for k, shape in expected.items()
+        if tuple(tensors[k].shape) != shape
+    ]
     if bad:
         raise ValueError(f"adapter shapes do not match this model: {'; '.join(bad[:3])}")
     with torch.no_grad():

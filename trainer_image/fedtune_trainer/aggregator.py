@@ -8,20 +8,19 @@ until told to exit, and skips a ticket its mailbox already answered (a restart).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 from typing import Any
 
 import torch
+from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket
+from fedtune.api.status import utcnow
 from pydantic import ValidationError
 from safetensors.torch import save as save_safetensors
 
-from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket
-from fedtune.api.status import utcnow
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import FileMailbox, open_mailbox, ticket_id
+from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox, ticket_id
 from fedtune_trainer.strategies import aggregate_round, make_strategy
 from fedtune_trainer.verify import UpdateRejected, load_verified
 
@@ -116,7 +115,11 @@ def _aggregate(ticket: AggregatorTicket, receipt: AggregatorReceipt) -> None:
     receipt.ok = True
     log.info(
         "round %d: aggregated %d update(s) with %s (%s), residual %s",
-        ticket.round, len(updates), strategy.name, ticket.lora_mode, residual,
+        ticket.round,
+        len(updates),
+        strategy.name,
+        ticket.lora_mode,
+        residual,
     )
 
 
@@ -144,39 +147,16 @@ def handle(ticket: AggregatorTicket) -> AggregatorReceipt:
     return receipt
 
 
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
 def _invalid_ticket_receipt(raw: dict[str, Any], exc: ValidationError) -> AggregatorReceipt:
     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
     return AggregatorReceipt(
         job=str(raw.get("job", "")),
-        round=_int(raw.get("round"), -1),
-        attempt=_int(raw.get("attempt"), 0),
+        round=as_int(raw.get("round"), -1),
+        attempt=as_int(raw.get("attempt"), 0),
         ok=False,
         error=f"invalid aggregator ticket: {problems}",
         finished_at=utcnow(),
     )
-
-
-def _answers(receipt: dict[str, Any] | None, raw: dict[str, Any]) -> bool:
-    """Whether a mailbox receipt already answers this raw ticket (after a restart)."""
-    if receipt is None:
-        return False
-    fields = ("kind", "job", "round")
-    return all(receipt.get(f) == raw.get(f) for f in fields) and receipt.get("attempt", 0) == raw.get("attempt", 0)
-
-
-def _deliver(mailbox: FileMailbox, receipt: AggregatorReceipt, receipt_out: str | None) -> None:
-    wire = receipt.to_wire()
-    # S3 copy first, so a control plane woken by the mailbox finds the copy already there.
-    if receipt_out:
-        try:
-            transfer.put(receipt_out, json.dumps(wire, indent=1, sort_keys=True).encode())
-        except transfer.TransferError as exc:
-            log.error("could not upload the receipt copy: %s", exc)
-    mailbox.write_receipt(wire)
 
 
 def serve(mailbox_uri: str, poll: float = 0.1) -> int:
@@ -186,15 +166,19 @@ def serve(mailbox_uri: str, poll: float = 0.1) -> int:
     while True:
         raw = mailbox.wait_ticket(newer_than=last, poll=poll)
         last = ticket_id(raw)
-        answered = _answers(mailbox.read_receipt(), raw)
+        answered = answers(mailbox.read_receipt(), raw)
         if raw.get("kind") == "exit":
             # Checked before full validation: a pod must stop even on a terse exit ticket.
             if not answered:
                 receipt = AggregatorReceipt(
-                    kind="exit", job=str(raw.get("job", "")), round=_int(raw.get("round"), 0),
-                    attempt=_int(raw.get("attempt"), 0), ok=True, finished_at=utcnow(),
+                    kind="exit",
+                    job=str(raw.get("job", "")),
+                    round=as_int(raw.get("round"), 0),
+                    attempt=as_int(raw.get("attempt"), 0),
+                    ok=True,
+                    finished_at=utcnow(),
                 )
-                _deliver(mailbox, receipt, raw.get("receiptOut"))
+                deliver(mailbox, receipt, raw.get("receiptOut"))
             log.info("exit ticket: stopping")
             return 0
         if answered:
@@ -207,7 +191,7 @@ def serve(mailbox_uri: str, poll: float = 0.1) -> int:
         else:
             log.info("ticket %s: %d update(s)", last, len(ticket.updates))
             receipt, receipt_out = handle(ticket), ticket.receipt_out
-        _deliver(mailbox, receipt, receipt_out)
+        deliver(mailbox, receipt, receipt_out)
 
 
 if __name__ == "__main__":

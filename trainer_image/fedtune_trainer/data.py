@@ -12,7 +12,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-
 from fedtune.api.job import DataSchema
 
 IGNORE = -100  # label id torch's cross-entropy skips

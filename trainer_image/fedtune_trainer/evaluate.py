@@ -6,12 +6,14 @@ import math
 from collections.abc import Sequence
 
 import torch
-
 from fedtune.api.status import Metrics
+
 from fedtune_trainer.data import IGNORE, batches
 
 
-def evaluate(model: torch.nn.Module, data: Sequence[dict], task: str, batch_size: int, pad_id: int | None = None) -> Metrics:
+def evaluate(
+    model: torch.nn.Module, data: Sequence[dict], task: str, batch_size: int, pad_id: int | None = None
+) -> Metrics:
     """eval_loss (per example for classification, per response token for causal LM), plus
     eval_accuracy (classification) or eval_perplexity = exp(eval_loss) (causal LM)."""
     if not data:

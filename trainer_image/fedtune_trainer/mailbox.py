@@ -7,11 +7,14 @@ Local mode: a directory with ticket.json and receipt.json, each replaced atomica
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 TICKET = "ticket.json"
 RECEIPT = "receipt.json"
@@ -76,3 +79,32 @@ def open_mailbox(uri: str) -> FileMailbox:
     if "://" in uri:
         raise ValueError(f"unsupported mailbox {uri!r}: use a directory path or file:///path")
     return FileMailbox(uri)
+
+
+def as_int(value: Any, default: int) -> int:
+    """An int field of a raw ticket, or `default` when it is missing or not an int."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def answers(receipt: dict[str, Any] | None, ticket: dict[str, Any]) -> bool:
+    """Whether a mailbox receipt already answers this raw ticket (the pod restarted after answering)."""
+    if receipt is None:
+        return False
+    same = all(receipt.get(f) == ticket.get(f) for f in ("kind", "job", "round"))
+    return same and receipt.get("attempt", 0) == ticket.get("attempt", 0)
+
+
+def deliver(mailbox: FileMailbox, receipt: Any, receipt_out: str | None) -> None:
+    """Answer a ticket: a copy to S3 first (best effort), then the mailbox.
+
+    In that order, a control plane woken by the mailbox finds the S3 copy already there.
+    """
+    from fedtune_trainer import transfer  # here: the mailbox itself needs no HTTP
+
+    wire = receipt.to_wire()
+    if receipt_out:
+        try:
+            transfer.put(receipt_out, json.dumps(wire, indent=1, sort_keys=True).encode())
+        except transfer.TransferError as exc:
+            log.error("could not upload the receipt copy: %s", exc)
+    mailbox.write_receipt(wire)

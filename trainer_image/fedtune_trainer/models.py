@@ -15,9 +15,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
 from fedtune.api.methods import PEFT_METHODS, TASK_TYPES
+
 from fedtune_trainer import transfer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -140,7 +140,9 @@ def fingerprint(model: torch.nn.Module) -> str:
         flat = tensor.reshape(-1)
         if flat.numel() > _SAMPLE_ELEMENTS:
             # Integer strides: a float32 linspace rounds past the end on tensors of ~10M+ elements.
-            flat = flat[torch.arange(_SAMPLE_ELEMENTS, dtype=torch.int64) * (flat.numel() - 1) // (_SAMPLE_ELEMENTS - 1)]
+            flat = flat[
+                torch.arange(_SAMPLE_ELEMENTS, dtype=torch.int64) * (flat.numel() - 1) // (_SAMPLE_ELEMENTS - 1)
+            ]
         h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 

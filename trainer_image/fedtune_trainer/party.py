@@ -11,15 +11,15 @@ import logging
 import os
 import re
 import time
-from datetime import timezone
+from datetime import UTC
 from typing import Any
-
-from pydantic import ValidationError
 
 from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket
 from fedtune.api.status import Metrics, utcnow
+from pydantic import ValidationError
+
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import FileMailbox, open_mailbox, ticket_id
+from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox, ticket_id
 
 log = logging.getLogger(__name__)
 _URL = re.compile(r"https?://[^\s'\"]+")
@@ -40,8 +40,11 @@ class PartyRuntime:
     def model_key(cfg: TrainerConfig) -> str:
         """What decides the model's weights and tokenization (not the per-round URLs)."""
         doc = {
-            "model": cfg.model.to_wire(), "peft": cfg.peft.to_wire(), "data": cfg.data.to_wire(),
-            "seed": cfg.training.seed, "bf16": cfg.deepspeed.enabled and cfg.deepspeed.bf16,
+            "model": cfg.model.to_wire(),
+            "peft": cfg.peft.to_wire(),
+            "data": cfg.data.to_wire(),
+            "seed": cfg.training.seed,
+            "bf16": cfg.deepspeed.enabled and cfg.deepspeed.bf16,
             "files": sorted(cfg.model_files),
         }
         return json.dumps(doc, sort_keys=True)
@@ -148,8 +151,13 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> 
     receipt.sha256 = _upload(ticket.update_out, to_bytes(adapter_state(rt.model)), receipt)
     log.info(
         "[%s] round %d: global eval_loss=%s accuracy=%s | local train_loss=%.4f on %d examples in %.1fs",
-        ticket.party, ticket.round, _fmt(metrics.eval_loss), _fmt(metrics.eval_accuracy),
-        result.train_loss, result.num_samples, result.seconds,
+        ticket.party,
+        ticket.round,
+        _fmt(metrics.eval_loss),
+        _fmt(metrics.eval_accuracy),
+        result.train_loss,
+        result.num_samples,
+        result.seconds,
     )
 
 
@@ -159,8 +167,13 @@ def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> N
     rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt)  # download counted before timing eval
     _load_global(ticket, rt, receipt)
     receipt.metrics = _evaluate(ticket, rt, receipt)
-    log.info("[%s] final eval: loss=%s accuracy=%s perplexity=%s", ticket.party, _fmt(receipt.metrics.eval_loss),
-             _fmt(receipt.metrics.eval_accuracy), _fmt(receipt.metrics.eval_perplexity))
+    log.info(
+        "[%s] final eval: loss=%s accuracy=%s perplexity=%s",
+        ticket.party,
+        _fmt(receipt.metrics.eval_loss),
+        _fmt(receipt.metrics.eval_accuracy),
+        _fmt(receipt.metrics.eval_perplexity),
+    )
 
 
 def _fmt(x: float | None) -> str:
@@ -180,7 +193,7 @@ def handle(ticket: TrainerTicket, rt: PartyRuntime) -> TrainerReceipt:
     )
     try:
         if ticket.kind != "exit":
-            deadline = ticket.deadline if ticket.deadline.tzinfo else ticket.deadline.replace(tzinfo=timezone.utc)
+            deadline = ticket.deadline if ticket.deadline.tzinfo else ticket.deadline.replace(tzinfo=UTC)
             if utcnow() > deadline:
                 raise TimeoutError(f"ticket {ticket.ticket_id} reached the trainer after its deadline {deadline}")
             receipt.timings.load_seconds = rt.ensure(ticket.config)
@@ -193,36 +206,19 @@ def handle(ticket: TrainerTicket, rt: PartyRuntime) -> TrainerReceipt:
     return receipt
 
 
-def _int(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
 def _raw_receipt(raw: dict[str, Any], ok: bool, error: str | None = None) -> TrainerReceipt:
     """A receipt for a ticket that could not be parsed (or a terse exit ticket)."""
     kind = raw.get("kind") if raw.get("kind") in ("init", "train", "eval", "exit") else "exit"
     return TrainerReceipt(
-        kind=kind, job=str(raw.get("job", "")), party=str(raw.get("party", "")), round=_int(raw.get("round"), -1),
-        attempt=_int(raw.get("attempt"), 0), ok=ok, error=error, finished_at=utcnow(),
+        kind=kind,
+        job=str(raw.get("job", "")),
+        party=str(raw.get("party", "")),
+        round=as_int(raw.get("round"), -1),
+        attempt=as_int(raw.get("attempt"), 0),
+        ok=ok,
+        error=error,
+        finished_at=utcnow(),
     )
-
-
-def _answers(receipt: dict[str, Any] | None, raw: dict[str, Any]) -> bool:
-    """Whether the mailbox's receipt already answers this raw ticket (we restarted after answering)."""
-    if receipt is None:
-        return False
-    same = all(receipt.get(f) == raw.get(f) for f in ("kind", "job", "round"))
-    return same and receipt.get("attempt", 0) == raw.get("attempt", 0)
-
-
-def _deliver(mailbox: FileMailbox, receipt: TrainerReceipt, receipt_out: str | None) -> None:
-    wire = receipt.to_wire()
-    # The S3 copy first: a control plane woken by the mailbox then finds the copy already there.
-    if receipt_out:
-        try:
-            transfer.put(receipt_out, json.dumps(wire, indent=1, sort_keys=True).encode())
-        except transfer.TransferError as exc:
-            log.error("could not upload the receipt copy: %s", exc)
-    mailbox.write_receipt(wire)
 
 
 def _configure_threads() -> None:
@@ -247,10 +243,10 @@ def serve(mailbox_uri: str, poll: float = 0.1) -> int:
     while True:
         raw = mailbox.wait_ticket(newer_than=last, poll=poll)
         last = ticket_id(raw)
-        answered = _answers(mailbox.read_receipt(), raw)
+        answered = answers(mailbox.read_receipt(), raw)
         if raw.get("kind") == "exit":
             if not answered:
-                _deliver(mailbox, _raw_receipt(raw, ok=True), raw.get("receiptOut"))
+                deliver(mailbox, _raw_receipt(raw, ok=True), raw.get("receiptOut"))
             log.info("[%s] exit ticket: stopping", raw.get("party", "?"))
             return 0
         if answered:
@@ -264,4 +260,4 @@ def serve(mailbox_uri: str, poll: float = 0.1) -> int:
         else:
             log.info("[%s] ticket %s", ticket.party, last)
             receipt, receipt_out = handle(ticket, rt), ticket.receipt_out
-        _deliver(mailbox, receipt, receipt_out)
+        deliver(mailbox, receipt, receipt_out)

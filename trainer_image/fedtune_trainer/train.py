@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-
 from fedtune.api.protocol import TrainerConfig
+
 from fedtune_trainer.adapters import load_adapter_state
 from fedtune_trainer.data import collate, shuffled
 from fedtune_trainer.ds_config import deepspeed_config

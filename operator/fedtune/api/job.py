@@ -191,7 +191,9 @@ class FederatedJobSpec(ApiModel):
         if ds.bf16 and self.model.dtype == "float32" and not ds.enabled:
             raise ValueError("deepspeed.bf16 needs deepspeed.enabled: true (or set model.dtype: bfloat16)")
         if self.strategy.name == "fedprox" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
-            raise ValueError("fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2")
+            raise ValueError(
+                "fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2"
+            )
         return self
 
     @property

@@ -29,7 +29,7 @@ PEFT_METHODS: dict[str, str] = {
 # Methods peft has but fedtune refuses, and why.
 UNFEDERATABLE = {
     "p_tuning": "peft saves only the prompt encoder's output, not the encoder it trains, so parties' "
-                "updates cannot be aggregated; use prompt_tuning or prefix_tuning",
+    "updates cannot be aggregated; use prompt_tuning or prefix_tuning",
 }
 
 TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}

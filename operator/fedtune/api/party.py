@@ -50,7 +50,9 @@ class PartyData(ApiModel):
 class ComputeSpec(ApiModel):
     """The compute this party offers to each trainer pod."""
 
-    gpus_per_pod: int = Field(0, ge=0, le=16, description="GPUs per trainer pod (0 = CPU). Sets the DeepSpeed world size.")
+    gpus_per_pod: int = Field(
+        0, ge=0, le=16, description="GPUs per trainer pod (0 = CPU). Sets the DeepSpeed world size."
+    )
     gpu_product: str | None = Field(None, description="Required GPU product label (nvidia.com/gpu.product).")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels trainer pods require.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations for trainer pods.")
@@ -68,7 +70,11 @@ class ConsentSpec(ApiModel):
 
     def allows(self, party_namespace: str, job_namespace: str) -> bool:
         """Whether a job in `job_namespace` may use a Party living in `party_namespace`."""
-        return job_namespace == party_namespace or job_namespace in self.allowed_namespaces or "*" in self.allowed_namespaces
+        return (
+            job_namespace == party_namespace
+            or job_namespace in self.allowed_namespaces
+            or "*" in self.allowed_namespaces
+        )
 
 
 class PartySpec(ApiModel):

@@ -97,7 +97,12 @@ class TrainerReceipt(ApiModel):
     finished_at: datetime | None = None
 
     def answers(self, ticket: TrainerTicket) -> bool:
-        return (self.kind, self.job, self.round, self.attempt) == (ticket.kind, ticket.job, ticket.round, ticket.attempt)
+        return (self.kind, self.job, self.round, self.attempt) == (
+            ticket.kind,
+            ticket.job,
+            ticket.round,
+            ticket.attempt,
+        )
 
 
 class UpdateIn(ApiModel):
@@ -153,7 +158,12 @@ class AggregatorReceipt(ApiModel):
     finished_at: datetime | None = None
 
     def answers(self, ticket: AggregatorTicket) -> bool:
-        return (self.kind, self.job, self.round, self.attempt) == (ticket.kind, ticket.job, ticket.round, ticket.attempt)
+        return (self.kind, self.job, self.round, self.attempt) == (
+            ticket.kind,
+            ticket.job,
+            ticket.round,
+            ticket.attempt,
+        )
 
     def answers_round(self, job: str | None, rnd: int, attempt: int) -> bool:
         """Whether this receipt is the aggregation of round `rnd`, attempt `attempt` of `job`."""

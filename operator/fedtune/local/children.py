@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune.lifeline import die_with_parent
+
 MAX_RESTARTS = 3
 
 
@@ -29,8 +31,15 @@ class Pod:
     def start(self) -> None:
         log = open(self.log_path, "ab")
         # Own session: a Ctrl-C in the terminal reaches the runner only, which then stops the pods in order.
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # pods never outlive a crashed or SIGKILLed runner
+        )
         log.close()
 
     @property
@@ -61,12 +70,15 @@ class Pods:
                 pod.exits.append(code)
                 if pod.restarts >= MAX_RESTARTS:
                     pod.gave_up = True
-                    notes.append(f"{pod.name} exited with code {code} {pod.restarts + 1} times; not restarting "
-                                 f"(see {pod.log_path})")
+                    notes.append(
+                        f"{pod.name} exited with code {code} {pod.restarts + 1} times; not restarting "
+                        f"(see {pod.log_path})"
+                    )
                     continue
-                pod.next_start = now + 2.0 ** pod.restarts
-                notes.append(f"{pod.name} exited with code {code}; restarting in {2 ** pod.restarts:.0f}s "
-                             f"(see {pod.log_path})")
+                pod.next_start = now + 2.0**pod.restarts
+                notes.append(
+                    f"{pod.name} exited with code {code}; restarting in {2**pod.restarts:.0f}s (see {pod.log_path})"
+                )
             elif now >= pod.next_start:
                 pod.restarts += 1
                 pod.next_start = 0.0

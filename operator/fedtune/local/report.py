@@ -15,8 +15,10 @@ def _f(v: float | None, fmt: str) -> str:
 
 def round_table(st: FederatedJobStatus) -> str:
     """A fixed-width table of the round history."""
-    head = f"{'round':>5}  {'parties':>7}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  {'eval ppl':>8}  " \
-           f"{'MB moved':>8}  {'seconds':>7}"
+    head = (
+        f"{'round':>5}  {'parties':>7}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  {'eval ppl':>8}  "
+        f"{'MB moved':>8}  {'seconds':>7}"
+    )
     lines = [head, "-" * len(head)]
     for h in st.history:
         m = h.metrics
@@ -67,8 +69,11 @@ def plot(st: FederatedJobStatus, path: Path, title: str, baseline: float | None 
             ax1.plot(*zip(*pts), marker="o", label=label)
     ax1.set(xlabel="round", ylabel="loss", title="loss")
     ax1.legend()
-    key, label = ("eval_accuracy", "accuracy") if any(h.metrics.eval_accuracy is not None for h in st.history) \
+    key, label = (
+        ("eval_accuracy", "accuracy")
+        if any(h.metrics.eval_accuracy is not None for h in st.history)
         else ("eval_perplexity", "perplexity")
+    )
     pts = [(h.round, getattr(h.metrics, key)) for h in st.history if getattr(h.metrics, key) is not None]
     if pts:
         ax2.plot(*zip(*pts), marker="o", color="tab:green", label=f"global {label}")

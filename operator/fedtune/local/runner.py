@@ -12,10 +12,11 @@ import sys
 import time
 import uuid
 from contextlib import ExitStack
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from fedtune_trainer.mailbox import FileMailbox, ticket_id
 from pydantic import ValidationError
 
 from fedtune.api.errors import SpecError
@@ -28,20 +29,23 @@ from fedtune.local.children import Pod, Pods
 from fedtune.local.progress import Progress
 from fedtune.local.signer import BucketSigner
 from fedtune.rounds.intents import (
-    COORDINATOR, aggregator_intent, build_aggregator_ticket, build_trainer_ticket, trainer_intents,
+    COORDINATOR,
+    aggregator_intent,
+    build_aggregator_ticket,
+    build_trainer_ticket,
+    trainer_intents,
 )
 from fedtune.rounds.machine import Observation, advance, new_status
 from fedtune.storage import layout
 from fedtune.storage.s3 import Bucket, S3Credentials
 from fedtune.storage.seaweed import Identity, SeaweedServer
-from fedtune_trainer.mailbox import FileMailbox, ticket_id
 
 COORDINATOR_BUCKET = "fedtune-coordinator"
 POLL_SECONDS = 0.1
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _dirname(key: str) -> str:
@@ -53,8 +57,10 @@ class LocalRun:
 
     def __init__(self, docs: Documents, workdir: Path, out: TextIO = sys.stdout, threads: int | None = None):
         if docs.dataset is None:
-            raise SpecError("local mode needs a Dataset document in the job file: it says which data each "
-                            "party gets (see examples/quickstart.yaml)")
+            raise SpecError(
+                "local mode needs a Dataset document in the job file: it says which data each "
+                "party gets (see examples/quickstart.yaml)"
+            )
         self.docs, self.job, self.out = docs, docs.job, out
         if not self.job.metadata.uid:
             self.job.metadata.uid = uuid.uuid4().hex[:12]
@@ -81,8 +87,10 @@ class LocalRun:
             (COORDINATOR, self._coordinator_bucket())
         ]:
             if bucket in owners:
-                raise SpecError(f"{owner} and {owners[bucket]} both use bucket {bucket!r}: each party needs its "
-                                "own bucket (spec.storage.bucket), separate from the coordinator's")
+                raise SpecError(
+                    f"{owner} and {owners[bucket]} both use bucket {bucket!r}: each party needs its "
+                    "own bucket (spec.storage.bucket), separate from the coordinator's"
+                )
             owners[bucket] = owner
 
     def _start_storage(self, stack: ExitStack) -> None:
@@ -101,8 +109,9 @@ class LocalRun:
             b = Bucket(StorageSpec(endpoint=server.endpoint, bucket=bucket), creds[owner])
             b.ensure(create=True)
             self.buckets[owner] = b
-        self.progress.say(f"S3 at {server.endpoint}: {len(owners)} buckets, one identity each "
-                          f"(data under {self.workdir / 's3'})")
+        self.progress.say(
+            f"S3 at {server.endpoint}: {len(owners)} buckets, one identity each (data under {self.workdir / 's3'})"
+        )
 
     def _upload_data(self) -> None:
         from fedtune.data.partition import majority_baseline, plan_shards
@@ -117,25 +126,39 @@ class LocalRun:
             found = {str(r.get(label_key)) for tr, ev in shards.values() for r in (*tr, *ev)}
             unknown = sorted(found - set(schema.labels))
             if unknown:
-                raise SpecError(f"the Dataset yields label(s) {', '.join(unknown)} that the job's spec.data.labels "
-                                f"({', '.join(schema.labels)}) does not list: add them there, or keep only the "
-                                "job's classes with the Dataset's spec.labels")
+                raise SpecError(
+                    f"the Dataset yields label(s) {', '.join(unknown)} that the job's spec.data.labels "
+                    f"({', '.join(schema.labels)}) does not list: add them there, or keep only the "
+                    "job's classes with the Dataset's spec.labels"
+                )
             self.baseline = majority_baseline(shards, label_key=label_key)
-        summary = upload_shards(shards, self.parties, {p.key: self.buckets[p.key] for p in self.parties},
-                                label_key=label_key, labels=schema.labels or None)
+        summary = upload_shards(
+            shards,
+            self.parties,
+            {p.key: self.buckets[p.key] for p in self.parties},
+            label_key=label_key,
+            labels=schema.labels or None,
+        )
         for key, s in summary.items():
             hist = ", ".join(f"{k} {v}" for k, v in s["train"]["labels"].items())
             kinds = len(s["train"]["labels"])
             shown = hist if kinds <= 6 else f"{kinds} categories"
-            self.progress.say(f"data  {key.split('/')[-1]:<10} {s['train']['records']} train / "
-                              f"{s['eval']['records']} eval records in its own bucket ({shown})")
+            self.progress.say(
+                f"data  {key.split('/')[-1]:<10} {s['train']['records']} train / "
+                f"{s['eval']['records']} eval records in its own bucket ({shown})"
+            )
 
     def _start_pods(self) -> None:
         n = len(self.parties)
         threads = self.threads or max(1, (os.cpu_count() or 1) // n)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # pods hold no credentials
-        base_env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                        TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+        base_env.update(
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS=str(threads),
+            MKL_NUM_THREADS=str(threads),
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
+        )
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         pods = [(p.key, "party") for p in self.parties] + [("aggregator", "aggregator")]
         for name, role in pods:
@@ -144,10 +167,17 @@ class LocalRun:
             env = dict(base_env, FEDTUNE_NAME=name.split("/")[-1])
             if role == "aggregator":
                 env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-            self.pods.start(Pod(name=name, argv=[sys.executable, "-m", "fedtune_trainer", role, "--mailbox", str(box)],
-                                env=env, log_path=self.workdir / "logs" / f"{_dirname(name)}.log"))
-        self.progress.say(f"started {n} party trainers ({threads} thread(s) each) and the aggregator; "
-                          f"logs in {self.workdir / 'logs'}")
+            self.pods.start(
+                Pod(
+                    name=name,
+                    argv=[sys.executable, "-m", "fedtune_trainer", role, "--mailbox", str(box)],
+                    env=env,
+                    log_path=self.workdir / "logs" / f"{_dirname(name)}.log",
+                )
+            )
+        self.progress.say(
+            f"started {n} party trainers ({threads} thread(s) each) and the aggregator; logs in {self.workdir / 'logs'}"
+        )
 
     # -- control loop ----------------------------------------------------------------------------
 
@@ -230,9 +260,11 @@ class LocalRun:
         """Run the job to the end; Ctrl-C stops every child and the S3 server, keeping what was written."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         spec = self.job.spec
-        self.progress.say(f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties, "
-                          f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
-                          f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {self.workdir}")
+        self.progress.say(
+            f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties, "
+            f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
+            f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {self.workdir}"
+        )
         with ExitStack() as stack:
             self._start_storage(stack)
             self._upload_data()
@@ -251,9 +283,11 @@ class LocalRun:
         if self.baseline is not None:
             print(f"\nmajority-class baseline on the parties' eval splits: {self.baseline:.3f}", file=self.out)
         if st.phase == "Succeeded":
-            print(f"\nSucceeded. Final adapter (PEFT layout) in {final}; metrics.json and metrics.png beside it.\n"
-                  f"Load it with: PeftModel.from_pretrained(base_model, {str(final)!r})", file=self.out)
+            print(
+                f"\nSucceeded. Final adapter (PEFT layout) in {final}; metrics.json and metrics.png beside it.\n"
+                f"Load it with: PeftModel.from_pretrained(base_model, {str(final)!r})",
+                file=self.out,
+            )
         else:
             print(f"\nFailed: {st.message}\nPartial results and logs in {self.workdir}", file=self.out)
         self.out.flush()
-

@@ -29,13 +29,23 @@ def set_condition(
         if c.type == ctype:
             when = c.last_transition_time if c.status == value else now
             status.conditions[i] = Condition(
-                type=ctype, status=value, reason=reason, message=message, last_transition_time=when,
+                type=ctype,
+                status=value,
+                reason=reason,
+                message=message,
+                last_transition_time=when,
                 observed_generation=status.observed_generation,
             )
             return
     status.conditions.append(
-        Condition(type=ctype, status=value, reason=reason, message=message, last_transition_time=now,
-                  observed_generation=status.observed_generation)
+        Condition(
+            type=ctype,
+            status=value,
+            reason=reason,
+            message=message,
+            last_transition_time=now,
+            observed_generation=status.observed_generation,
+        )
     )
 
 

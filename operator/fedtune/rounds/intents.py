@@ -89,8 +89,13 @@ def trainer_config(job: FederatedJob, party: Party) -> TrainerConfig:
     spec = job.spec
     mu = spec.strategy.resolved().get("mu", 0.0) if spec.strategy.name == "fedprox" else 0.0
     return TrainerConfig(
-        model=spec.model, peft=spec.peft, data=spec.data, training=spec.training, deepspeed=spec.deepspeed,
-        world_size=spec.world_size(party.spec.compute.gpus_per_pod), prox_mu=mu,
+        model=spec.model,
+        peft=spec.peft,
+        data=spec.data,
+        training=spec.training,
+        deepspeed=spec.deepspeed,
+        world_size=spec.world_size(party.spec.compute.gpus_per_pod),
+        prox_mu=mu,
     )
 
 
@@ -98,16 +103,30 @@ def _expires(deadline: datetime, now: datetime) -> int:
     return max(60, int((deadline - now).total_seconds()) + URL_GRACE_SECONDS)
 
 
-def build_trainer_ticket(job: FederatedJob, intent: TrainerIntent, party: Party, st: FederatedJobStatus,
-                         signer: Signer, now: datetime, model_files: dict[str, str] | None = None) -> TrainerTicket:
+def build_trainer_ticket(
+    job: FederatedJob,
+    intent: TrainerIntent,
+    party: Party,
+    st: FederatedJobStatus,
+    signer: Signer,
+    now: datetime,
+    model_files: dict[str, str] | None = None,
+) -> TrainerTicket:
     """A party's ticket with URLs scoped to single objects."""
     uid, owner = job.metadata.uid, party.key
     ttl = _expires(intent.deadline, now)
     config = trainer_config(job, party)
     if model_files:
         config.model_files = model_files
-    t = TrainerTicket(kind=intent.kind, job=uid, party=owner, round=intent.round, attempt=intent.attempt,
-                      deadline=intent.deadline, config=config)
+    t = TrainerTicket(
+        kind=intent.kind,
+        job=uid,
+        party=owner,
+        round=intent.round,
+        attempt=intent.attempt,
+        deadline=intent.deadline,
+        config=config,
+    )
     if intent.kind == "exit":
         return t
     if intent.kind == "init":
@@ -118,8 +137,9 @@ def build_trainer_ticket(job: FederatedJob, intent: TrainerIntent, party: Party,
     # A train ticket of round r starts from global r-1; the final eval ticket reads the last global.
     global_round = intent.round - 1 if intent.kind == "train" else intent.round
     t.eval_data = Download(url=signer.presign_get(owner, party.spec.data.eval_key, ttl))
-    t.global_in = Download(url=signer.presign_get(COORDINATOR, layout.global_key(uid, global_round), ttl),
-                           sha256=st.global_sha256)
+    t.global_in = Download(
+        url=signer.presign_get(COORDINATOR, layout.global_key(uid, global_round), ttl), sha256=st.global_sha256
+    )
     if intent.kind == "train":
         t.train_data = Download(url=signer.presign_get(owner, party.spec.data.train_key, ttl))
         t.update_out = signer.presign_put(owner, layout.update_key(uid, intent.round), ttl)
@@ -127,8 +147,9 @@ def build_trainer_ticket(job: FederatedJob, intent: TrainerIntent, party: Party,
     return t
 
 
-def build_aggregator_ticket(job: FederatedJob, intent: AggregatorIntent, st: FederatedJobStatus,
-                            signer: Signer, now: datetime) -> AggregatorTicket:
+def build_aggregator_ticket(
+    job: FederatedJob, intent: AggregatorIntent, st: FederatedJobStatus, signer: Signer, now: datetime
+) -> AggregatorTicket:
     """The aggregator's ticket: GET URLs of the updates (each minted by its party), PUT URL of global r."""
     spec, uid, rnd = job.spec, job.metadata.uid, intent.round
     t = AggregatorTicket(kind=intent.kind, job=uid, round=rnd, attempt=intent.attempt, deadline=intent.deadline)
@@ -137,12 +158,17 @@ def build_aggregator_ticket(job: FederatedJob, intent: AggregatorIntent, st: Fed
     ttl = _expires(intent.deadline, now)
     t.strategy, t.strategy_params = spec.strategy.name, spec.strategy.resolved()
     t.lora_mode, t.min_updates = spec.aggregator.lora_mode, spec.min_parties
-    t.global_in = Download(url=signer.presign_get(COORDINATOR, layout.global_key(uid, rnd - 1), ttl), sha256=st.global_sha256)
+    t.global_in = Download(
+        url=signer.presign_get(COORDINATOR, layout.global_key(uid, rnd - 1), ttl), sha256=st.global_sha256
+    )
     if st.server_state_sha256:
-        t.state_in = Download(url=signer.presign_get(COORDINATOR, layout.state_key(uid, rnd - 1), ttl),
-                              sha256=st.server_state_sha256)
-    t.updates = [UpdateIn(party=p, url=signer.presign_get(p, layout.update_key(uid, rnd), ttl), sha256=sha, num_samples=n)
-                 for p, sha, n in intent.updates]
+        t.state_in = Download(
+            url=signer.presign_get(COORDINATOR, layout.state_key(uid, rnd - 1), ttl), sha256=st.server_state_sha256
+        )
+    t.updates = [
+        UpdateIn(party=p, url=signer.presign_get(p, layout.update_key(uid, rnd), ttl), sha256=sha, num_samples=n)
+        for p, sha, n in intent.updates
+    ]
     t.global_out = signer.presign_put(COORDINATOR, layout.global_key(uid, rnd), ttl)
     t.state_out = signer.presign_put(COORDINATOR, layout.state_key(uid, rnd), ttl)
     t.receipt_out = signer.presign_put(COORDINATOR, layout.global_receipt_key(uid, rnd), ttl)

@@ -97,8 +97,9 @@ def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: l
                 p.message = "uploaded the initial adapter"
             p.fingerprint = r.base_model_fingerprint  # compared below once the reference is known
             extra = f"; {p.message}" if p.message else ""
-            events.append(Event("Normal", "PartyReady", f"{p.name}: base model loaded in "
-                                                        f"{r.timings.load_seconds:.1f}s{extra}"))
+            events.append(
+                Event("Normal", "PartyReady", f"{p.name}: base model loaded in {r.timings.load_seconds:.1f}s{extra}")
+            )
         else:
             _party_failed(p, f"could not start: {r.error}", events)
     lead = st.party(first) if first else None
@@ -110,8 +111,12 @@ def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: l
         return
     for p in active(st):
         if p.state == "Ready" and p.fingerprint != st.base_model_fingerprint:
-            _party_failed(p, "its base model differs from the others' (fingerprint mismatch): "
-                             "check spec.model.source resolves to the same weights everywhere", events)
+            _party_failed(
+                p,
+                "its base model differs from the others' (fingerprint mismatch): "
+                "check spec.model.source resolves to the same weights everywhere",
+                events,
+            )
         elif p.state in WAITING:
             _party_failed(p, "did not load the model before the deadline", events, state="Straggler")
     ready = [p for p in active(st) if p.state == "Ready"]
@@ -147,7 +152,9 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
         return
     submitted = [p for p in active(st) if p.state == "Submitted"]
     if len(submitted) < spec.min_parties:
-        return _retry(spec, st, obs.now, f"round {rnd}: {len(submitted)} update(s), {spec.min_parties} required", events)
+        return _retry(
+            spec, st, obs.now, f"round {rnd}: {len(submitted)} update(s), {spec.min_parties} required", events
+        )
     # Parties evaluated global r-1 before training on it: that is round r-1's quality.
     _record_eval(st, rnd - 1, submitted)
     st.stage = "aggregating"
@@ -162,23 +169,33 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
         return
     for name, reason in a.rejected.items():
         p = st.party(name)
-        _party_failed(p, f"update rejected by the aggregator: {reason}", events, state="Failed", reason="UpdateRejected")
+        _party_failed(
+            p, f"update rejected by the aggregator: {reason}", events, state="Failed", reason="UpdateRejected"
+        )
     if not a.ok:
         return _retry(spec, st, obs.now, f"round {rnd}: aggregation failed: {a.error}", events)
     accepted = [st.party(n) for n in a.accepted]
     for p in accepted:
         p.failures, p.last_round = 0, rnd
-    _record(st, RoundRecord(
-        round=rnd, attempt=st.attempt, participants=list(a.accepted), rejected=dict(a.rejected),
-        stragglers=[p.name for p in active(st) if p.state == "Straggler"],
-        bytes_up=sum(p.bytes_up for p in accepted) + a.bytes_up,
-        bytes_down=sum(p.bytes_down for p in accepted) + a.bytes_down,
-        duration_seconds=(obs.now - st.round_started_at).total_seconds() if st.round_started_at else 0.0,
-        slowest_train_seconds=max((p.train_seconds for p in accepted), default=0.0),
-        metrics=Metrics(train_loss=_weighted([(p.metrics.train_loss if p.metrics else None, p.num_samples)
-                                              for p in accepted])),
-        lora_residual=a.lora_residual, finished_at=obs.now,
-    ))
+    _record(
+        st,
+        RoundRecord(
+            round=rnd,
+            attempt=st.attempt,
+            participants=list(a.accepted),
+            rejected=dict(a.rejected),
+            stragglers=[p.name for p in active(st) if p.state == "Straggler"],
+            bytes_up=sum(p.bytes_up for p in accepted) + a.bytes_up,
+            bytes_down=sum(p.bytes_down for p in accepted) + a.bytes_down,
+            duration_seconds=(obs.now - st.round_started_at).total_seconds() if st.round_started_at else 0.0,
+            slowest_train_seconds=max((p.train_seconds for p in accepted), default=0.0),
+            metrics=Metrics(
+                train_loss=_weighted([(p.metrics.train_loss if p.metrics else None, p.num_samples) for p in accepted])
+            ),
+            lora_residual=a.lora_residual,
+            finished_at=obs.now,
+        ),
+    )
     st.global_sha256, st.server_state_sha256 = a.sha256, a.state_sha256
     events.append(Event("Normal", "RoundCompleted", f"round {rnd}/{spec.rounds}: aggregated {len(accepted)} update(s)"))
     _drop_failing(spec, st, obs.now, events)
@@ -223,8 +240,9 @@ def _waiting(st: FederatedJobStatus) -> list[PartyState]:
     return [p for p in active(st) if p.state in WAITING]
 
 
-def _party_failed(p: PartyState, message: str, events: list[Event], state: str = "Failed",
-                  reason: str = "PartyFailed") -> None:
+def _party_failed(
+    p: PartyState, message: str, events: list[Event], state: str = "Failed", reason: str = "PartyFailed"
+) -> None:
     p.state, p.message = state, message
     p.failures += 1
     events.append(Event("Warning", reason, f"{p.name}: {message}"))
@@ -306,8 +324,11 @@ def _record_eval(st: FederatedJobStatus, rnd: int, parties: list[PartyState]) ->
         rec = RoundRecord(round=rnd)
         _record(st, rec)
     for k in ("eval_loss", "eval_accuracy", "eval_perplexity"):
-        setattr(rec.metrics, k, _weighted([(getattr(p.metrics, k) if p.metrics else None, p.num_eval_samples)
-                                           for p in parties]))
+        setattr(
+            rec.metrics,
+            k,
+            _weighted([(getattr(p.metrics, k) if p.metrics else None, p.num_eval_samples) for p in parties]),
+        )
 
 
 def _summarise(st: FederatedJobStatus) -> None:

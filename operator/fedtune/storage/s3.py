@@ -18,7 +18,8 @@ from typing import TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from fedtune.api.party import StorageSpec
 
@@ -235,6 +236,7 @@ class Bucket:
 
     def list(self, prefix: str) -> list[str]:
         """Keys under `prefix`, in the store's (lexicographic) order."""
+
         def run() -> list[str]:
             pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.name, Prefix=prefix)
             return [obj["Key"] for page in pages for obj in page.get("Contents", [])]

@@ -23,18 +23,31 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.api.party import StorageSpec
+from fedtune.lifeline import die_with_parent
 from fedtune.storage.s3 import S3Credentials
 
 HOST = "127.0.0.1"
 # Every listener gets its own explicit port: weed would otherwise derive gRPC ports as
 # port+10000, and two servers on one machine would collide there.
-_PORT_FLAGS = {"master": "-master.port", "master.grpc": "-master.port.grpc",
-               "volume": "-volume.port", "volume.grpc": "-volume.port.grpc",
-               "filer": "-filer.port", "filer.grpc": "-filer.port.grpc",
-               "s3": "-s3.port", "s3.grpc": "-s3.port.grpc"}
+_PORT_FLAGS = {
+    "master": "-master.port",
+    "master.grpc": "-master.port.grpc",
+    "volume": "-volume.port",
+    "volume.grpc": "-volume.port.grpc",
+    "filer": "-filer.port",
+    "filer.grpc": "-filer.port.grpc",
+    "s3": "-s3.port",
+    "s3.grpc": "-s3.port.grpc",
+}
 # Unix sockets weed always creates in /tmp (TMPDIR is ignored), named by port.
-_SOCKETS = {"master.grpc": "master-grpc", "volume.grpc": "volume-grpc", "filer": "filer",
-            "filer.grpc": "filer-grpc", "s3": "s3", "s3.grpc": "s3-grpc"}
+_SOCKETS = {
+    "master.grpc": "master-grpc",
+    "volume.grpc": "volume-grpc",
+    "filer": "filer",
+    "filer.grpc": "filer-grpc",
+    "s3": "s3",
+    "s3.grpc": "s3-grpc",
+}
 
 
 class SeaweedError(RuntimeError):
@@ -161,18 +174,36 @@ class SeaweedServer:
             previous = None
         self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS), previous)))
         saved.write_text(json.dumps(self.ports))
-        args = [weed, "-logtostderr", "server",  # -logtostderr: no glog files in /tmp
-                f"-dir={self.workdir / 'data'}", f"-ip={HOST}", f"-ip.bind={HOST}",
-                "-filer", "-s3", f"-s3.config={config}",
-                f"-volume.max={self.volume_max}", "-master.volumeSizeLimitMB=16",
-                "-master.volumePreallocate=false", "-master.telemetry=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners we do not need
-                "-volume.preStopSeconds=0"]  # else the volume server lingers 10 s on SIGTERM
+        args = [
+            weed,
+            "-logtostderr",
+            "server",  # -logtostderr: no glog files in /tmp
+            f"-dir={self.workdir / 'data'}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            "-filer",
+            "-s3",
+            f"-s3.config={config}",
+            f"-volume.max={self.volume_max}",
+            "-master.volumeSizeLimitMB=16",
+            "-master.volumePreallocate=false",
+            "-master.telemetry=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",  # extra listeners we do not need
+            "-volume.preStopSeconds=0",
+        ]  # else the volume server lingers 10 s on SIGTERM
         args += [f"{_PORT_FLAGS[name]}={port}" for name, port in self.ports.items()]
         self._log = open(self.log_path, "ab")
         # Own session = own process group, so stop() can kill weed and anything it spawns.
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                      cwd=self.workdir, start_new_session=True)
+        self._proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # a SIGKILLed owner must not leave weed running
+        )
         atexit.register(self.stop)
 
     def _wait_ready(self, deadline: float) -> None:

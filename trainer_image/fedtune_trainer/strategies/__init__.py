@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-
 from fedtune.api.methods import STRATEGIES, strategy_params
+
 from fedtune_trainer.strategies.base import Strategy, Tensors, weighted_mean
 from fedtune_trainer.strategies.fedavg import FedAvg, FedProx
 from fedtune_trainer.strategies.fedavgm import FedAvgM

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
-
 from fedtune.api.methods import strategy_params
 
 Tensors = dict[str, torch.Tensor]
