@@ -193,18 +193,10 @@ def test_ctrl_c_and_kill_leave_nothing_running_and_two_runs_do_not_collide(tiny_
     procs, logs = [], []
     for i in range(2):
         logs.append(tmp_path / f"out{i}.txt")
-        cmd = [
-            sys.executable,
-            "-m",
-            "fedtune.cli",
-            "run",
-            str(job),
-            "--threads",
-            "1",
-            "--workdir",
-            str(tmp_path / f"w{i}"),
-        ]
-        procs.append(subprocess.Popen(cmd, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT))
+        # the second run names its work directory relative to its working directory
+        workdir = str(tmp_path / "w0") if i == 0 else "w1"
+        cmd = [sys.executable, "-m", "fedtune.cli", "run", str(job), "--threads", "1", "--workdir", workdir]
+        procs.append(subprocess.Popen(cmd, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT, cwd=tmp_path))
     try:
         for i in range(2):  # both runs progress side by side on one machine
             _wait_for_round(tmp_path / f"w{i}" / "status.json", 2, procs[i], logs[i], timeout=240)

@@ -11,6 +11,7 @@ from pathlib import Path
 from fedtune import __version__
 from fedtune.api.errors import SpecError
 from fedtune.storage.s3 import StorageError
+from fedtune.storage.seaweed import SeaweedError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -84,6 +85,40 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_crds(args: argparse.Namespace) -> int:
+    """Write the CRDs generated from the API models, or with --check compare them with the files there."""
+    import difflib
+
+    from fedtune.k8s.crd import rendered_crds
+
+    out = Path(args.output_dir)
+    files = rendered_crds()
+    if not args.check:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (out / name).write_text(text, encoding="utf-8")
+            print(f"wrote {out / name}")
+        return 0
+    stale = []
+    for name, text in files.items():
+        path = out / name
+        old = path.read_text(encoding="utf-8") if path.is_file() else ""
+        if old != text:
+            stale.append(name)
+            diff = list(difflib.unified_diff(old.splitlines(True), text.splitlines(True), f"{path}", "generated"))
+            sys.stdout.writelines(diff[:60])  # enough to see what changed; the fix is to regenerate anyway
+            if len(diff) > 60:
+                print(f"... {len(diff) - 60} more diff lines")
+    if stale:
+        print(
+            f"error: {', '.join(stale)} differ(s) from the API models: run `fedtune crds --output-dir {out}`",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{out}: {len(files)} CRDs match the API models")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -107,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--endpoint", help="S3 endpoint overriding the Parties' spec.storage.endpoint")
     part.add_argument("--create-buckets", action="store_true", help="create missing buckets")
     part.set_defaults(func=_cmd_partition)
+    crds = sub.add_parser("crds", help="write the CRD YAML generated from the API models (one file per kind)")
+    crds.add_argument("--output-dir", default="crds", help="where to write (default crds/)")
+    crds.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files there are stale")
+    crds.set_defaults(func=_cmd_crds)
     return parser
 
 
@@ -114,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SpecError, StorageError) as exc:  # the user can act on these: say what, not a traceback
+    except (SpecError, StorageError, SeaweedError) as exc:  # the user can act on these: say what, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

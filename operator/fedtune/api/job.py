@@ -44,7 +44,7 @@ class PeftSpec(ApiModel):
 class DataSchema(ApiModel):
     """The shape of every party's JSON-lines data."""
 
-    format: Literal["jsonl"] = "jsonl"
+    format: Literal["jsonl"] = Field("jsonl", description="Data file format: JSON lines, one example per line.")
     text_field: str = Field("text", description="Input text field (sequence classification).")
     label_field: str = Field("label", description="Label field (sequence classification).")
     labels: list[str] = Field(default_factory=list, description="Class names, in label-id order (classification).")
@@ -69,9 +69,9 @@ class TrainingSpec(ApiModel):
     batch_size: int = Field(8, ge=1, description="Micro-batch size per device.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-4, gt=0, lt=1, description="Local optimizer learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    eval_batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    eval_batch_size: int = Field(32, ge=1, description="Batch size of local evaluation.")
     max_train_samples: int | None = Field(None, ge=1, description="Cap on local training examples per round.")
     max_eval_samples: int | None = Field(None, ge=1, description="Cap on local evaluation examples.")
     seed: int = Field(0, description="Seeds the adapter initialisation and data order.")
@@ -86,7 +86,7 @@ class TrainingSpec(ApiModel):
 class DeepSpeedSpec(ApiModel):
     """DeepSpeed engine settings; the operator turns them into pod resources."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="Train with the DeepSpeed engine (otherwise plain PyTorch).")
     zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage 0-3.")
     bf16: bool = Field(False, description="bf16 mixed precision.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload optimizer state to CPU (stage >= 1).")
@@ -126,14 +126,14 @@ class AggregatorSpec(ApiModel):
     lora_mode: Literal["average", "exact"] = Field(
         "average", description="average: A and B separately; exact: mean of B·A re-factored by truncated SVD."
     )
-    cpu: str = "1"
-    memory: str = "4Gi"
+    cpu: str = Field("1", description="CPU request of the aggregator pod.")
+    memory: str = Field("4Gi", description="Memory request of the aggregator pod.")
 
 
 class PartyRef(ApiModel):
     """A Party taking part in the job."""
 
-    name: str
+    name: str = Field(description="Party name.")
     namespace: str | None = Field(None, description="Party namespace; defaults to the job's.")
 
 
@@ -153,7 +153,7 @@ class FederatedJobSpec(ApiModel):
     round_timeout_seconds: int = Field(1800, ge=5, description="Deadline for a round's updates (and its aggregation).")
     max_round_retries: int = Field(2, ge=0, description="Retries of a round that missed quorum before the job fails.")
     max_party_failures: int = Field(3, ge=1, description="Consecutive missed rounds before a party is dropped.")
-    parties: list[PartyRef] = Field(min_length=1)
+    parties: list[PartyRef] = Field(min_length=1, description="Parties that train; each must consent.")
     trainer_image: str = Field("ghcr.io/fedtune/trainer:0.1.0", description="Image of trainer and aggregator pods.")
 
     @field_validator("rounds")

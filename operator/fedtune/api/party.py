@@ -90,9 +90,9 @@ class PartySpec(ApiModel):
 class PartyStatus(ApiModel):
     """Observed state of a Party."""
 
-    observed_generation: int | None = None
-    phase: Literal["Pending", "Ready", "Error"] = "Pending"
-    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = Field(None, description="metadata.generation this status reflects.")
+    phase: Literal["Pending", "Ready", "Error"] = Field("Pending", description="Pending, Ready or Error.")
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations of the Party.")
 
 
 class Party(ApiModel):

@@ -23,79 +23,81 @@ def utcnow() -> datetime:
 class Condition(ApiModel):
     """A standard Kubernetes condition."""
 
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-    message: str = ""
-    last_transition_time: datetime | None = None
-    observed_generation: int | None = None
+    type: str = Field(description="Condition type, e.g. Ready or Succeeded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason for the last transition."
+    )
+    message: str = Field("", description="Human-readable details.")
+    last_transition_time: datetime | None = Field(None, description="When status last changed.")
+    observed_generation: int | None = Field(None, description="metadata.generation the condition was set for.")
 
 
 class Metrics(ApiModel):
     """Training/evaluation metrics of one party or of a round (sample-weighted)."""
 
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    eval_accuracy: float | None = None
-    eval_perplexity: float | None = None
+    train_loss: float | None = Field(None, description="Mean local training loss.")
+    eval_loss: float | None = Field(None, description="Evaluation loss.")
+    eval_accuracy: float | None = Field(None, description="Evaluation accuracy (sequence classification).")
+    eval_perplexity: float | None = Field(None, description="Evaluation perplexity (causal LM).")
 
 
 class PartyState(ApiModel):
     """Per-party progress inside a job."""
 
     name: str = Field(description="Party namespace/name.")
-    state: PartyPhase = "Pending"
+    state: PartyPhase = Field("Pending", description="Where the party is in the current round.")
     last_round: int = Field(0, description="Last round whose update was accepted.")
-    num_samples: int | None = None
-    metrics: Metrics | None = None
+    num_samples: int | None = Field(None, description="Training examples behind the last update.")
+    metrics: Metrics | None = Field(None, description="Metrics the party last reported.")
     failures: int = Field(0, description="Consecutive rounds missed or rejected.")
-    message: str = ""
+    message: str = Field("", description="Why the party failed or was dropped.")
     fingerprint: str | None = Field(None, description="Base-model fingerprint the party reported.")
     # The party's answer to the current round (cleared when a round or attempt starts).
-    update_sha256: str | None = None
-    num_eval_samples: int | None = None
-    bytes_up: int = 0
-    bytes_down: int = 0
-    train_seconds: float = 0.0
+    update_sha256: str | None = Field(None, description="sha256 of the update submitted this round.")
+    num_eval_samples: int | None = Field(None, description="Evaluation examples behind the metrics.")
+    bytes_up: int = Field(0, description="Bytes the party uploaded this round.")
+    bytes_down: int = Field(0, description="Bytes the party downloaded this round.")
+    train_seconds: float = Field(0.0, description="Local training time this round.")
 
 
 class RoundRecord(ApiModel):
     """One finished round, kept in a bounded history."""
 
-    round: int
-    attempt: int = 0
-    participants: list[str] = Field(default_factory=list)
+    round: int = Field(description="Round number (1-based).")
+    attempt: int = Field(0, description="Attempt that completed the round.")
+    participants: list[str] = Field(default_factory=list, description="Parties whose updates were aggregated.")
     rejected: dict[str, str] = Field(default_factory=dict, description="party -> reason its update was not used.")
-    stragglers: list[str] = Field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    duration_seconds: float = 0.0
-    slowest_train_seconds: float = 0.0
-    metrics: Metrics = Field(default_factory=Metrics)
-    lora_residual: float | None = None
-    finished_at: datetime | None = None
+    stragglers: list[str] = Field(default_factory=list, description="Parties that missed the deadline.")
+    bytes_up: int = Field(0, description="Bytes uploaded in the round, all parties and the aggregator.")
+    bytes_down: int = Field(0, description="Bytes downloaded in the round, all parties and the aggregator.")
+    duration_seconds: float = Field(0.0, description="Wall time from round start to aggregation.")
+    slowest_train_seconds: float = Field(0.0, description="Longest local training time among participants.")
+    metrics: Metrics = Field(default_factory=Metrics, description="Sample-weighted metrics of the round.")
+    lora_residual: float | None = Field(None, description="Relative Frobenius residual of exact LoRA re-factoring.")
+    finished_at: datetime | None = Field(None, description="When the round was aggregated.")
 
 
 class FederatedJobStatus(ApiModel):
     """Observed state of a FederatedJob, driven by the round state machine."""
 
-    observed_generation: int | None = None
-    phase: JobPhase = "Pending"
-    conditions: list[Condition] = Field(default_factory=list)
+    observed_generation: int | None = Field(None, description="metadata.generation this status reflects.")
+    phase: JobPhase = Field("Pending", description="Pending, Running, Succeeded or Failed.")
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations of the job.")
     current_round: int = Field(0, description="Round in progress (0 = initialising the global adapter).")
-    stage: Stage = "init"
+    stage: Stage = Field("init", description="Step of the job: init, training, aggregating, evaluating, done.")
     attempt: int = Field(0, description="Retry number of the current round.")
-    round_started_at: datetime | None = None
-    round_deadline: datetime | None = None
-    parties: list[PartyState] = Field(default_factory=list)
+    round_started_at: datetime | None = Field(None, description="When the current round (attempt) started.")
+    round_deadline: datetime | None = Field(None, description="When the current step times out.")
+    parties: list[PartyState] = Field(default_factory=list, description="Progress of each party.")
     parties_ready: str = Field("0/0", description="Parties that answered the current round / active parties.")
-    history: list[RoundRecord] = Field(default_factory=list)
+    history: list[RoundRecord] = Field(default_factory=list, description="Finished rounds, most recent last (bounded).")
     last_metric: str | None = Field(None, description="Last round's evaluation metric, for printer columns.")
-    base_model_fingerprint: str | None = None
+    base_model_fingerprint: str | None = Field(None, description="Base-model fingerprint all parties must share.")
     global_sha256: str | None = Field(None, description="sha256 of the current global adapter.")
     final_adapter: str | None = Field(None, description="s3:// URI of the final adapter (PEFT layout).")
-    server_state_sha256: str | None = None
-    message: str = ""
+    server_state_sha256: str | None = Field(None, description="sha256 of the server optimiser state (FedOpt).")
+    message: str = Field("", description="Human-readable summary of the job's state.")
 
     def party(self, name: str) -> PartyState:
         for p in self.parties:

@@ -65,7 +65,7 @@ class LocalRun:
         if not self.job.metadata.uid:
             self.job.metadata.uid = uuid.uuid4().hex[:12]
         self.job.metadata.generation = self.job.metadata.generation or 1
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # weed runs with cwd=workdir: relative paths would break
         self.parties = [docs.parties[k] for k in self.job.party_keys]
         self.threads = threads
         self.progress = Progress(out)

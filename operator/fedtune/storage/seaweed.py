@@ -111,7 +111,7 @@ class SeaweedServer:
     """A private `weed server` on loopback. Use as a context manager, or start()/stop()."""
 
     def __init__(self, workdir: Path, identities: list[Identity], volume_max: int = 200):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # weed runs with cwd=workdir: relative paths would break
         self.identities = list(identities)
         self.volume_max = volume_max  # each bucket grows ~7 volumes of <=16 MB (sparse files)
         self.log_path = self.workdir / "weed.log"
