@@ -1,6 +1,6 @@
 """Kubernetes for tests: an emulated API server on a real port, and kopf operators run against it.
 
-    from kube import KubeEmulator, kube   # `kube` is a pytest fixture (function scope)
+    from kube import KubeEmulator, kube_fixture  # noqa: F401  (the `kube` fixture)
 
     def test_operator(kube):
         with kube.run_kopf("fedtune.k8s.operator"):           # the real operator module
@@ -19,24 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp.web
 import kmock
 import pytest
 import urllib3
 from kube_emulator import ApiServer
+
+if TYPE_CHECKING:
+    from kube_kopf import KopfRun
 
 # plural -> (apiVersion prefix, kind, namespaced, subresources, short names)
 RESOURCES: dict[str, tuple[str, bool, tuple[str, ...], tuple[str, ...]]] = {
@@ -97,14 +97,19 @@ class KubeEmulator:
         self.server = ApiServer(tokens=self.tokens)
         for key, (kind, namespaced, subresources, short) in self.resources.items():
             self.server.resources[key] = kmock.ResourceInfo(
-                kind=kind, namespaced=namespaced, singular=kind.lower(),
-                verbs=VERBS, subresources=subresources, shortnames=short)
+                kind=kind,
+                namespaced=namespaced,
+                singular=kind.lower(),
+                verbs=VERBS,
+                subresources=subresources,
+                shortnames=short,
+            )
         await self.server.__aenter__()
         # A short shutdown grace: open watches would otherwise hold the exit for a minute.
         self._runner = aiohttp.web.ServerRunner(aiohttp.web.Server(self.server), shutdown_timeout=0.5)
         await self._runner.setup()
         await aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = "http://127.0.0.1:%d" % self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
 
     async def _astop(self) -> None:
         await self._runner.cleanup()
@@ -117,9 +122,11 @@ class KubeEmulator:
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 10) -> Any:
         """Run `fn(*args)` (sync or async) in the server's loop: the safe way to touch `.server`."""
+
         async def invoke() -> Any:
             result = fn(*args)
             return await result if asyncio.iscoroutine(result) else result
+
         return asyncio.run_coroutine_threadsafe(invoke(), self._loop).result(timeout)
 
     # --- REST helpers (plain HTTP, as any client would) ----------------------------------
@@ -133,23 +140,32 @@ class KubeEmulator:
                 return kmock.resource(key)
         raise KeyError(f"unknown resource {spec!r}")
 
-    def path(self, resource: str, namespace: str | None = None, name: str | None = None,
-             subresource: str | None = None) -> str:
+    def path(
+        self, resource: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None
+    ) -> str:
         res = self.resource(resource)
         parts = [f"/apis/{res.group}/{res.version}" if res.group else f"/api/{res.version}"]
         parts += ["namespaces", namespace] if namespace else []
         parts += [p for p in (res.plural, name, subresource) if p]
         return "/".join(parts)
 
-    def request(self, method: str, path: str, body: Any = None, *, params: dict[str, Any] | None = None,
-                content_type: str = "application/json") -> Any:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
         """One API call; the decoded JSON answer, or ApiError for a non-2xx status."""
         query = "?" + urllib.parse.urlencode(params) if params else ""
         headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
-        resp = self._http.request(method, self.url + path + query, headers=headers,
-                                  body=None if body is None else json.dumps(body).encode())
+        resp = self._http.request(
+            method, self.url + path + query, headers=headers, body=None if body is None else json.dumps(body).encode()
+        )
         try:
             doc = json.loads(resp.data) if resp.data else None
         except ValueError:
@@ -159,13 +175,17 @@ class KubeEmulator:
         return doc
 
     def create(self, obj: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
-        """Create an object; the resource comes from its apiVersion and kind."""
+        """Create an object (resource from apiVersion and kind); a given status is then set via /status."""
         api, kind = obj["apiVersion"], obj["kind"]
         key = next((k for k, v in self.resources.items() if k.rsplit("/", 1)[0] == api and v[0] == kind), None)
         if key is None:
             raise KeyError(f"no resource registered for {api} {kind}")
         ns = (namespace or obj.get("metadata", {}).get("namespace")) if self.resources[key][1] else None
-        return self.request("POST", self.path(key, ns), obj)
+        made = self.request("POST", self.path(key, ns), obj)
+        if obj.get("status") and "status" in self.resources[key][2]:
+            # The server drops status on create; set it the way the object's controller would.
+            made = self.patch(key, ns, made["metadata"]["name"], {"status": obj["status"]}, subresource="status")
+        return made
 
     def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
@@ -176,13 +196,15 @@ class KubeEmulator:
                 return None
             raise
 
-    def list(self, resource: str, namespace: str | None = None, *, labels: str | None = None,
-             fields: str | None = None) -> list[dict[str, Any]]:
+    def list(
+        self, resource: str, namespace: str | None = None, *, labels: str | None = None, fields: str | None = None
+    ) -> list[dict[str, Any]]:
         params = {k: v for k, v in (("labelSelector", labels), ("fieldSelector", fields)) if v}
         return self.request("GET", self.path(resource, namespace), params=params)["items"]
 
-    def patch(self, resource: str, namespace: str | None, name: str, patch: dict | list, *,
-              subresource: str | None = None) -> dict[str, Any]:
+    def patch(
+        self, resource: str, namespace: str | None, name: str, patch: dict | list, *, subresource: str | None = None
+    ) -> dict[str, Any]:
         """A merge patch (dict) or a JSON patch (list); `subresource="status"` for the status."""
         ctype = "application/json-patch+json" if isinstance(patch, list) else "application/merge-patch+json"
         return self.request("PATCH", self.path(resource, namespace, name, subresource), patch, content_type=ctype)
@@ -214,11 +236,16 @@ class KubeEmulator:
         """A kubeconfig file for this server (token auth, plain http)."""
         path = self._tmp / "kubeconfig"
         if not path.exists():
-            cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-                   "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-                   "users": [{"name": "emulator", "user": {"token": self.token}}],
-                   "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
-                                                                 "namespace": "default"}}]}
+            cfg = {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "emulator",
+                "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+                "users": [{"name": "emulator", "user": {"token": self.token}}],
+                "contexts": [
+                    {"name": "emulator", "context": {"cluster": "emulator", "user": "emulator", "namespace": "default"}}
+                ],
+            }
             path.write_text(json.dumps(cfg))  # JSON is YAML
         return path
 
@@ -238,6 +265,8 @@ class KubeEmulator:
     @contextlib.contextmanager
     def run_kopf(self, module: str | os.PathLike[str] | None = None, **kwargs: Any) -> Iterator[KopfRun]:
         """Run a kopf operator against this server for the duration of the block; see KopfRun."""
+        from kube_kopf import KopfRun
+
         run = KopfRun(self, module, **kwargs)
         previous = os.environ.get("KUBECONFIG")
         os.environ["KUBECONFIG"] = str(self.kubeconfig)
@@ -254,102 +283,8 @@ class KubeEmulator:
                     os.environ["KUBECONFIG"] = previous
 
 
-def fast_settings() -> Any:
-    """kopf settings for tests: short timeouts and backoffs, no CRD scanning, no peering."""
-    import kopf
-
-    s = kopf.OperatorSettings()
-    s.watching.server_timeout = 10  # the server ends each watch; kopf resumes from its resourceVersion
-    s.watching.client_timeout = 20
-    s.watching.connect_timeout = 2
-    s.watching.reconnect_backoff = 0.1
-    s.networking.request_timeout = 10
-    s.networking.error_backoffs = [0.1, 0.2, 0.5, 1]
-    s.queueing.exit_timeout = 1
-    s.scanning.disabled = True
-    return s
-
-
-def load_handlers(module: str | os.PathLike[str]) -> None:
-    """Import a handler module by dotted name or file path, once (handlers register at import)."""
-    if isinstance(module, str) and not module.endswith(".py") and os.sep not in module:
-        importlib.import_module(module)
-        return
-    path = Path(module).resolve()
-    name = f"_kopf_handlers_{abs(hash(str(path)))}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec and spec.loader
-        sys.modules[name] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-
-
-class KopfRun:
-    """A kopf operator in a thread with its own loop, logged in to a KubeEmulator.
-
-    `module`: handlers to import first (dotted name or .py path; imported once per process,
-    into kopf's default registry). `registry`: use this registry instead of the default one
-    (tests defining throw-away handlers should, so they do not leak into later tests).
-    `namespaces`: serve these only; otherwise cluster-wide. `settings`: defaults to
-    `fast_settings()`. Other keyword arguments go to `kopf.operator` (e.g. `memo`).
-    """
-
-    def __init__(self, kube: KubeEmulator, module: str | os.PathLike[str] | None = None, *,
-                 registry: Any = None, namespaces: list[str] | None = None, settings: Any = None,
-                 start_timeout: float = 10, stop_timeout: float = 15, **operator_kwargs: Any):
-        self.kube, self.module, self.registry = kube, module, registry
-        self.namespaces = namespaces
-        self.settings = settings if settings is not None else fast_settings()
-        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
-        self.operator_kwargs = operator_kwargs
-        self.error: BaseException | None = None
-        self._ready, self._stop = threading.Event(), threading.Event()
-        self._thread = threading.Thread(target=self._main, name="kopf-operator", daemon=True)
-
-    def start(self) -> None:
-        if self.module is not None:
-            load_handlers(self.module)
-        self._thread.start()
-        deadline = time.monotonic() + self.start_timeout
-        while not self._ready.wait(0.05):
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self._stop.set()
-                raise RuntimeError(f"kopf did not start: {self.error!r}") from self.error
-
-    def stop(self) -> None:
-        """Stop the operator; re-raise what made it fail, if anything did."""
-        self._stop.set()
-        self._thread.join(self.stop_timeout)
-        if self._thread.is_alive():
-            raise RuntimeError(f"kopf did not stop within {self.stop_timeout}s")
-        if self.error is not None:
-            raise RuntimeError("the kopf operator failed") from self.error
-
-    def _main(self) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._operate())
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread by stop()
-            self.error = exc
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    async def _operate(self) -> None:
-        import kopf
-        from kopf._cogs.structs.credentials import Vault  # kopf.operator(vault=) takes it; not re-exported
-
-        await kopf.operator(
-            registry=self.registry, settings=self.settings, standalone=True,
-            clusterwide=not self.namespaces, namespaces=self.namespaces or (),
-            stop_flag=self._stop, ready_flag=self._ready,
-            vault=Vault({"kube-emulator": self.kube.connection_info()}),
-            **self.operator_kwargs)
-
-
-@pytest.fixture
-def kube() -> Iterator[KubeEmulator]:
-    """A fresh emulated API server for one test."""
+@pytest.fixture(name="kube")
+def kube_fixture() -> Iterator[KubeEmulator]:
+    """`kube`: a fresh emulated API server for one test (import `kube_fixture` to use it)."""
     with KubeEmulator() as emulator:
         yield emulator

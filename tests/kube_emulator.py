@@ -25,7 +25,6 @@ import asyncio
 import collections
 import copy
 import datetime
-import re
 import secrets
 import uuid
 from typing import Any
@@ -36,10 +35,12 @@ import jsonpatch
 import jsonpointer
 import kmock
 from kmock._internal import apps, dicts, parsing, rendering
+from kube_selectors import match_fields, match_labels
 
 ACT = kmock.action
-SERVER_FIELDS = ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
-                 "deletionGracePeriodSeconds", "generation", "resourceVersion")
+# What the server owns in metadata: writes cannot change these.
+SERVER_FIELDS = "name namespace uid creationTimestamp generation resourceVersion".split()
+SERVER_FIELDS += ["deletionTimestamp", "deletionGracePeriodSeconds"]
 
 
 def api_error(status: int, reason: str, message: str, **details: Any) -> kmock.KubernetesError:
@@ -57,61 +58,8 @@ def _on_status(op: dict[str, Any]) -> bool:
     return path == "/status" or path.startswith("/status/")
 
 
-# --- selectors -------------------------------------------------------------------------
-
-_LABEL_REQ = re.compile(r"^(!?)([\w./-]+)(?:\s*(==|=|!=)\s*([\w./-]*)|\s+(in|notin)\s*\(([^)]*)\))?$")
-
-
-def _split_selector(selector: str) -> list[str]:
-    """Split on the commas that separate requirements, not those inside `in (a,b)`."""
-    parts, depth, cur = [], 0, ""
-    for ch in selector:
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            parts.append(cur.strip())
-            cur = ""
-        else:
-            cur += ch
-    return [p for p in [*parts, cur.strip()] if p]
-
-
-def match_labels(selector: str | None, labels: dict[str, str]) -> bool:
-    """Whether labels satisfy a label selector (equality- and set-based syntax)."""
-    for req in _split_selector(selector or ""):
-        m = _LABEL_REQ.match(req)
-        if not m:
-            raise api_error(400, "BadRequest", f"unable to parse requirement: {req!r}")
-        neg, key, op, val, setop, values = m.groups()
-        if setop:
-            allowed = {v.strip() for v in values.split(",")}
-            ok = (labels.get(key) in allowed) if setop == "in" else (labels.get(key) not in allowed)
-        elif op:
-            ok = (labels.get(key) == val) if op in ("=", "==") else (labels.get(key) != val)
-        else:
-            ok = (key in labels) != bool(neg)
-        if not ok:
-            return False
-    return True
-
-
-def match_fields(selector: str | None, obj: dict[str, Any]) -> bool:
-    """Whether an object satisfies a field selector (`a.b=x`, `a.b==x`, `a.b!=x`)."""
-    for req in _split_selector(selector or ""):
-        m = re.match(r"^([\w.]+)\s*(==|=|!=)\s*(.*)$", req)
-        if not m:
-            raise api_error(400, "BadRequest", f"invalid field selector: {req!r}")
-        path, op, want = m.groups()
-        value: Any = obj
-        for part in path.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        got = "" if value is None else str(value)
-        if (got == want) != (op != "!="):
-            return False
-    return True
-
-
 # --- kmock cannot parse the `namespaces` resource itself: teach its path parser ----------
+
 
 def _parse_path(path: str) -> parsing.ParsedPath:
     parts = path.strip("/").split("/")
@@ -168,9 +116,9 @@ class ApiServer(kmock.KubernetesEmulator):
             return self._create(res, info, request.namespace, request.data)
         key = (res, request.namespace, request.name)
         if key not in self._objects or self._objects[key].deleted:
-            raise api_error(404, "NotFound", f'{res.plural} "{request.name}" not found', name=request.name, kind=res.plural)
+            raise api_error(404, "NotFound", f'{res.plural} "{request.name}" not found', name=request.name)
         if request.subresource not in (None, "status"):
-            raise api_error(404, "NotFound", f"the server could not find the requested resource ({request.subresource})")
+            raise api_error(404, "NotFound", f"no such subresource: {request.subresource}")
         if request.action == ACT.DELETE:
             return self._delete(key)
         old = copy.deepcopy(self._objects[key].raw)
@@ -186,7 +134,8 @@ class ApiServer(kmock.KubernetesEmulator):
             elif split:
                 patch = {k: v for k, v in patch.items() if k != "status"}
         elif isinstance(patch, list):
-            patch = [op for op in patch if op.get("op") == "test" or _on_status(op) == to_status or not split and not to_status]
+            keep_all = not split and not to_status
+            patch = [op for op in patch if keep_all or op.get("op") == "test" or _on_status(op) == to_status]
         else:
             raise api_error(400, "BadRequest", "the patch must be a JSON object or a JSON-patch list")
         try:
@@ -262,7 +211,8 @@ class ApiServer(kmock.KubernetesEmulator):
         if not meta.get("finalizers"):
             return self._finalize(key)
         new = copy.deepcopy(obj.raw)
-        new["metadata"].update(deletionTimestamp=now_iso(), deletionGracePeriodSeconds=0, resourceVersion=self._next_rv())
+        new["metadata"].update(deletionTimestamp=now_iso(), deletionGracePeriodSeconds=0)
+        new["metadata"]["resourceVersion"] = self._next_rv()
         obj.history.append(new)
         return [(key[0], {"type": "MODIFIED", "object": obj.raw})]
 
@@ -285,13 +235,22 @@ class ApiServer(kmock.KubernetesEmulator):
 
     async def _serve_list(self, request: rendering.Request) -> dict[str, Any]:
         info = self._info(request.resource)
-        items = [o.raw for (res, _, _), o in self._objects.items()
-                 if res == request.resource and not o.deleted and self._visible(request, o.raw)]
-        return {"apiVersion": "v1", "kind": f"{info.kind}List",
-                "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+        self._check_selectors(request)
+        items = [
+            o.raw
+            for (res, _, _), o in self._objects.items()
+            if res == request.resource and not o.deleted and self._visible(request, o.raw)
+        ]
+        return {
+            "apiVersion": "v1",
+            "kind": f"{info.kind}List",
+            "metadata": {"resourceVersion": str(self._rv)},
+            "items": items,
+        }
 
     def _serve_watch(self, request: rendering.Request):
         self._info(request.resource)
+        self._check_selectors(request)
         since = request.params.get("resourceVersion") or "0"
         timeout = request.params.get("timeoutSeconds")
         if not since.isdigit() or (timeout is not None and not timeout.isdigit()):
@@ -306,11 +265,14 @@ class ApiServer(kmock.KubernetesEmulator):
         async with self._lock:  # one consistent cut: the backlog, then the live bus from here
             mark = await bus.mark()
             if since == 0:
-                backlog = [{"type": "ADDED", "object": o.raw} for (res, _, _), o in self._objects.items()
-                           if res == request.resource and not o.deleted]
+                backlog = [
+                    {"type": "ADDED", "object": o.raw}
+                    for (res, _, _), o in self._objects.items()
+                    if res == request.resource and not o.deleted
+                ]
             elif since < self._history_floor:
-                backlog = [{"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                            "code": 410, "reason": "Expired", "message": f"too old resource version: {since}"}}]
+                gone = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410, "reason": "Expired"}
+                backlog = [{"type": "ERROR", "object": dict(gone, message=f"too old resource version: {since}")}]
             else:
                 backlog = [ev for rv, res, ev in self._history if res == request.resource and rv > since]
         try:
@@ -345,17 +307,27 @@ class ApiServer(kmock.KubernetesEmulator):
             raise api_error(404, "NotFound", f"the server could not find the requested resource ({res})")
         return self.resources[res]
 
+    def _check_selectors(self, request: rendering.Request) -> None:
+        """A malformed selector is the client's error (400), found before any answer starts."""
+        try:
+            match_labels(request.params.get("labelSelector"), {})
+            match_fields(request.params.get("fieldSelector"), {})
+        except ValueError as exc:
+            raise api_error(400, "BadRequest", str(exc)) from None
+
     def _visible(self, request: rendering.Request, obj: dict[str, Any]) -> bool:
         meta = obj.get("metadata") or {}
-        return ((request.namespace is None or meta.get("namespace") == request.namespace)
-                and (request.name is None or meta.get("name") == request.name)
-                and match_labels(request.params.get("labelSelector"), meta.get("labels") or {})
-                and match_fields(request.params.get("fieldSelector"), obj))
+        return (
+            (request.namespace is None or meta.get("namespace") == request.namespace)
+            and (request.name is None or meta.get("name") == request.name)
+            and match_labels(request.params.get("labelSelector"), meta.get("labels") or {})
+            and match_fields(request.params.get("fieldSelector"), obj)
+        )
 
     def _precondition(self, old: dict, body: dict) -> None:
         want = (body.get("metadata") or {}).get("resourceVersion")
         if want is not None and want != old["metadata"]["resourceVersion"]:
-            raise api_error(409, "Conflict", "the object has been modified; please apply your changes to the latest version")
+            raise api_error(409, "Conflict", "the object has been modified; apply your changes to the latest version")
 
     def _next_rv(self) -> str:
         self._rv += 1

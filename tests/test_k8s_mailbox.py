@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
-from fedtune_trainer.k8s_mailbox import MailboxError, SecretMailbox
+from fedtune_trainer.k8s_mailbox import MailboxError, SecretMailbox, decode_doc, encode_doc
 from fedtune_trainer.mailbox import ticket_id
-from kube import KubeEmulator, kube  # noqa: F401  (kube is a fixture)
+from kube import KubeEmulator, kube_fixture  # noqa: F401  (the `kube` fixture)
 
 
 @pytest.fixture
@@ -20,8 +20,14 @@ def mailbox(kube: KubeEmulator, tmp_path, monkeypatch) -> SecretMailbox:
     token.write_text(kube.token + "\n")
     monkeypatch.setenv("FEDTUNE_KUBE_API", kube.url)
     monkeypatch.setenv("FEDTUNE_KUBE_TOKEN_FILE", str(token))
-    kube.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "pod-0", "namespace": "jobs"},
-                 "data": {"other": base64.b64encode(b"kept").decode()}})
+    kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "pod-0", "namespace": "jobs"},
+            "data": {"other": base64.b64encode(b"kept").decode()},
+        }
+    )
     return SecretMailbox.from_uri("k8s://jobs/pod-0", watch_seconds=2, retry_seconds=1)
 
 
@@ -43,6 +49,8 @@ def test_round_trip_writes_only_its_key(kube: KubeEmulator, mailbox: SecretMailb
     data = kube.get("secrets", "jobs", "pod-0")["data"]
     assert set(data) == {"other", "ticket.json", "receipt.json"}
     assert json.loads(base64.b64decode(data["ticket.json"])) == ticket(1)
+    assert decode_doc({"data": data}, "ticket.json") == ticket(1) and decode_doc({}, "receipt.json") is None
+    assert decode_doc({"data": {"x": encode_doc(ticket(2))}}, "x") == ticket(2)
     assert base64.b64decode(data["other"]) == b"kept"
 
 
@@ -51,7 +59,9 @@ def test_wait_ticket_wakes_on_a_watch_event(kube: KubeEmulator, mailbox: SecretM
     assert mailbox.wait_ticket(newer_than=None, timeout=1) == ticket(1)  # already there: no wait
 
     got: list[dict] = []
-    waiter = threading.Thread(target=lambda: got.append(mailbox.wait_ticket(ticket_id(ticket(1)), poll=0.01, timeout=10)))
+    waiter = threading.Thread(
+        target=lambda: got.append(mailbox.wait_ticket(ticket_id(ticket(1)), poll=0.01, timeout=10))
+    )
     before = requests_to(kube)
     waiter.start()
     time.sleep(2.5)  # past one server-side watch timeout: the mailbox re-reads and re-watches
@@ -59,9 +69,9 @@ def test_wait_ticket_wakes_on_a_watch_event(kube: KubeEmulator, mailbox: SecretM
     started = time.monotonic()
     mailbox.write_ticket(ticket(2))
     waiter.join(5)
-    assert got == [ticket(2)] and time.monotonic() - started < 1
+    assert got == [ticket(2)] and time.monotonic() - started < 1.5  # an event, not the next watch period
     # A GET and a WATCH per watch period, not a poll every 10 ms.
-    assert requests_to(kube) - before <= 6
+    assert requests_to(kube) - before <= 7
 
 
 def test_wait_ticket_times_out(mailbox: SecretMailbox) -> None:
@@ -77,7 +87,9 @@ def test_wait_ticket_rides_out_expired_watches(kube: KubeEmulator, mailbox: Secr
     mailbox.write_ticket(ticket(1))
     kube.call(lambda: setattr(kube.server, "_history_floor", 10**9))
     got: list[dict] = []
-    waiter = threading.Thread(target=lambda: got.append(mailbox.wait_ticket(ticket_id(ticket(1)), poll=0.2, timeout=10)))
+    waiter = threading.Thread(
+        target=lambda: got.append(mailbox.wait_ticket(ticket_id(ticket(1)), poll=0.2, timeout=10))
+    )
     before = requests_to(kube)
     waiter.start()
     time.sleep(1)
@@ -112,10 +124,13 @@ def test_credentials_and_rbac_errors_say_what_is_needed(tmp_path, monkeypatch) -
 
 
 def test_unreachable_api_server_is_retried_then_reported(tmp_path) -> None:
-    box = SecretMailbox("jobs", "pod-0", api="http://127.0.0.1:9", token_file=str(tmp_path / "none"),
-                        retry_seconds=0.5)
+    box = SecretMailbox("jobs", "pod-0", api="http://127.0.0.1:9", token_file=str(tmp_path / "none"), retry_seconds=0.5)
     with pytest.raises(MailboxError, match="could not write the receipt to Secret jobs/pod-0"):
         box.write_receipt({"round": 1})
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="jobs/pod-0.*unreachable"):
+        box.wait_ticket(None, poll=0.05, timeout=0.5)  # the timeout holds while the server is down
+    assert time.monotonic() - started < 2
 
 
 def test_uri_forms(monkeypatch) -> None:

@@ -10,14 +10,18 @@ import time
 import kopf
 import pytest
 import urllib3
-from kube import ApiError, KubeEmulator, kube  # noqa: F401  (kube is a fixture)
+from kube import ApiError, KubeEmulator, kube_fixture  # noqa: F401  (the `kube` fixture)
 
 FJ = "fedtune.io/v1alpha1/federatedjobs"
 
 
 def fj(name: str, ns: str = "hub", **spec: object) -> dict:
-    return {"apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedJob",
-            "metadata": {"name": name, "namespace": ns}, "spec": {"rounds": 1, **spec}}
+    return {
+        "apiVersion": "fedtune.io/v1alpha1",
+        "kind": "FederatedJob",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"rounds": 1, **spec},
+    }
 
 
 def watch(kube: KubeEmulator, path: str, **params: object) -> list[dict]:
@@ -54,8 +58,15 @@ def test_crud_fills_server_fields(kube: KubeEmulator) -> None:
     with pytest.raises(ApiError) as exc:
         kube.patch(FJ, "hub", "a", {"metadata": {"resourceVersion": "1", "labels": {"x": "y"}}})
     assert exc.value.status == 409
-    kube.patch(FJ, "hub", "a", [{"op": "test", "path": "/metadata/resourceVersion", "value": rv},
-                                {"op": "add", "path": "/metadata/labels", "value": {"app": "x"}}])
+    kube.patch(
+        FJ,
+        "hub",
+        "a",
+        [
+            {"op": "test", "path": "/metadata/resourceVersion", "value": rv},
+            {"op": "add", "path": "/metadata/labels", "value": {"app": "x"}},
+        ],
+    )
 
     assert [o["metadata"]["name"] for o in kube.list(FJ)] == ["a", "b"]
     assert [o["metadata"]["name"] for o in kube.list("fj", "hub", labels="app=x")] == ["a"]
@@ -73,8 +84,9 @@ def test_crud_fills_server_fields(kube: KubeEmulator) -> None:
     # generateName, 201, and owner-reference garbage collection.
     owner = kube.get(FJ, "hub", "b")
     ref = {"apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedJob", "name": "b", "uid": owner["metadata"]["uid"]}
-    child = kube.request("POST", "/api/v1/namespaces/hub/secrets",
-                         {"metadata": {"generateName": "b-", "ownerReferences": [ref]}})
+    child = kube.request(
+        "POST", "/api/v1/namespaces/hub/secrets", {"metadata": {"generateName": "b-", "ownerReferences": [ref]}}
+    )
     assert child["metadata"]["name"].startswith("b-")
     kube.delete(FJ, "hub", "b")
     assert kube.get("secrets", "hub", child["metadata"]["name"]) is None
@@ -101,9 +113,17 @@ def test_watch_resumes_from_resource_versions(kube: KubeEmulator) -> None:
 
     # Live events, filtered by field selector, while the watch is open.
     events: list[dict] = []
-    t = threading.Thread(target=lambda: events.extend(
-        watch(kube, path, resourceVersion=kube.list(FJ)[-1]["metadata"]["resourceVersion"],
-              fieldSelector="metadata.name=b", timeoutSeconds=2)))
+    t = threading.Thread(
+        target=lambda: events.extend(
+            watch(
+                kube,
+                path,
+                resourceVersion=kube.list(FJ)[-1]["metadata"]["resourceVersion"],
+                fieldSelector="metadata.name=b",
+                timeoutSeconds=2,
+            )
+        )
+    )
     t.start()
     time.sleep(0.3)
     kube.create(fj("b"))
@@ -151,8 +171,10 @@ def test_kopf_operator_runs_against_the_emulator(kube: KubeEmulator) -> None:
     started = time.monotonic()
     with kube.run_kopf(registry=registry):
         kube.create(fj("job"))
-        job = kube.wait_for(lambda: (kube.get(FJ, "hub", "job") or {}).get("status", {}).get("phase") and
-                            kube.get(FJ, "hub", "job"), what="the status patch")
+        job = kube.wait_for(
+            lambda: (kube.get(FJ, "hub", "job") or {}).get("status", {}).get("phase") and kube.get(FJ, "hub", "job"),
+            what="the status patch",
+        )
         assert job["status"]["phase"] == "Running"
         assert "kopf.zalando.org/KopfFinalizerMarker" in job["metadata"]["finalizers"]
         secret = kube.get("secrets", "hub", "job-mailbox")
@@ -161,8 +183,9 @@ def test_kopf_operator_runs_against_the_emulator(kube: KubeEmulator) -> None:
     # A restarted operator picks up where it was: no second creation, new changes handled.
     with kube.run_kopf(registry=registry):
         kube.patch(FJ, "hub", "job", {"spec": {"rounds": 5}})
-        kube.wait_for(lambda: (kube.get(FJ, "hub", "job") or {}).get("status", {}).get("rounds") == 5,
-                      what="the update handler")
+        kube.wait_for(
+            lambda: (kube.get(FJ, "hub", "job") or {}).get("status", {}).get("rounds") == 5, what="the update handler"
+        )
         kube.delete(FJ, "hub", "job")
         kube.wait_for(lambda: kube.get(FJ, "hub", "job") is None, what="the deletion")
     assert calls == {"create": 1, "update": 1, "delete": 1}

@@ -42,8 +42,17 @@ class MailboxError(RuntimeError):
 class SecretMailbox:
     """The mailbox of one pod, kept in the Secret `namespace/name` (interface of FileMailbox)."""
 
-    def __init__(self, namespace: str, name: str, *, api: str | None = None, token_file: str | None = None,
-                 ca_file: str | None = None, watch_seconds: int = WATCH_SECONDS, retry_seconds: float = 60):
+    def __init__(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        api: str | None = None,
+        token_file: str | None = None,
+        ca_file: str | None = None,
+        watch_seconds: int = WATCH_SECONDS,
+        retry_seconds: float = 60,
+    ):
         self.namespace, self.name = namespace, name
         self.retry_seconds = retry_seconds  # how long reads and writes ride out an unreachable API server
         self.api = (api or os.environ.get("FEDTUNE_KUBE_API") or _in_cluster_api()).rstrip("/")
@@ -115,6 +124,8 @@ class SecretMailbox:
                             return ticket
                 pause = max(poll, 0.05)  # a healthy round: back to the short pause
             except _Transient as exc:
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    raise TimeoutError(f"no new ticket in Secret {self.namespace}/{self.name}: {exc}") from exc
                 log.warning("mailbox %s/%s: %s; retrying in %.1fs", self.namespace, self.name, exc, pause)
                 time.sleep(pause)
                 pause = min(pause * 2, RETRY_MAX)
@@ -143,15 +154,20 @@ class SecretMailbox:
 
     def _put_key(self, key: str, doc: dict[str, Any]) -> None:
         """Write one key only (JSON merge patch), leaving the other document alone."""
-        raw = json.dumps(doc, indent=1, sort_keys=True).encode()
-        patch = {"data": {key: base64.b64encode(raw).decode()}}
+        patch = {"data": {key: encode_doc(doc)}}
         self._call("PATCH", self.path, verb="patch", body=patch, content_type="application/merge-patch+json")
 
     def _watch(self, resource_version: str, seconds: int) -> Iterator[dict[str, Any]]:
         """The Secret's states from one watch request; ends when the server ends the watch."""
-        query = urllib.parse.urlencode({
-            "watch": "true", "fieldSelector": f"metadata.name={self.name}", "allowWatchBookmarks": "true",
-            "resourceVersion": resource_version, "timeoutSeconds": seconds})
+        query = urllib.parse.urlencode(
+            {
+                "watch": "true",
+                "fieldSelector": f"metadata.name={self.name}",
+                "allowWatchBookmarks": "true",
+                "resourceVersion": resource_version,
+                "timeoutSeconds": seconds,
+            }
+        )
         path = f"/api/v1/namespaces/{self.namespace}/secrets?{query}"
         # The server ends the stream after `seconds`; silence well past that is a dead connection.
         resp = self._request("GET", path, verb="watch", stream=True, read_timeout=seconds + 15)
@@ -175,16 +191,26 @@ class SecretMailbox:
             resp.close()
             resp.release_conn()
 
-    def _call(self, method: str, path: str, *, verb: str, body: Any = None,
-              content_type: str | None = None) -> dict[str, Any]:
+    def _call(
+        self, method: str, path: str, *, verb: str, body: Any = None, content_type: str | None = None
+    ) -> dict[str, Any]:
         resp = self._request(method, path, verb=verb, body=body, content_type=content_type)
         try:
             return json.loads(resp.data)
         except ValueError as exc:
             raise _Transient(f"unreadable answer to {verb}: {exc}") from exc
 
-    def _request(self, method: str, path: str, *, verb: str, body: Any = None, content_type: str | None = None,
-                 stream: bool = False, read_timeout: float = 30) -> urllib3.BaseHTTPResponse:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        verb: str,
+        body: Any = None,
+        content_type: str | None = None,
+        stream: bool = False,
+        read_timeout: float = 30,
+    ) -> urllib3.BaseHTTPResponse:
         headers = {"Accept": "application/json"}
         token = self._token()
         if token:
@@ -193,8 +219,14 @@ class SecretMailbox:
             headers["Content-Type"] = content_type
         try:
             resp = self._http.request(
-                method, self.api + path, headers=headers, body=None if body is None else json.dumps(body).encode(),
-                preload_content=not stream, retries=False, timeout=urllib3.Timeout(connect=5, read=read_timeout))
+                method,
+                self.api + path,
+                headers=headers,
+                body=None if body is None else json.dumps(body).encode(),
+                preload_content=not stream,
+                retries=False,
+                timeout=urllib3.Timeout(connect=5, read=read_timeout),
+            )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _Transient(f"API server {self.api} unreachable: {exc}") from exc
         if resp.status < 300:
@@ -219,28 +251,39 @@ class SecretMailbox:
         if status == 401:
             return MailboxError(
                 f"the API server rejected this pod's credentials for {where} (401 {message}): the ServiceAccount "
-                f"token {self.token_file} is missing, expired or not mounted (automountServiceAccountToken)")
+                f"token {self.token_file} is missing, expired or not mounted (automountServiceAccountToken)"
+            )
         if status == 403:
             return MailboxError(
                 f"forbidden to {verb} {where} (403 {message}): the pod's ServiceAccount needs a Role in namespace "
                 f"{self.namespace} allowing get, watch and patch on secrets with resourceNames [{self.name}], "
-                f"bound to it by a RoleBinding")
+                f"bound to it by a RoleBinding"
+            )
         if status == 404:
             return MailboxError(
                 f"mailbox {where} does not exist (404): the operator creates it before the pod; "
-                f"was the job deleted, or is --mailbox wrong?")
+                f"was the job deleted, or is --mailbox wrong?"
+            )
         if status == 429 or status >= 500:
             return _Transient(f"API server answered {status} to {verb} {where}: {message}")
         return MailboxError(f"API server answered {status} to {verb} {where}: {message}")
 
     def _decode(self, secret: dict[str, Any], key: str) -> dict[str, Any] | None:
-        raw = (secret.get("data") or {}).get(key)
-        if not raw:
-            return None
         try:
-            return json.loads(base64.b64decode(raw))
+            return decode_doc(secret, key)
         except ValueError as exc:
             raise MailboxError(f"{key} in Secret {self.namespace}/{self.name} is not base64 JSON: {exc}") from exc
+
+
+def encode_doc(doc: dict[str, Any]) -> str:
+    """A mailbox document as a Secret `data` value (base64 JSON); for the operator's Secrets too."""
+    return base64.b64encode(json.dumps(doc, indent=1, sort_keys=True).encode()).decode()
+
+
+def decode_doc(secret: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The document under `key` ("ticket.json", "receipt.json") of a Secret body; None if absent."""
+    raw = (secret.get("data") or {}).get(key)
+    return json.loads(base64.b64decode(raw, validate=True)) if raw else None
 
 
 class _Transient(MailboxError):

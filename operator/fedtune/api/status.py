@@ -52,6 +52,8 @@ class PartyState(ApiModel):
     metrics: Metrics | None = Field(None, description="Metrics the party last reported.")
     failures: int = Field(0, description="Consecutive rounds missed or rejected.")
     message: str = Field("", description="Why the party failed or was dropped.")
+    pod_restarts: int = Field(0, description="Times the operator recreated this party's trainer pod.")
+    pod_retry_at: datetime | None = Field(None, description="Earliest time a failed trainer pod is recreated.")
     fingerprint: str | None = Field(None, description="Base-model fingerprint the party reported.")
     # The party's answer to the current round (cleared when a round or attempt starts).
     update_sha256: str | None = Field(None, description="sha256 of the update submitted this round.")
@@ -96,6 +98,8 @@ class FederatedJobStatus(ApiModel):
     base_model_fingerprint: str | None = Field(None, description="Base-model fingerprint all parties must share.")
     global_sha256: str | None = Field(None, description="sha256 of the current global adapter.")
     final_adapter: str | None = Field(None, description="s3:// URI of the final adapter (PEFT layout).")
+    aggregator_restarts: int = Field(0, description="Times the operator recreated the aggregator pod.")
+    aggregator_retry_at: datetime | None = Field(None, description="Earliest time a failed aggregator is recreated.")
     server_state_sha256: str | None = Field(None, description="sha256 of the server optimiser state (FedOpt).")
     message: str = Field("", description="Human-readable summary of the job's state.")
 

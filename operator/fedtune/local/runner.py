@@ -27,7 +27,7 @@ from fedtune.documents import Documents
 from fedtune.local import report
 from fedtune.local.children import Pod, Pods
 from fedtune.local.progress import Progress
-from fedtune.local.signer import BucketSigner
+from fedtune.storage.signer import BucketSigner
 from fedtune.rounds.intents import (
     COORDINATOR,
     aggregator_intent,

@@ -1,4 +1,4 @@
-"""The local control plane's Signer: presigned URLs minted with each owner's own credentials."""
+"""The control plane's Signer: presigned URLs minted with each owner's own credentials (local mode and operator)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,159 @@
+"""The fedtune operator: kopf handlers only. Run with `kopf run -A -m fedtune.k8s.operator`.
+
+Each handler parses, delegates to pure/async modules, and applies the result:
+- Party: create/resume/update -> `party_status.reconcile_party` (bucket reachable with its credentials).
+- FederatedJob: a daemon per job runs `reconcile.reconcile` whenever a mailbox Secret or a pod of
+  the job changes (watch events), and at least every `resync_seconds` (deadlines).
+- FederatedJob delete: children in every party namespace are removed (finalizer), since owner
+  references cannot cross namespaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime, timezone
+
+import kopf
+
+from fedtune.k8s import metrics
+from fedtune.k8s.kube import Kube, api_client, path
+from fedtune.k8s.names import LABEL_JOB, LABEL_JOB_NAMESPACE, LABEL_MANAGED_BY, job_selector
+from fedtune.k8s.party_status import reconcile_party
+from fedtune.k8s.preconditions import InvalidSpec
+from fedtune.k8s.reconcile import reconcile
+from fedtune.k8s.settings import OperatorSettings
+from fedtune.rounds import conditions as cond
+
+GROUP, VERSION = "fedtune.io", "v1alpha1"
+SETTINGS = OperatorSettings.from_env()
+log = logging.getLogger("fedtune.operator")
+_wakers: dict[tuple[str, str], asyncio.Event] = {}
+_kube: Kube | None = None
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube(api_client(SETTINGS.kube_api))
+    return _kube
+
+
+if SETTINGS.kube_api:  # development and tests: an insecure API server URL instead of kubeconfig
+
+    @kopf.on.login()
+    def login(**_) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=SETTINGS.kube_api, insecure=True)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_) -> None:
+    settings.persistence.finalizer = "fedtune.io/cleanup"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fedtune.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="fedtune.io")
+    settings.watching.server_timeout = SETTINGS.watch_server_timeout
+    settings.watching.client_timeout = SETTINGS.watch_client_timeout
+    settings.posting.level = logging.WARNING
+    if SETTINGS.metrics_port:
+        metrics.serve(SETTINGS.metrics_port)
+
+
+@kopf.on.probe(id="jobs")
+def probe_jobs(**_) -> int:
+    """Liveness detail: how many jobs this operator is driving."""
+    return len(_wakers)
+
+
+@kopf.on.resume(GROUP, VERSION, "parties")
+@kopf.on.create(GROUP, VERSION, "parties")
+@kopf.on.update(GROUP, VERSION, "parties", field="spec")
+async def party_changed(body: kopf.Body, patch: kopf.Patch, **_) -> None:
+    st = await reconcile_party(dict(body), kube(), utcnow())
+    patch.status.update(st.to_wire())
+    metrics.PARTY_READY.labels(party=f"{body.metadata.namespace}/{body.metadata.name}").set(st.phase == "Ready")
+    if st.phase != "Ready":
+        raise kopf.TemporaryError(st.conditions[-1].message, delay=30)
+
+
+@kopf.on.event("", "v1", "secrets", labels={LABEL_MANAGED_BY: "fedtune-operator"})
+@kopf.on.event("", "v1", "pods", labels={LABEL_MANAGED_BY: "fedtune-operator"})
+def child_changed(body: kopf.Body, **_) -> None:
+    """A mailbox or pod of a job changed: wake that job's daemon now instead of at the next resync."""
+    labels = body.metadata.labels
+    waker = _wakers.get((labels.get(LABEL_JOB_NAMESPACE, ""), labels.get(LABEL_JOB, "")))
+    if waker is not None:
+        waker.set()
+
+
+@kopf.daemon(GROUP, VERSION, "federatedjobs", cancellation_timeout=10)
+async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_) -> None:
+    """Reconcile the job until it ends; level-triggered, so a restart simply carries on."""
+    key = (namespace, name)
+    waker = _wakers.setdefault(key, asyncio.Event())
+    try:
+        while not stopped:
+            body = await kube().get(path(f"{GROUP}/{VERSION}", "federatedjobs", namespace, name))
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            try:
+                done = await _reconcile_once(body)
+            except InvalidSpec as exc:
+                await _fail_invalid(body, str(exc))
+                raise kopf.PermanentError(f"invalid spec: {exc}") from None
+            if done:
+                return
+            waker.clear()
+            try:
+                await asyncio.wait_for(waker.wait(), timeout=SETTINGS.resync_seconds)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        _wakers.pop(key, None)
+
+
+async def _reconcile_once(body: dict) -> bool:
+    """One reconcile and its writes. True when the job is over and every pod was told to exit."""
+    meta = body["metadata"]
+    out = await reconcile(body, kube(), SETTINGS, utcnow())
+    url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
+    new = out.status.to_wire()
+    if new != body.get("status"):
+        await kube().patch(url + "/status", {"status": new})
+    if out.annotations:
+        await kube().patch(url, {"metadata": {"annotations": out.annotations}})
+    for e in out.events:
+        kopf.event(body, type=e.type, reason=e.reason, message=e.message[:1000])
+    metrics.observe_job(meta["namespace"], meta["name"], out.status, out.events)
+    return out.status.phase in ("Succeeded", "Failed") and out.status.stage == "done"
+
+
+async def _fail_invalid(body: dict, message: str) -> None:
+    meta = body["metadata"]
+    st = dict(body.get("status") or {})
+    from fedtune.api.status import FederatedJobStatus
+
+    status = FederatedJobStatus(observed_generation=meta.get("generation"))
+    now = utcnow()
+    cond.set_condition(status, cond.INVALID_SPEC, "True", cond.INVALID_SPEC, message, now)
+    cond.mark_failed(status, cond.INVALID_SPEC, message, now)
+    if st.get("phase") in (None, "Pending"):
+        url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
+        await kube().patch(url + "/status", {"status": status.to_wire()})
+    kopf.event(body, type="Warning", reason=cond.INVALID_SPEC, message=message[:1000])
+
+
+@kopf.on.delete(GROUP, VERSION, "federatedjobs")
+async def job_deleted(name: str, namespace: str, spec: kopf.Spec, **_) -> None:
+    """Remove the job's children in every namespace (owner references cannot cross namespaces)."""
+    selector = job_selector(namespace, name)
+    party_namespaces = {p.get("namespace") or namespace for p in spec.get("parties", [])} | {namespace}
+    for ns in sorted(party_namespaces):
+        for plural, api in (("pods", "v1"), ("secrets", "v1"), ("rolebindings", "rbac.authorization.k8s.io/v1"),
+                            ("roles", "rbac.authorization.k8s.io/v1"), ("serviceaccounts", "v1")):
+            for obj in await kube().list(path(api, plural, ns), labels=selector):
+                await kube().delete(path(api, plural, ns, obj["metadata"]["name"]))
+    metrics.forget_job(namespace, name)

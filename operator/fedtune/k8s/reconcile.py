@@ -1,0 +1,207 @@
+"""One level-triggered reconcile of a FederatedJob: the local runner's loop, over Kubernetes objects.
+
+observe mailboxes -> advance the shared round state machine -> ensure pods -> write tickets.
+Everything is rebuilt from the job object (status + accepted-spec annotation) and the mailbox
+Secrets on every pass, so an operator restart continues where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pydantic import ValidationError
+
+from fedtune.api.job import FederatedJob
+from fedtune.api.party import Party
+from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
+from fedtune.api.status import FederatedJobStatus
+from fedtune.k8s import preconditions as pre
+from fedtune.k8s.builders import (
+    aggregator_context, build_pod_objects, build_ticket_patch, owner_reference, trainer_context,
+)
+from fedtune.k8s.kube import Kube, object_path, path
+from fedtune.k8s.names import ChildNames, aggregator_names, trainer_names
+from fedtune.k8s.settings import OperatorSettings
+from fedtune.rounds import conditions as cond
+from fedtune.rounds.intents import (
+    COORDINATOR, aggregator_intent, build_aggregator_ticket, build_trainer_ticket, trainer_intents,
+)
+from fedtune.rounds.machine import Event, Observation, active, advance, new_status
+from fedtune.storage import layout
+from fedtune.storage.signer import BucketSigner
+from fedtune_trainer.mailbox import ticket_id
+
+AGGREGATOR = "aggregator"
+
+
+@dataclass
+class Outcome:
+    """What one reconcile decided: the status to write, events to post, annotations to set."""
+
+    status: FederatedJobStatus
+    events: list[Event] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def _pending(body: dict, now: datetime) -> FederatedJobStatus:
+    st = pre._status(body) or FederatedJobStatus()
+    st.observed_generation = body["metadata"].get("generation")
+    return st
+
+
+async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: datetime) -> Outcome:
+    """One pass. Raises pre.InvalidSpec for specs that cannot run; returns Pending statuses for waits."""
+    acc = pre.accept_spec(body)
+    job = acc.job
+    out = Outcome(status=_pending(body, now))
+    if acc.annotation is not None:
+        out.annotations[pre.ACCEPTED_SPEC] = acc.annotation
+    st = out.status
+    if acc.rejected_change:
+        cond.set_condition(st, "SpecChangeRejected", "True", "FrozenField", acc.rejected_change, now)
+    elif st.condition("SpecChangeRejected") is not None:
+        cond.set_condition(st, "SpecChangeRejected", "False", "Accepted", "", now)
+    if st.phase in ("Succeeded", "Failed"):
+        await _write_tickets(job, st, {}, kube, None, now)
+        return out
+    try:
+        parties = await pre.load_parties(job, kube)
+        buckets = await pre.buckets(job, parties, kube)
+        if st.phase == "Pending":
+            await asyncio.to_thread(buckets[COORDINATOR].ensure, True)
+        missing = [k for k in job.party_keys if await kube.get(_pod_path(job, k)) is None]
+        if missing and st.phase == "Pending" and settings.check_nodes:
+            await pre.check_schedulable(job, parties, kube, missing)
+    except pre.Wait as wait:
+        cond.set_condition(st, wait.ctype, "True" if wait.ctype == "Unschedulable" else "False",
+                           wait.reason, wait.message, now)
+        cond.set_condition(st, cond.READY, "False", wait.reason, wait.message, now)
+        cond.set_condition(st, cond.RECONCILING, "True", wait.reason, wait.message, now)
+        st.message = wait.message
+        return out
+    for ctype in ("PartiesReady", "Unschedulable"):
+        if st.condition(ctype) is not None:
+            cond.set_condition(st, ctype, "True" if ctype == "PartiesReady" else "False", "AllGood", "", now)
+    if st.phase == "Pending":
+        fresh = new_status(job, now)
+        fresh_types = {c.type for c in fresh.conditions}
+        fresh.conditions = [c for c in st.conditions if c.type not in fresh_types] + fresh.conditions
+        st = out.status = fresh
+        out.events.append(Event("Normal", "Started", f"{len(parties)} parties, {job.spec.rounds} rounds"))
+    st.observed_generation = job.metadata.generation
+    await _ensure_pods(job, body, parties, st, kube, settings, now, out.events)
+    secrets = await _mailboxes(job, kube)
+    obs = Observation(now=now, receipts={k: r for k in job.party_keys
+                                         if (r := _receipt(secrets.get(k), TrainerReceipt))},
+                      aggregator=_receipt(secrets.get(AGGREGATOR), AggregatorReceipt))
+    st, events = advance(job, st, obs)
+    out.status, out.events = st, out.events + events
+    await _finalize(job, st, buckets)
+    await _write_tickets(job, st, parties, kube, BucketSigner(buckets), now, secrets)
+    return out
+
+
+def _names(job: FederatedJob, key: str) -> ChildNames:
+    ns, name = job.metadata.namespace, job.metadata.name
+    return aggregator_names(ns, name) if key == AGGREGATOR else trainer_names(ns, name, key)
+
+
+def _pod_path(job: FederatedJob, key: str) -> str:
+    n = _names(job, key)
+    return path("v1", "pods", n.namespace, n.pod)
+
+
+async def _ensure_pods(job: FederatedJob, body: dict, parties: dict[str, Party], st: FederatedJobStatus,
+                       kube: Kube, settings: OperatorSettings, now: datetime, events: list[Event]) -> None:
+    """Create missing pods; recreate failed ones with bounded, doubling backoff."""
+    wanted = [p.name for p in active(st)] + [AGGREGATOR]
+    for key in wanted:
+        ctx = aggregator_context(job) if key == AGGREGATOR else trainer_context(job, parties[key])
+        pod = await kube.get(_pod_path(job, key))
+        phase = ((pod or {}).get("status") or {}).get("phase")
+        restarts = st.aggregator_restarts if key == AGGREGATOR else st.party(key).pod_restarts
+        retry_at = st.aggregator_retry_at if key == AGGREGATOR else st.party(key).pod_retry_at
+        if pod is not None and phase != "Failed":
+            continue
+        if pod is not None or (restarts or retry_at):  # it failed, or was deleted after starting once
+            if restarts >= settings.max_pod_restarts:
+                continue  # left failed: the state machine drops the party or fails the job on quorum
+            if retry_at is None:
+                retry_at = now + timedelta(seconds=settings.pod_backoff_seconds * 2**restarts)
+                _set_retry(st, key, restarts, retry_at)
+                events.append(Event("Warning", "PodFailed", f"{ctx.names.pod} failed or vanished; "
+                                                            f"recreating after {retry_at:%H:%M:%S}"))
+                if pod is not None:
+                    await kube.delete(object_path(pod))
+                continue
+            if now < retry_at:
+                continue
+            if pod is not None:
+                await kube.delete(object_path(pod))
+            _set_retry(st, key, restarts + 1, None)
+        for obj in build_pod_objects(ctx):
+            if obj["metadata"].get("namespace") == job.metadata.namespace:
+                obj["metadata"]["ownerReferences"] = [owner_reference(body)]
+            if obj["kind"] == "Pod" and await kube.get(object_path(obj)) is not None:
+                continue
+            await kube.create(obj)
+
+
+def _set_retry(st: FederatedJobStatus, key: str, restarts: int, retry_at: datetime | None) -> None:
+    if key == AGGREGATOR:
+        st.aggregator_restarts, st.aggregator_retry_at = restarts, retry_at
+    else:
+        p = st.party(key)
+        p.pod_restarts, p.pod_retry_at = restarts, retry_at
+
+
+async def _mailboxes(job: FederatedJob, kube: Kube) -> dict[str, dict | None]:
+    out = {}
+    for key in [*job.party_keys, AGGREGATOR]:
+        n = _names(job, key)
+        out[key] = await kube.get(path("v1", "secrets", n.namespace, n.secret))
+    return out
+
+
+def _receipt(secret: dict | None, model):
+    raw = pre.decode_mailbox(secret, "receipt.json")
+    try:
+        return model.model_validate(raw) if raw else None
+    except ValidationError:
+        return None  # a pod writes only its own receipt; a malformed one is as good as none
+
+
+async def _finalize(job: FederatedJob, st: FederatedJobStatus, buckets: dict) -> None:
+    """Copy the last global adapter to final/ (PEFT layout) once, with the coordinator's credentials."""
+    if st.final_adapter is not None or st.stage not in ("evaluating", "done") or st.phase == "Failed":
+        return
+    uid, coord = job.metadata.uid, buckets[COORDINATOR]
+    prefix = layout.final_prefix(uid)
+    await asyncio.to_thread(coord.copy, layout.global_key(uid, st.current_round), prefix + layout.FINAL_ADAPTER)
+    await asyncio.to_thread(coord.copy, layout.adapter_config_key(uid), prefix + layout.FINAL_CONFIG)
+    st.final_adapter = coord.uri(prefix)
+
+
+async def _write_tickets(job: FederatedJob, st: FederatedJobStatus, parties: dict[str, Party], kube: Kube,
+                         signer: BucketSigner | None, now: datetime, secrets: dict | None = None) -> None:
+    """Patch each mailbox whose ticket differs from what the status asks for (a no-op when in sync)."""
+    if secrets is None:
+        secrets = await _mailboxes(job, kube)
+    intents: dict[str, object] = dict(trainer_intents(job, st))
+    agg = aggregator_intent(job, st)
+    if agg is not None:
+        intents[AGGREGATOR] = agg
+    for key, intent in intents.items():
+        secret = secrets.get(key)
+        if secret is None or ticket_id(pre.decode_mailbox(secret, "ticket.json") or {}) == intent.id:
+            continue
+        if intent.kind == "exit" or signer is None:
+            ticket = {"kind": "exit", "job": job.metadata.uid, "round": intent.round, "attempt": intent.attempt}
+        elif key == AGGREGATOR:
+            ticket = build_aggregator_ticket(job, intent, st, signer, now).to_wire()
+        else:
+            ticket = build_trainer_ticket(job, intent, parties[key], st, signer, now).to_wire()
+        n = _names(job, key)
+        await kube.patch(path("v1", "secrets", n.namespace, n.secret), build_ticket_patch(ticket))
