@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -38,7 +39,9 @@ from kube_emulator import ApiServer
 if TYPE_CHECKING:
     from kube_kopf import KopfRun
 
-# plural -> (apiVersion prefix, kind, namespaced, subresources, short names)
+# "group/version/plural" -> (kind, namespaced, subresources, short names). With a "status"
+# subresource the server keeps status apart, as a real one does: set it with
+# `patch(..., subresource="status")` (pods, nodes, fedtune resources) or give it to `create`.
 RESOURCES: dict[str, tuple[str, bool, tuple[str, ...], tuple[str, ...]]] = {
     "v1/pods": ("Pod", True, ("status",), ("po",)),
     "v1/secrets": ("Secret", True, (), ()),
@@ -92,6 +95,7 @@ class KubeEmulator:
         self._thread.join(10)
         self._loop.close()
         self._http.clear()
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     async def _astart(self) -> None:
         self.server = ApiServer(tokens=self.tokens)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -20,10 +19,7 @@ from fedtune.documents import parse_documents
 from fedtune.local.runner import LocalRun
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
-
-POS = ["great", "love", "happy", "excellent", "wonderful"]
-NEG = ["awful", "hate", "sad", "terrible", "horrible"]
-FILLER = ["the", "day", "movie", "food", "service", "was", "today", "really", "this", "my"]
+from toy_data import toy_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +30,8 @@ def tiny_seq_cls(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
     """A learnable sentiment task: the label is set by one keyword among filler words."""
-    rng = random.Random(0)
     path = tmp_path_factory.mktemp("data") / "toy.jsonl"
-    with path.open("w") as fh:
-        for i in range(600):
-            label = "positive" if i % 2 else "negative"
-            words = rng.sample(FILLER, 5) + [rng.choice(POS if i % 2 else NEG)]
-            rng.shuffle(words)
-            fh.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    path.write_bytes(toy_jsonl(600))
     return path
 
 

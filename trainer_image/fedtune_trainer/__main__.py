@@ -11,7 +11,9 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune_trainer", description=__doc__)
     parser.add_argument("role", choices=["party", "aggregator"], help="what this pod does")
-    parser.add_argument("--mailbox", required=True, help="mailbox directory (local mode)")
+    parser.add_argument(
+        "--mailbox", required=True, help="k8s://<namespace>/<secret> on Kubernetes, or a directory (local mode)"
+    )
     parser.add_argument("--poll", type=float, default=0.1, help="seconds between mailbox checks")
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,35 @@ class FileMailbox:
             time.sleep(poll)
 
 
+class Mailbox(Protocol):
+    """What trainer and aggregator need of a mailbox (a directory locally, a Secret on Kubernetes)."""
+
+    def read_ticket(self) -> dict[str, Any] | None: ...
+
+    def read_receipt(self) -> dict[str, Any] | None: ...
+
+    def write_receipt(self, receipt: dict[str, Any]) -> None: ...
+
+    def wait_ticket(
+        self, newer_than: str | None, poll: float = 0.1, timeout: float | None = None
+    ) -> dict[str, Any]: ...
+
+
 def ticket_id(ticket: dict[str, Any]) -> str:
     """Identity of a ticket on the wire: kind, round and attempt."""
     return f"{ticket.get('kind')}-r{ticket.get('round')}-a{ticket.get('attempt', 0)}"
 
 
-def open_mailbox(uri: str) -> FileMailbox:
-    """A mailbox from its URI: a path or file:///path (k8s:// is added with the operator)."""
+def open_mailbox(uri: str) -> Mailbox:
+    """A mailbox from its URI: k8s://<namespace>/<secret> (a pod), or a directory / file:///path (local mode)."""
+    if uri.startswith("k8s://"):
+        from fedtune_trainer.k8s_mailbox import SecretMailbox  # lazy: local mode needs no API client
+
+        return SecretMailbox.from_uri(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     if "://" in uri:
-        raise ValueError(f"unsupported mailbox {uri!r}: use a directory path or file:///path")
+        raise ValueError(f"unsupported mailbox {uri!r}: use k8s://<namespace>/<secret>, a directory or file:///path")
     return FileMailbox(uri)
 
 
@@ -94,7 +112,7 @@ def answers(receipt: dict[str, Any] | None, ticket: dict[str, Any]) -> bool:
     return same and receipt.get("attempt", 0) == ticket.get("attempt", 0)
 
 
-def deliver(mailbox: FileMailbox, receipt: Any, receipt_out: str | None) -> None:
+def deliver(mailbox: Mailbox, receipt: Any, receipt_out: str | None) -> None:
     """Answer a ticket: a copy to S3 first (best effort), then the mailbox.
 
     In that order, a control plane woken by the mailbox finds the S3 copy already there.

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
+from urllib.parse import urlencode
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -24,8 +26,14 @@ def path(api_version: str, plural: str, namespace: str | None = None, name: str 
     return f"{base}/{name}" if name else base
 
 
-PLURALS = {"Pod": "pods", "Secret": "secrets", "ServiceAccount": "serviceaccounts", "Role": "roles",
-           "RoleBinding": "rolebindings", "Event": "events"}
+PLURALS = {
+    "Pod": "pods",
+    "Secret": "secrets",
+    "ServiceAccount": "serviceaccounts",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "Event": "events",
+}
 
 
 def object_path(obj: JSON) -> str:
@@ -42,7 +50,8 @@ def api_client(server: str | None = None) -> client.ApiClient:
         try:
             config.load_incluster_config(client_configuration=cfg)
         except config.ConfigException:
-            config.load_kube_config(client_configuration=cfg)
+            # Read KUBECONFIG now: the client library only reads it once, when first imported.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=cfg)
     return client.ApiClient(cfg)
 
 
@@ -52,18 +61,28 @@ class Kube:
     def __init__(self, api: client.ApiClient):
         self.api = api
 
-    def _call(self, method: str, url: str, body: Any = None, content_type: str = "application/json",
-              query: list | None = None) -> JSON:
-        resp = self.api.call_api(
-            url, method, query_params=query or [], body=body,
-            header_params={"Accept": "application/json", "Content-Type": content_type},
-            auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
-        )
-        data = resp.data
+    def _call(
+        self, method: str, url: str, body: Any = None, content_type: str = "application/json", query: list | None = None
+    ) -> JSON:
+        # rest_client.request(method, url, headers=, body=) has the same shape across client versions;
+        # the generated call_api() does not.
+        cfg = self.api.configuration
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        for auth in cfg.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        full = cfg.host + url + (("?" + urlencode(query)) if query else "")
+        resp = self.api.rest_client.request(method, full, headers=headers, body=body)
+        data = resp.read() if hasattr(resp, "read") else resp.data
+        if not 200 <= resp.status < 300:
+            exc = ApiException(resp.status, getattr(resp, "reason", ""))
+            exc.body = data
+            raise exc
         return json.loads(data) if data else {}
 
-    async def call(self, method: str, url: str, body: Any = None, content_type: str = "application/json",
-                   query: list | None = None) -> JSON:
+    async def call(
+        self, method: str, url: str, body: Any = None, content_type: str = "application/json", query: list | None = None
+    ) -> JSON:
         return await asyncio.to_thread(self._call, method, url, body, content_type, query)
 
     async def get(self, url: str) -> JSON | None:
@@ -103,5 +122,7 @@ class Kube:
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in labels.items()))] if labels else []
         items = (await self.call("GET", url, query=query)).get("items", [])
         if labels:
-            items = [i for i in items if all((i["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())]
+            items = [
+                i for i in items if all((i["metadata"].get("labels") or {}).get(k) == v for k, v in labels.items())
+            ]
         return items

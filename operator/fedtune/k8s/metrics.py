@@ -9,8 +9,12 @@ from fedtune.rounds.machine import Event
 
 ROUNDS = Counter("fedtune_rounds_completed_total", "Rounds aggregated", ["job"])
 BYTES = Counter("fedtune_bytes_moved_total", "Bytes moved by rounds (up + down)", ["job"])
-ROUND_SECONDS = Histogram("fedtune_round_duration_seconds", "Wall time of a round", ["job"],
-                          buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200))
+ROUND_SECONDS = Histogram(
+    "fedtune_round_duration_seconds",
+    "Wall time of a round",
+    ["job"],
+    buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
 REJECTIONS = Counter("fedtune_updates_rejected_total", "Updates refused by the aggregator", ["job"])
 RETRIES = Counter("fedtune_round_retries_total", "Rounds retried after missing quorum", ["job"])
 PARTY_STATE = Gauge("fedtune_party_state", "1 for the state each party of a job is in", ["job", "party", "state"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import kopf
 
@@ -33,7 +33,7 @@ _kube: Kube | None = None
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def kube() -> Kube:
@@ -52,6 +52,8 @@ if SETTINGS.kube_api:  # development and tests: an insecure API server URL inste
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, **_) -> None:
+    global _kube
+    _kube = None  # a fresh client per operator run (a restarted operator may face another API server)
     settings.persistence.finalizer = "fedtune.io/cleanup"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="fedtune.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="fedtune.io")
@@ -109,7 +111,7 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
             waker.clear()
             try:
                 await asyncio.wait_for(waker.wait(), timeout=SETTINGS.resync_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
     finally:
         _wakers.pop(key, None)
@@ -152,8 +154,13 @@ async def job_deleted(name: str, namespace: str, spec: kopf.Spec, **_) -> None:
     selector = job_selector(namespace, name)
     party_namespaces = {p.get("namespace") or namespace for p in spec.get("parties", [])} | {namespace}
     for ns in sorted(party_namespaces):
-        for plural, api in (("pods", "v1"), ("secrets", "v1"), ("rolebindings", "rbac.authorization.k8s.io/v1"),
-                            ("roles", "rbac.authorization.k8s.io/v1"), ("serviceaccounts", "v1")):
+        for plural, api in (
+            ("pods", "v1"),
+            ("secrets", "v1"),
+            ("rolebindings", "rbac.authorization.k8s.io/v1"),
+            ("roles", "rbac.authorization.k8s.io/v1"),
+            ("serviceaccounts", "v1"),
+        ):
             for obj in await kube().list(path(api, plural, ns), labels=selector):
                 await kube().delete(path(api, plural, ns, obj["metadata"]["name"]))
     metrics.forget_job(namespace, name)

@@ -23,9 +23,10 @@ def _set(st: PartyStatus, ctype: str, value: str, reason: str, message: str, now
 async def reconcile_party(body: dict, kube: Kube, now: datetime) -> PartyStatus:
     """The Party's status: Ready when its bucket answers to its credentials (created if missing)."""
     party = Party.model_validate({k: v for k, v in body.items() if k != "status"})
-    st = PartyStatus(observed_generation=body["metadata"].get("generation"),
-                     conditions=(PartyStatus.model_validate(body.get("status") or {}).conditions
-                                 if body.get("status") else []))
+    st = PartyStatus(
+        observed_generation=body["metadata"].get("generation"),
+        conditions=(PartyStatus.model_validate(body.get("status") or {}).conditions if body.get("status") else []),
+    )
     try:
         creds = await read_credentials(kube, party.metadata.namespace, party.spec.storage, f"Party {party.key}")
         await asyncio.to_thread(Bucket(party.spec.storage, creds).ensure, True)

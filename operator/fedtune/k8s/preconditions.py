@@ -45,17 +45,22 @@ class Accepted:
 
 
 def _status(body: dict) -> FederatedJobStatus | None:
-    raw = {k: v for k, v in (body.get("status") or {}).items() if k in FederatedJobStatus.model_fields
-           or k in {f.alias for f in FederatedJobStatus.model_fields.values()}}
+    raw = {
+        k: v
+        for k, v in (body.get("status") or {}).items()
+        if k in FederatedJobStatus.model_fields or k in {f.alias for f in FederatedJobStatus.model_fields.values()}
+    }
     return FederatedJobStatus.model_validate(raw) if raw else None
 
 
 def _model(body: dict, spec: dict) -> FederatedJob:
     meta = body["metadata"]
-    return FederatedJob.model_validate({
-        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta},
-        "spec": spec,
-    })
+    return FederatedJob.model_validate(
+        {
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta},
+            "spec": spec,
+        }
+    )
 
 
 def accept_spec(body: dict) -> Accepted:
@@ -89,14 +94,21 @@ async def load_parties(job: FederatedJob, kube: Kube) -> dict[str, Party]:
         ns, name = key.split("/", 1)
         raw = await kube.get(path(GROUP_VERSION, "parties", ns, name))
         if raw is None:
-            raise Wait("PartiesReady", "PartyMissing", f"Party {key} does not exist: onboard it (helm install the "
-                                                       "party chart in its namespace) or fix spec.parties")
+            raise Wait(
+                "PartiesReady",
+                "PartyMissing",
+                f"Party {key} does not exist: onboard it (helm install the "
+                "party chart in its namespace) or fix spec.parties",
+            )
         party = Party.model_validate({k: v for k, v in raw.items() if k != "status"})
         if not party.spec.consent.allows(ns, job.metadata.namespace):
             allowed = ", ".join(party.spec.consent.allowed_namespaces) or "only its own namespace"
-            raise Wait("PartiesReady", "ConsentDenied",
-                       f"Party {key} does not consent to jobs from namespace {job.metadata.namespace} "
-                       f"(spec.consent.allowedNamespaces: {allowed}); ask its owners to add it")
+            raise Wait(
+                "PartiesReady",
+                "ConsentDenied",
+                f"Party {key} does not consent to jobs from namespace {job.metadata.namespace} "
+                f"(spec.consent.allowedNamespaces: {allowed}); ask its owners to add it",
+            )
         phase = (raw.get("status") or {}).get("phase")
         if phase != "Ready":
             raise Wait("PartiesReady", "PartyNotReady", f"Party {key} is not Ready yet (phase {phase or 'unknown'})")
@@ -115,9 +127,12 @@ async def read_credentials(kube: Kube, namespace: str, storage: StorageSpec, own
         key = base64.b64decode(data[ref.access_key_field]).decode()
         sec = base64.b64decode(data[ref.secret_key_field]).decode()
     except KeyError:
-        raise Wait("PartiesReady", "CredentialsMissing",
-                   f"{owner}: Secret {namespace}/{ref.name} is missing or lacks keys {ref.access_key_field} "
-                   f"and {ref.secret_key_field}") from None
+        raise Wait(
+            "PartiesReady",
+            "CredentialsMissing",
+            f"{owner}: Secret {namespace}/{ref.name} is missing or lacks keys {ref.access_key_field} "
+            f"and {ref.secret_key_field}",
+        ) from None
     return S3Credentials(key, sec)
 
 
@@ -125,11 +140,17 @@ async def buckets(job: FederatedJob, parties: dict[str, Party], kube: Kube) -> d
     """Bucket clients for every party and the coordinator, with their own credentials."""
     if job.spec.storage is None:
         raise InvalidSpec("spec.storage (the coordinator bucket, with credentialsSecret) is required on Kubernetes")
-    out = {"coordinator": Bucket(job.spec.storage, await read_credentials(
-        kube, job.metadata.namespace, job.spec.storage, f"FederatedJob {job.metadata.name}"))}
+    out = {
+        "coordinator": Bucket(
+            job.spec.storage,
+            await read_credentials(kube, job.metadata.namespace, job.spec.storage, f"FederatedJob {job.metadata.name}"),
+        )
+    }
     for key, party in parties.items():
-        out[key] = Bucket(party.spec.storage, await read_credentials(
-            kube, party.metadata.namespace, party.spec.storage, f"Party {key}"))
+        out[key] = Bucket(
+            party.spec.storage,
+            await read_credentials(kube, party.metadata.namespace, party.spec.storage, f"Party {key}"),
+        )
     return out
 
 

@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from fedtune_trainer.mailbox import ticket_id
 from pydantic import ValidationError
 
 from fedtune.api.job import FederatedJob
@@ -19,19 +20,26 @@ from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus
 from fedtune.k8s import preconditions as pre
 from fedtune.k8s.builders import (
-    aggregator_context, build_pod_objects, build_ticket_patch, owner_reference, trainer_context,
+    aggregator_context,
+    build_pod_objects,
+    build_ticket_patch,
+    owner_reference,
+    trainer_context,
 )
 from fedtune.k8s.kube import Kube, object_path, path
 from fedtune.k8s.names import ChildNames, aggregator_names, trainer_names
 from fedtune.k8s.settings import OperatorSettings
 from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import (
-    COORDINATOR, aggregator_intent, build_aggregator_ticket, build_trainer_ticket, trainer_intents,
+    COORDINATOR,
+    aggregator_intent,
+    build_aggregator_ticket,
+    build_trainer_ticket,
+    trainer_intents,
 )
 from fedtune.rounds.machine import Event, Observation, active, advance, new_status
 from fedtune.storage import layout
 from fedtune.storage.signer import BucketSigner
-from fedtune_trainer.mailbox import ticket_id
 
 AGGREGATOR = "aggregator"
 
@@ -75,8 +83,9 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
         if missing and st.phase == "Pending" and settings.check_nodes:
             await pre.check_schedulable(job, parties, kube, missing)
     except pre.Wait as wait:
-        cond.set_condition(st, wait.ctype, "True" if wait.ctype == "Unschedulable" else "False",
-                           wait.reason, wait.message, now)
+        cond.set_condition(
+            st, wait.ctype, "True" if wait.ctype == "Unschedulable" else "False", wait.reason, wait.message, now
+        )
         cond.set_condition(st, cond.READY, "False", wait.reason, wait.message, now)
         cond.set_condition(st, cond.RECONCILING, "True", wait.reason, wait.message, now)
         st.message = wait.message
@@ -93,9 +102,11 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
     st.observed_generation = job.metadata.generation
     await _ensure_pods(job, body, parties, st, kube, settings, now, out.events)
     secrets = await _mailboxes(job, kube)
-    obs = Observation(now=now, receipts={k: r for k in job.party_keys
-                                         if (r := _receipt(secrets.get(k), TrainerReceipt))},
-                      aggregator=_receipt(secrets.get(AGGREGATOR), AggregatorReceipt))
+    obs = Observation(
+        now=now,
+        receipts={k: r for k in job.party_keys if (r := _receipt(secrets.get(k), TrainerReceipt))},
+        aggregator=_receipt(secrets.get(AGGREGATOR), AggregatorReceipt),
+    )
     st, events = advance(job, st, obs)
     out.status, out.events = st, out.events + events
     await _finalize(job, st, buckets)
@@ -113,8 +124,16 @@ def _pod_path(job: FederatedJob, key: str) -> str:
     return path("v1", "pods", n.namespace, n.pod)
 
 
-async def _ensure_pods(job: FederatedJob, body: dict, parties: dict[str, Party], st: FederatedJobStatus,
-                       kube: Kube, settings: OperatorSettings, now: datetime, events: list[Event]) -> None:
+async def _ensure_pods(
+    job: FederatedJob,
+    body: dict,
+    parties: dict[str, Party],
+    st: FederatedJobStatus,
+    kube: Kube,
+    settings: OperatorSettings,
+    now: datetime,
+    events: list[Event],
+) -> None:
     """Create missing pods; recreate failed ones with bounded, doubling backoff."""
     wanted = [p.name for p in active(st)] + [AGGREGATOR]
     for key in wanted:
@@ -131,8 +150,13 @@ async def _ensure_pods(job: FederatedJob, body: dict, parties: dict[str, Party],
             if retry_at is None:
                 retry_at = now + timedelta(seconds=settings.pod_backoff_seconds * 2**restarts)
                 _set_retry(st, key, restarts, retry_at)
-                events.append(Event("Warning", "PodFailed", f"{ctx.names.pod} failed or vanished; "
-                                                            f"recreating after {retry_at:%H:%M:%S}"))
+                events.append(
+                    Event(
+                        "Warning",
+                        "PodFailed",
+                        f"{ctx.names.pod} failed or vanished; recreating after {retry_at:%H:%M:%S}",
+                    )
+                )
                 if pod is not None:
                     await kube.delete(object_path(pod))
                 continue
@@ -184,8 +208,15 @@ async def _finalize(job: FederatedJob, st: FederatedJobStatus, buckets: dict) ->
     st.final_adapter = coord.uri(prefix)
 
 
-async def _write_tickets(job: FederatedJob, st: FederatedJobStatus, parties: dict[str, Party], kube: Kube,
-                         signer: BucketSigner | None, now: datetime, secrets: dict | None = None) -> None:
+async def _write_tickets(
+    job: FederatedJob,
+    st: FederatedJobStatus,
+    parties: dict[str, Party],
+    kube: Kube,
+    signer: BucketSigner | None,
+    now: datetime,
+    secrets: dict | None = None,
+) -> None:
     """Patch each mailbox whose ticket differs from what the status asks for (a no-op when in sync)."""
     if secrets is None:
         secrets = await _mailboxes(job, kube)

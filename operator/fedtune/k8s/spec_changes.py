@@ -26,8 +26,10 @@ def review_change(accepted: dict, proposed: dict, current_round: int) -> tuple[b
     fields = changed_fields(accepted, proposed)
     frozen = [f for f in fields if f.split(".", 1)[0] not in MUTABLE]
     if frozen:
-        return False, (f"spec fields {', '.join(frozen)} cannot change while the job runs (only "
-                       f"{', '.join(MUTABLE)} can); revert them, or delete and re-create the job")
+        return False, (
+            f"spec fields {', '.join(frozen)} cannot change while the job runs (only "
+            f"{', '.join(MUTABLE)} can); revert them, or delete and re-create the job"
+        )
     rounds = proposed.get("rounds", accepted.get("rounds"))
     if isinstance(rounds, int) and rounds < current_round:
         return False, f"spec.rounds cannot go below the round in progress ({current_round})"

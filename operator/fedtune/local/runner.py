@@ -27,7 +27,6 @@ from fedtune.documents import Documents
 from fedtune.local import report
 from fedtune.local.children import Pod, Pods
 from fedtune.local.progress import Progress
-from fedtune.storage.signer import BucketSigner
 from fedtune.rounds.intents import (
     COORDINATOR,
     aggregator_intent,
@@ -39,6 +38,7 @@ from fedtune.rounds.machine import Observation, advance, new_status
 from fedtune.storage import layout
 from fedtune.storage.s3 import Bucket, S3Credentials
 from fedtune.storage.seaweed import Identity, SeaweedServer
+from fedtune.storage.signer import BucketSigner
 
 COORDINATOR_BUCKET = "fedtune-coordinator"
 POLL_SECONDS = 0.1
