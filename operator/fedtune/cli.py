@@ -17,12 +17,16 @@ from fedtune.storage.seaweed import SeaweedError
 def _cmd_validate(args: argparse.Namespace) -> int:
     from fedtune.documents import load_documents
 
-    docs = load_documents(args.file)
+    docs = load_documents(args.file, require_parties=False)
     job = docs.job
+    n = len(docs.parties)
     print(
-        f"{args.file}: FederatedJob {job.metadata.name} with {len(docs.parties)} Part"
-        f"{'y' if len(docs.parties) == 1 else 'ies'}{', a Dataset' if docs.dataset else ''}: valid"
+        f"{args.file}: FederatedJob {job.metadata.name} with {n} Part{'y' if n == 1 else 'ies'}"
+        f"{', a Dataset' if docs.dataset else ''}: valid"
     )
+    missing = [k for k in job.party_keys if k not in docs.parties]
+    if missing:
+        print(f"  (Parties {', '.join(missing)} are not in the file: fine on Kubernetes, needed by `fedtune run`)")
     return 0
 
 
@@ -119,6 +123,29 @@ def _cmd_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    """Run the Kubernetes operator (kopf) in the foreground."""
+    import logging
+
+    import kopf
+
+    from fedtune.k8s.settings import OperatorSettings
+
+    settings = OperatorSettings.from_env()  # fail fast on a bad FEDTUNE_* variable
+    fmt = kopf.LogFormat.JSON if settings.log_format == "json" else kopf.LogFormat.FULL
+    kopf.configure(verbose=args.verbose, log_format=fmt)
+    logging.getLogger("fedtune").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    import fedtune.k8s.operator  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace or (),
+        liveness_endpoint=args.liveness or None,
+        standalone=True,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -131,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a job file and explain what is wrong")
     val.add_argument("file")
     val.set_defaults(func=_cmd_validate)
+    op = sub.add_parser("operator", help="run the Kubernetes operator (settings from FEDTUNE_* variables)")
+    op.add_argument("--namespace", action="append", help="watch only this namespace (repeatable; default: all)")
+    op.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="liveness endpoint ('' = off)")
+    op.add_argument("--verbose", action="store_true", help="debug logs")
+    op.set_defaults(func=_cmd_operator)
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     part = data.add_parser("partition", help="split a Dataset across parties and upload each shard to its bucket")
     part.add_argument("file", help="YAML with a FederatedJob, its Parties and a Dataset")

@@ -36,15 +36,22 @@ def _model_for(kind: str):
     return Dataset
 
 
-def parse_documents(text: str, source: str = "<input>") -> Documents:
-    """Parse a multi-document YAML string; raises SpecError naming the document and field."""
+def parse_documents(text: str, source: str = "<input>", require_parties: bool = True) -> Documents:
+    """Parse a multi-document YAML string; raises SpecError naming the document and field.
+
+    `require_parties`: every Party the job names must be in the file (local mode); on Kubernetes
+    they live in their organisations' namespaces instead.
+    """
     try:
         raw = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: not valid YAML: {exc}") from None
-    jobs, parties, datasets, problems = [], {}, [], []
+    jobs, parties, datasets, problems, extra = [], {}, [], [], []
     for i, doc in enumerate(raw, 1):
         where = f"{source}, document {i}"
+        if isinstance(doc, dict) and "fedtune.io/" not in str(doc.get("apiVersion", "fedtune.io/")):
+            extra.append(doc)  # built-in objects beside the job (a credentials Secret…): not ours to check
+            continue
         if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
             kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
             problems.append(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -67,7 +74,7 @@ def parse_documents(text: str, source: str = "<input>") -> Documents:
         problems.append(f"{source}: expected exactly one FederatedJob, found {len(jobs)}")
     if not problems and len(datasets) > 1:
         problems.append(f"{source}: at most one Dataset document, found {len(datasets)}")
-    if not problems:
+    if not problems and require_parties:
         missing = [k for k in jobs[0].party_keys if k not in parties]
         if missing:
             problems.append(
@@ -75,14 +82,14 @@ def parse_documents(text: str, source: str = "<input>") -> Documents:
             )
     if problems:
         raise SpecError("\n".join(problems))
-    return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None)
+    return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None, extra=extra)
 
 
-def load_documents(path: str | Path) -> Documents:
+def load_documents(path: str | Path, require_parties: bool = True) -> Documents:
     """Read and validate a job file."""
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as exc:
         raise SpecError(f"cannot read {p}: {exc.strerror}") from None
-    return parse_documents(text, str(p))
+    return parse_documents(text, str(p), require_parties)

@@ -1,0 +1,88 @@
+"""Operator runtime pieces: settings from the environment, spec-change rules, metrics, the CLI entry."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from prometheus_client import REGISTRY
+from pydantic import ValidationError
+
+from fedtune.api.status import FederatedJobStatus, PartyState, RoundRecord
+from fedtune.cli import build_parser
+from fedtune.k8s import metrics
+from fedtune.k8s.settings import OperatorSettings
+from fedtune.k8s.spec_changes import changed_fields, review_change
+from fedtune.rounds.machine import Event
+
+
+def test_settings_come_from_fedtune_variables():
+    s = OperatorSettings.from_env({"FEDTUNE_RESYNC_SECONDS": "2.5", "FEDTUNE_METRICS_PORT": "0", "OTHER": "x"})
+    assert s.resync_seconds == 2.5 and s.metrics_port == 0 and s.max_pod_restarts == 5
+    with pytest.raises(ValidationError, match="resync_seconds"):
+        OperatorSettings.from_env({"FEDTUNE_RESYNC_SECONDS": "-1"})
+    with pytest.raises(ValidationError, match="log_format"):
+        OperatorSettings.from_env({"FEDTUNE_LOG_FORMAT": "xml"})
+
+
+@pytest.mark.parametrize(
+    "old,new,ok,text",
+    [
+        ({"rounds": 3}, {"rounds": 5}, True, "rounds"),
+        (
+            {"rounds": 3, "roundTimeoutSeconds": 60},
+            {"rounds": 3, "roundTimeoutSeconds": 90},
+            True,
+            "roundTimeoutSeconds",
+        ),
+        (
+            {"rounds": 3, "peft": {"config": {"r": 8}}},
+            {"rounds": 3, "peft": {"config": {"r": 16}}},
+            False,
+            "peft.config.r cannot change",
+        ),
+        ({"model": {"source": "a"}}, {"model": {"source": "b"}}, False, "model.source"),
+        ({"parties": [{"name": "a"}]}, {"parties": [{"name": "b"}]}, False, "parties"),
+        ({"rounds": 5}, {"rounds": 1}, False, "below the round in progress (2)"),
+    ],
+)
+def test_spec_change_rules(old, new, ok, text):
+    allowed, why = review_change(old, new, current_round=2)
+    assert allowed is ok and text in why
+
+
+def test_changed_fields_are_leaf_paths():
+    assert changed_fields({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == ["a.c", "d"]
+
+
+def _value(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_metrics_count_each_round_once_and_track_states():
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    st = FederatedJobStatus(
+        phase="Running",
+        current_round=2,
+        parties=[PartyState(name="o/a", state="Submitted")],
+        history=[
+            RoundRecord(round=0),
+            RoundRecord(round=1, bytes_up=100, bytes_down=50, duration_seconds=12.0, finished_at=now),
+        ],
+    )
+    events = [Event("Warning", "UpdateRejected", "x"), Event("Warning", "RoundRetry", "y")]
+    for _ in range(3):  # re-reconciles of the same status must not count again
+        metrics.observe_job("ns", "m1", st, events if _ == 0 else [])
+    assert _value("fedtune_rounds_completed_total", job="ns/m1") == 1
+    assert _value("fedtune_bytes_moved_total", job="ns/m1") == 150
+    assert _value("fedtune_updates_rejected_total", job="ns/m1") == 1
+    assert _value("fedtune_round_retries_total", job="ns/m1") == 1
+    assert _value("fedtune_party_state", job="ns/m1", party="o/a", state="Submitted") == 1
+    assert _value("fedtune_party_state", job="ns/m1", party="o/a", state="Training") == 0
+    assert _value("fedtune_job_phase", job="ns/m1", phase="Running") == 1
+    assert _value("fedtune_round_duration_seconds_count", job="ns/m1") == 1
+
+
+def test_operator_command_parses():
+    args = build_parser().parse_args(["operator", "--namespace", "a", "--namespace", "b", "--liveness", ""])
+    assert args.namespace == ["a", "b"] and args.liveness == "" and args.func.__name__ == "_cmd_operator"
