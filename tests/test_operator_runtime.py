@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
-from prometheus_client import REGISTRY
-from pydantic import ValidationError
-
 from fedtune.api.status import FederatedJobStatus, PartyState, RoundRecord
 from fedtune.cli import build_parser
 from fedtune.k8s import metrics
 from fedtune.k8s.settings import OperatorSettings
 from fedtune.k8s.spec_changes import changed_fields, review_change
 from fedtune.rounds.machine import Event
+from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 
 def test_settings_come_from_fedtune_variables():
@@ -60,7 +59,7 @@ def _value(name, **labels):
 
 
 def test_metrics_count_each_round_once_and_track_states():
-    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
     st = FederatedJobStatus(
         phase="Running",
         current_round=2,
