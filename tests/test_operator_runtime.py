@@ -85,3 +85,32 @@ def test_metrics_count_each_round_once_and_track_states():
 def test_operator_command_parses():
     args = build_parser().parse_args(["operator", "--namespace", "a", "--namespace", "b", "--liveness", ""])
     assert args.namespace == ["a", "b"] and args.liveness == "" and args.func.__name__ == "_cmd_operator"
+
+
+@pytest.mark.asyncio
+async def test_job_daemon_retries_after_a_transient_error(monkeypatch):
+    import asyncio
+
+    import fedtune.k8s.operator as op
+
+    calls = []
+
+    async def flaky_once(body):
+        calls.append(body["metadata"]["name"])
+        if len(calls) == 1:
+            raise RuntimeError("HTTP 500 from the API server")
+        return True  # the job is over
+
+    class FakeKube:
+        async def get(self, url):
+            return {"metadata": {"name": "j1"}}
+
+    class NotStopped:
+        def __bool__(self):
+            return False
+
+    monkeypatch.setattr(op, "_reconcile_once", flaky_once)
+    monkeypatch.setattr(op, "kube", lambda: FakeKube())
+    monkeypatch.setattr(op, "SETTINGS", OperatorSettings(resync_seconds=0.05, metrics_port=0))
+    await asyncio.wait_for(op.drive_job(name="j1", namespace="ns", stopped=NotStopped()), timeout=5)
+    assert calls == ["j1", "j1"] and ("ns", "j1") not in op._wakers

@@ -106,6 +106,9 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
             except InvalidSpec as exc:
                 await _fail_invalid(body, str(exc))
                 raise kopf.PermanentError(f"invalid spec: {exc}") from None
+            except Exception:  # noqa: BLE001 - an API or S3 hiccup: retry at the next resync, not after kopf's 60 s
+                log.exception("reconcile of %s/%s failed; retrying in %.1fs", namespace, name, SETTINGS.resync_seconds)
+                done = False
             if done:
                 return
             waker.clear()
