@@ -232,3 +232,42 @@ def test_spec_changes_allowed_and_refused_while_running(kube, s3world, tiny_mode
         st = status(kube)
     assert st["phase"] == "Succeeded" and [h["round"] for h in st["history"]] == [0, 1, 2, 3]
     assert condition(kube, "SpecChangeRejected")["status"] == "False"
+
+
+def test_party_with_wrong_credentials_reports_storage_error(kube, s3world, tiny_model, tmp_path):
+    from fedtune.storage.s3 import S3Credentials
+
+    with kube.run_kopf("fedtune.k8s.operator"):
+        make_world(kube, s3world, tiny_model)
+        kube.wait_for(
+            lambda: (kube.get("parties", "org-alice", "alice").get("status") or {}).get("phase") == "Ready",
+            timeout=30,
+            what="alice Ready",
+        )
+        wrong = S3Credentials(s3world.creds("bob").access_key_id, "not-the-secret-key-0123456789abcdefghijkl")
+        kube.create(_secret("org-carol", "s3", wrong))
+        kube.create(
+            {
+                "apiVersion": "fedtune.io/v1alpha1",
+                "kind": "Party",
+                "metadata": {"name": "carol", "namespace": "org-carol"},
+                "spec": {
+                    "storage": {
+                        "endpoint": s3world.endpoint,
+                        "bucket": "carol-bkt",
+                        "credentialsSecret": {"name": "s3"},
+                    }
+                },
+            }
+        )
+        kube.wait_for(
+            lambda: (kube.get("parties", "org-carol", "carol").get("status") or {}).get("phase") == "Error",
+            timeout=30,
+            what="carol Error",
+        )
+        conds = {c["type"]: c for c in kube.get("parties", "org-carol", "carol")["status"]["conditions"]}
+        assert conds["StorageReady"]["status"] == "False"
+        assert (
+            "carol-bkt" in conds["StorageReady"]["message"] and "secret access key" in conds["StorageReady"]["message"]
+        )
+        assert "not-the-secret" not in conds["StorageReady"]["message"]  # never echo a secret

@@ -135,7 +135,8 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> N
 
 
 def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
-    from fedtune_trainer.adapters import adapter_state, to_bytes
+    from fedtune_trainer.adapters import adapter_state
+    from fedtune_trainer.compression import encode
     from fedtune_trainer.train import train_local
 
     cfg = ticket.config
@@ -148,7 +149,8 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> 
     metrics.train_loss = result.train_loss
     receipt.metrics, receipt.num_samples = metrics, result.num_samples
     receipt.timings.train_seconds = result.seconds
-    receipt.sha256 = _upload(ticket.update_out, to_bytes(adapter_state(rt.model)), receipt)
+    update = encode(adapter_state(rt.model), cfg.training.update_compression)  # the aggregator decodes it
+    receipt.sha256 = _upload(ticket.update_out, update, receipt)
     log.info(
         "[%s] round %d: global eval_loss=%s accuracy=%s | local train_loss=%.4f on %d examples in %.1fs",
         ticket.party,

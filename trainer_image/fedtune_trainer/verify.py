@@ -3,7 +3,9 @@
 Bytes from a party are untrusted: they are parsed only as safetensors (a JSON header plus
 raw buffers, nothing executable; never pickle or torch.load), and must match the hash the
 party reported, the reference adapter's tensor names, shapes and dtypes, and hold finite
-values. Every refusal says who sent what and what was expected.
+values. Compressed updates (bf16, int8: see `compression`) are decoded to the reference's
+dtypes first, so every check runs on what the strategies will see. Every refusal says who
+sent what and what was expected.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections.abc import Mapping
 
 import torch
 from safetensors.torch import load as load_safetensors
+
+from fedtune_trainer.compression import CompressionError, decode, read_metadata
 
 _SHOWN = 3  # names listed in one message before "… and N more"
 
@@ -76,8 +80,9 @@ def load_verified(
 
     Checks, in order: not empty; sha256 equals `expected_sha256` (None skips this, for objects
     whose hash the control plane does not know); a valid safetensors file holding at least one
-    tensor; the same tensor names, shapes and dtypes as `reference` (None skips this, e.g. for
-    the global adapter, which is itself the reference); finite values in every float tensor.
+    tensor; a consistent compression, decoded to the reference's dtypes; the same tensor names,
+    shapes and dtypes as `reference` (None skips this, e.g. for the global adapter, which is
+    itself the reference); finite values in every float tensor.
     Messages start with `source`, e.g. "update from alice".
     """
     if not data:
@@ -96,6 +101,11 @@ def load_verified(
         raise UpdateRejected(f"{source}: not a valid safetensors file ({detail})") from None
     if not tensors:
         raise UpdateRejected(f"{source}: holds no tensors (an empty update)")
+    try:
+        dtypes = {name: t.dtype for name, t in reference.items()} if reference is not None else None
+        tensors = decode(tensors, read_metadata(data), dtypes)
+    except CompressionError as exc:
+        raise UpdateRejected(f"{source}: cannot decode the compressed update: {exc}") from None
     problems = _structure_problems(tensors, reference) if reference is not None else []
     if problems:
         raise UpdateRejected(f"{source}: does not match the global adapter: {_summary(problems)}")

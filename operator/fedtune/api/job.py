@@ -75,6 +75,12 @@ class TrainingSpec(ApiModel):
     max_train_samples: int | None = Field(None, ge=1, description="Cap on local training examples per round.")
     max_eval_samples: int | None = Field(None, ge=1, description="Cap on local evaluation examples.")
     seed: int = Field(0, description="Seeds the adapter initialisation and data order.")
+    update_compression: Literal["none", "bf16", "int8"] = Field(
+        "none",
+        description="How parties upload their update: none (as trained), bf16 (floats cast to bfloat16, half the "
+        "bytes) or int8 (per-row/column symmetric int8 with float32 scales, about a quarter). The aggregator "
+        "decodes to full precision before verifying; the global adapter always travels uncompressed.",
+    )
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainingSpec:

@@ -29,7 +29,8 @@ async def reconcile_party(body: dict, kube: Kube, now: datetime) -> PartyStatus:
     )
     try:
         creds = await read_credentials(kube, party.metadata.namespace, party.spec.storage, f"Party {party.key}")
-        await asyncio.to_thread(Bucket(party.spec.storage, creds).ensure, True)
+        bucket = await asyncio.to_thread(Bucket, party.spec.storage, creds)
+        await asyncio.to_thread(bucket.ensure, True)
     except (Wait, InvalidSpec, StorageError) as exc:
         reason = exc.reason if isinstance(exc, Wait) else type(exc).__name__
         st.phase = "Error"

@@ -230,9 +230,11 @@ async def _write_tickets(
             continue
         if intent.kind == "exit" or signer is None:
             ticket = {"kind": "exit", "job": job.metadata.uid, "round": intent.round, "attempt": intent.attempt}
-        elif key == AGGREGATOR:
-            ticket = build_aggregator_ticket(job, intent, st, signer, now).to_wire()
+        elif key == AGGREGATOR:  # presigning is boto3 work: off the event loop
+            ticket = (await asyncio.to_thread(build_aggregator_ticket, job, intent, st, signer, now)).to_wire()
         else:
-            ticket = build_trainer_ticket(job, intent, parties[key], st, signer, now).to_wire()
+            ticket = (
+                await asyncio.to_thread(build_trainer_ticket, job, intent, parties[key], st, signer, now)
+            ).to_wire()
         n = _names(job, key)
         await kube.patch(path("v1", "secrets", n.namespace, n.secret), build_ticket_patch(ticket))
