@@ -231,3 +231,11 @@ def test_advance_does_not_mutate_its_input():
     before = st.model_dump_json()
     advance(job, st, Observation(now=T0 + timedelta(hours=1)))
     assert st.model_dump_json() == before
+
+
+def test_silent_initialiser_is_replaced_after_the_deadline():
+    job = make_job(rounds=1, timeout=10)
+    sim = Sim(job, silent={"a"})  # a is the first initialiser and never answers
+    st = sim.run()
+    assert st.phase == "Succeeded"
+    assert "RoundRetry" in reasons(sim) and st.history[0].participants == ["default/b"]

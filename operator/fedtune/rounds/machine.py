@@ -107,8 +107,11 @@ def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: l
         return
     if lead.state == "Failed":
         return _retry(spec, st, obs.now, f"{first} could not produce the initial adapter", events)
-    if lead.state != "Ready" or (any(_waiting(st)) and obs.now < st.round_deadline):
+    if obs.now < st.round_deadline and (lead.state != "Ready" or any(_waiting(st))):
         return
+    if lead.state != "Ready":  # deadline passed without global 0: another party initialises next attempt
+        _party_failed(lead, "did not upload the initial adapter before the deadline", events, state="Straggler")
+        return _retry(spec, st, obs.now, f"{first} did not produce the initial adapter in time", events)
     for p in active(st):
         if p.state == "Ready" and p.fingerprint != st.base_model_fingerprint:
             _party_failed(
