@@ -41,9 +41,20 @@ def _secret(ns: str, name: str, creds) -> dict:
     }
 
 
-def make_world(kube: KubeEmulator, s3world, model, parties=("alice", "bob"), consent=(HUB,), gpus=0, **job):
-    """Namespaces, a node, credentials, data in each party's bucket, Parties and a FederatedJob."""
+def make_world(
+    kube: KubeEmulator, s3world, model, parties=("alice", "bob"), consent=(HUB,), gpus=0, s3_model=False, **job
+):
+    """Namespaces, a node, credentials, data in each party's bucket, Parties and a FederatedJob.
+
+    `s3_model`: the model files go to the coordinator bucket and the job names them by s3:// URI.
+    """
     prefix = f"op-{uuid.uuid4().hex[:8]}"
+    source = f"file://{model}"
+    if s3_model:
+        for f in model.rglob("*"):
+            if f.is_file():
+                s3world.bucket("hub").put_bytes(f"{prefix}/model/{f.relative_to(model)}", f.read_bytes())
+        source = f"s3://hub-bkt/{prefix}/model"
     kube.create(
         {
             "apiVersion": "v1",
@@ -76,7 +87,7 @@ def make_world(kube: KubeEmulator, s3world, model, parties=("alice", "bob"), con
             }
         )
     spec = {
-        "model": {"source": f"file://{model}", "task": "sequence-classification"},
+        "model": {"source": source, "task": "sequence-classification"},
         "peft": {"method": "lora", "config": {"r": 4, "target_modules": ["query", "value"]}},
         "data": {"labels": ["negative", "positive"], "maxLength": 16},
         "training": {"localEpochs": 1, "batchSize": 8, "learningRate": 0.01},
@@ -167,8 +178,9 @@ def test_operator_restart_mid_job_loses_and_repeats_no_round(kube, s3world, tiny
 
 
 def test_failed_trainer_pod_is_recreated_and_resumes(kube, s3world, tiny_model, tmp_path):
+    # The model comes from s3:// (presigned URLs per file): the recreated pod downloads it again.
     with PodExecutor(kube, tmp_path / "pods") as pods, kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model)
+        make_world(kube, s3world, tiny_model, s3_model=True)
         kube.wait_for(lambda: status(kube).get("stage") == "training", timeout=120, what="round 1 training")
         alice = next(p for p in kube.list("pods", "org-alice"))
         pods.kill("org-alice", alice["metadata"]["name"])

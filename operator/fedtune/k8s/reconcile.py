@@ -36,9 +36,11 @@ from fedtune.rounds.intents import (
     build_aggregator_ticket,
     build_trainer_ticket,
     trainer_intents,
+    url_ttl,
 )
 from fedtune.rounds.machine import Event, Observation, active, advance, new_status
 from fedtune.storage import layout
+from fedtune.storage.model_files import ModelSourceError, model_file_urls
 from fedtune.storage.signer import BucketSigner
 
 AGGREGATOR = "aggregator"
@@ -110,7 +112,13 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
     st, events = advance(job, st, obs)
     out.status, out.events = st, out.events + events
     await _finalize(job, st, buckets)
-    await _write_tickets(job, st, parties, kube, BucketSigner(buckets), now, secrets)
+    try:
+        await _write_tickets(job, st, parties, kube, BucketSigner(buckets), now, secrets)
+    except ModelSourceError as exc:  # the pods wait for tickets until the model files are where the spec says
+        cond.set_condition(st, "ModelSourceReady", "False", "ModelFilesMissing", str(exc), now)
+        return out
+    if st.condition("ModelSourceReady") is not None:
+        cond.set_condition(st, "ModelSourceReady", "True", "ModelFilesFound", "", now)
     return out
 
 
@@ -224,6 +232,7 @@ async def _write_tickets(
     agg = aggregator_intent(job, st)
     if agg is not None:
         intents[AGGREGATOR] = agg
+    model_files: dict[str, str] | None = None  # s3:// model sources: listed once per pass
     for key, intent in intents.items():
         secret = secrets.get(key)
         if secret is None or ticket_id(pre.decode_mailbox(secret, "ticket.json") or {}) == intent.id:
@@ -233,8 +242,12 @@ async def _write_tickets(
         elif key == AGGREGATOR:  # presigning is boto3 work: off the event loop
             ticket = (await asyncio.to_thread(build_aggregator_ticket, job, intent, st, signer, now)).to_wire()
         else:
-            ticket = (
-                await asyncio.to_thread(build_trainer_ticket, job, intent, parties[key], st, signer, now)
-            ).to_wire()
+            if model_files is None and job.spec.model.source.startswith("s3://"):
+                ttl = url_ttl(intent.deadline, now)
+                model_files = await asyncio.to_thread(model_file_urls, job.spec.model.source, signer.buckets, ttl)
+            built = await asyncio.to_thread(
+                build_trainer_ticket, job, intent, parties[key], st, signer, now, model_files
+            )
+            ticket = built.to_wire()
         n = _names(job, key)
         await kube.patch(path("v1", "secrets", n.namespace, n.secret), build_ticket_patch(ticket))

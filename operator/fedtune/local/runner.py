@@ -61,6 +61,11 @@ class LocalRun:
                 "local mode needs a Dataset document in the job file: it says which data each "
                 "party gets (see examples/quickstart.yaml)"
             )
+        if docs.job.spec.model.source.startswith("s3://"):
+            raise SpecError(
+                "spec.model.source: s3:// sources are read from a real S3 bucket; local mode's embedded "
+                "S3 starts empty, so use a directory (file:///path) or pkg://<package>/<dir>"
+            )
         self.docs, self.job, self.out = docs, docs.job, out
         if not self.job.metadata.uid:
             self.job.metadata.uid = uuid.uuid4().hex[:12]

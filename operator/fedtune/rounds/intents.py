@@ -99,7 +99,8 @@ def trainer_config(job: FederatedJob, party: Party) -> TrainerConfig:
     )
 
 
-def _expires(deadline: datetime, now: datetime) -> int:
+def url_ttl(deadline: datetime, now: datetime) -> int:
+    """Seconds a URL for a stage ending at `deadline` stays valid: until shortly after it."""
     return max(60, int((deadline - now).total_seconds()) + URL_GRACE_SECONDS)
 
 
@@ -114,7 +115,7 @@ def build_trainer_ticket(
 ) -> TrainerTicket:
     """A party's ticket with URLs scoped to single objects."""
     uid, owner = job.metadata.uid, party.key
-    ttl = _expires(intent.deadline, now)
+    ttl = url_ttl(intent.deadline, now)
     config = trainer_config(job, party)
     if model_files:
         config.model_files = model_files
@@ -155,7 +156,7 @@ def build_aggregator_ticket(
     t = AggregatorTicket(kind=intent.kind, job=uid, round=rnd, attempt=intent.attempt, deadline=intent.deadline)
     if intent.kind == "exit":
         return t
-    ttl = _expires(intent.deadline, now)
+    ttl = url_ttl(intent.deadline, now)
     t.strategy, t.strategy_params = spec.strategy.name, spec.strategy.resolved()
     t.lora_mode, t.min_updates = spec.aggregator.lora_mode, spec.min_parties
     t.global_in = Download(
