@@ -297,8 +297,9 @@ def test_party_health(s3world):
         # (object, Argo CD health, kstatus, message fragment)
         (party_body(**storage), "Progressing", "Current", "waiting for the fedtune operator"),
         (reconciled_party(party_body(**storage), good), "Healthy", "Current", "reachable"),
-        (reconciled_party(party_body(**storage)), "Degraded", "InProgress", "is missing"),
-        (reconciled_party(party_body(**storage), wrong), "Degraded", "InProgress", "alice-bkt"),
+        # a broken Party is Stalled: Flux fails it at once instead of waiting for its timeout
+        (reconciled_party(party_body(**storage)), "Degraded", "Failed", "is missing"),
+        (reconciled_party(party_body(**storage), wrong), "Degraded", "Failed", "alice-bkt"),
         ({**reconciled_party(party_body(**storage), good), "metadata": {**party_body()["metadata"], "generation": 3}},
          "Progressing", "InProgress", "generation 3"),
     ]  # fmt: skip

@@ -36,9 +36,14 @@ async def reconcile_party(body: dict, kube: Kube, now: datetime) -> PartyStatus:
         st.phase = "Error"
         _set(st, "StorageReady", "False", reason, str(exc), now)
         _set(st, "Ready", "False", reason, str(exc), now)
+        # kstatus: Stalled = needs a person (credentials, bucket); Flux then fails fast instead of timing out.
+        _set(st, "Stalled", "True", reason, str(exc), now)
+        _set(st, "Reconciling", "False", reason, "", now)
         return st
     st.phase = "Ready"
     msg = f"bucket {party.spec.storage.bucket} reachable with the party's credentials"
     _set(st, "StorageReady", "True", "BucketReachable", msg, now)
     _set(st, "Ready", "True", "BucketReachable", msg, now)
+    _set(st, "Stalled", "False", "BucketReachable", "", now)
+    _set(st, "Reconciling", "False", "BucketReachable", "", now)
     return st
