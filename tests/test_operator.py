@@ -204,6 +204,11 @@ def test_invalid_spec_gets_a_condition_not_a_crash_loop(kube, s3world, tiny_mode
         assert status(kube)["phase"] == "Failed" and condition(kube, "Stalled")["status"] == "True"
         assert not kube.list("pods")
         assert sum(e.get("reason") == "InvalidSpec" for e in kube.list("events", HUB)) == 1
+        # the spec is corrected (GitOps: a new commit): the job starts over and runs
+        kube.patch("fj", HUB, "fj1", {"spec": {"minParties": 2}})
+        kube.wait_for(lambda: status(kube).get("phase") == "Running", timeout=30, what="Running after the fix")
+        assert condition(kube, "InvalidSpec") is None
+        kube.wait_for(lambda: len(kube.list("pods")) == 3, timeout=30, what="pods after the fix")
 
 
 def test_party_without_consent_blocks_the_job_with_a_clear_condition(kube, s3world, tiny_model, tmp_path):

@@ -20,7 +20,7 @@ from fedtune.k8s import metrics
 from fedtune.k8s.kube import Kube, api_client, path
 from fedtune.k8s.names import LABEL_JOB, LABEL_JOB_NAMESPACE, LABEL_MANAGED_BY, job_selector
 from fedtune.k8s.party_status import reconcile_party
-from fedtune.k8s.preconditions import InvalidSpec
+from fedtune.k8s.preconditions import InvalidSpec, accept_spec
 from fedtune.k8s.reconcile import reconcile
 from fedtune.k8s.settings import OperatorSettings
 from fedtune.rounds import conditions as cond
@@ -102,10 +102,11 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             try:
-                done = await _reconcile_once(body)
+                done = False if _refused_as_is(body) else await _reconcile_once(body)
             except InvalidSpec as exc:
+                # Said once per generation (condition + event); the daemon stays to see a corrected spec.
                 await _fail_invalid(body, str(exc))
-                raise kopf.PermanentError(f"invalid spec: {exc}") from None
+                done = False
             except Exception:  # noqa: BLE001 - an API or S3 hiccup: retry at the next resync, not after kopf's 60 s
                 log.exception("reconcile of %s/%s failed; retrying in %.1fs", namespace, name, SETTINGS.resync_seconds)
                 done = False
@@ -118,6 +119,25 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
                 pass
     finally:
         _wakers.pop(key, None)
+
+
+def _refused_as_is(body: dict) -> bool:
+    """The job was refused as InvalidSpec and its spec has not been edited since: nothing to do."""
+    st = body.get("status") or {}
+    invalid = any(c.get("type") == cond.INVALID_SPEC and c.get("status") == "True" for c in st.get("conditions", []))
+    return (
+        invalid and st.get("phase") == "Failed" and st.get("observedGeneration") == body["metadata"].get("generation")
+    )
+
+
+@kopf.on.create(GROUP, VERSION, "federatedjobs")
+@kopf.on.update(GROUP, VERSION, "federatedjobs", field="spec")
+def validate_job(body: kopf.Body, **_) -> None:
+    """Refuse an invalid spec once, permanently (no retries); the condition is set by the daemon."""
+    try:
+        accept_spec(dict(body))
+    except InvalidSpec as exc:
+        raise kopf.PermanentError(f"invalid spec: {exc}") from None
 
 
 async def _reconcile_once(body: dict) -> bool:
@@ -145,7 +165,7 @@ async def _fail_invalid(body: dict, message: str) -> None:
     now = utcnow()
     cond.set_condition(status, cond.INVALID_SPEC, "True", cond.INVALID_SPEC, message, now)
     cond.mark_failed(status, cond.INVALID_SPEC, message, now)
-    if st.get("phase") in (None, "Pending"):
+    if st.get("phase") in (None, "Pending", "Failed"):  # never over a running job's status
         url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
         await kube().patch(url + "/status", {"status": status.to_wire()})
     kopf.event(body, type="Warning", reason=cond.INVALID_SPEC, message=message[:1000])
