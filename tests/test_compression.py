@@ -73,9 +73,10 @@ def test_int8_error_is_at_most_half_a_step_of_each_slice():
 def test_int8_keeps_zeros_exact_and_decodes_to_bf16_references():
     q, scale = quantize_int8(torch.zeros(4, 16))
     assert torch.equal(q, torch.zeros(4, 16, dtype=torch.int8)) and torch.equal(scale, torch.zeros(4, 1))
-    tensors = {A: torch.randn(4, 16).to(torch.bfloat16)}
+    tensors = {A: torch.randn(4, 16).to(torch.bfloat16), "scalar": torch.tensor(-2.5), "empty": torch.zeros(0, 3)}
     _, back = roundtrip(tensors, "int8")
     assert back[A].dtype == torch.bfloat16
+    assert float(back["scalar"]) == -2.5 and back["empty"].shape == (0, 3)
 
 
 def test_sizes():

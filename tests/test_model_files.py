@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 import pytest
-
 from fedtune.storage.model_files import ModelSourceError, model_file_urls
 from fedtune_trainer import transfer
 
@@ -34,7 +33,6 @@ def test_local_mode_refuses_s3_model_sources(tmp_path):
     from pathlib import Path
 
     import yaml
-
     from fedtune.api.errors import SpecError
     from fedtune.documents import parse_documents
     from fedtune.local.runner import LocalRun

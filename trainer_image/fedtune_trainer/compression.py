@@ -58,6 +58,8 @@ def encode(tensors: Mapping[str, torch.Tensor], mode: str = "none") -> bytes:
 def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 values, float32 scales broadcastable to t) with t ≈ values × scales."""
     x = t.to(torch.float32)
+    if x.numel() == 0:
+        return x.to(torch.int8), torch.zeros(())
     if x.dim() >= 2:
         # Reduce over every dimension but the first or the last, whichever is shorter: one scale
         # per row or per column, the fewer scales the better for narrow (LoRA) matrices.
@@ -65,7 +67,7 @@ def quantize_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dims = tuple(d for d in range(x.dim()) if d != keep)
         amax = x.abs().amax(dim=dims, keepdim=True)
     else:
-        amax = x.abs().amax() if x.numel() else torch.zeros(())
+        amax = x.abs().amax()
     scale = amax / _QMAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero slices stay exactly zero
     q = torch.round(x / safe).clamp_(-_QMAX, _QMAX).to(torch.int8)
