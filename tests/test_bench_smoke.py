@@ -1,0 +1,84 @@
+"""The communication, overhead and aggregation benchmarks still run (--smoke) and write their tables.
+
+Benchmarks are not tests: only their smoke modes run here, so the scripts do not rot.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_smoke(script: str, out: Path) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return (out / script.replace(".py", ".md")).read_text()
+
+
+def tables(markdown: str) -> list[list[list[str]]]:
+    """Every markdown table as rows of cells (header first, the --- line dropped)."""
+    found, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                current.append(cells)
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+def machine_noted(markdown: str) -> bool:
+    return "- cpu:" in markdown and "- torch:" in markdown and "cores" in markdown
+
+
+@pytest.mark.slow
+def test_communication_smoke(tmp_path):
+    md = run_smoke("communication.py", tmp_path)
+    assert machine_noted(md) and "Self-check passed" in md
+    (bytes_table,) = tables(md)
+    header, rows = bytes_table[0], bytes_table[1:]
+    assert header[:7] == ["model", "method", "trainable params", "% of model", "none", "bf16", "int8"]
+    methods = {"LoRA r=4", "LoRA r=8", "LoRA r=16", "IA3", "prompt tuning", "full fine-tuning"}
+    for model in ("MiniLM-L6 (seq-cls)", "GPT-2 124M", "Llama 7B shape"):
+        assert {r[1] for r in rows if r[0] == model} == methods
+    assert (tmp_path / "communication.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_overhead_smoke(tmp_path):
+    md = run_smoke("overhead.py", tmp_path)
+    assert machine_noted(md)
+    summary, split = tables(md)
+    assert summary[0][:5] == ["parties", "poll s", "rounds", "overhead median s", "overhead p90 s"]
+    assert [r[0] for r in summary[1:]] == ["2"] and summary[1][2] == "2"
+    assert float(summary[1][3]) >= 0
+    assert split[0][2:] == [f"{k} s" for k in ("pickup+misc", "download", "eval", "train", "upload")] + [
+        "hand-off s",
+        "aggregate s",
+        "notice s",
+    ]
+    assert (tmp_path / "overhead.png").exists()
+
+
+@pytest.mark.slow
+def test_aggregation_smoke(tmp_path):
+    md = run_smoke("aggregation.py", tmp_path)
+    assert machine_noted(md)
+    (table,) = tables(md)
+    assert table[0][:5] == ["dtype", "mode", "P", "inputs MiB (P x adapter)", "time s"]
+    got = {(r[0], r[1], r[2]) for r in table[1:]}
+    assert got == {(d, m, p) for d in ("float32", "bfloat16") for m in ("average", "exact") for p in ("2", "4")}
+    assert all(float(r[4]) >= 0 for r in table[1:])
+    assert (tmp_path / "aggregation.png").exists()

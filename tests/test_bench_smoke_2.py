@@ -1,0 +1,86 @@
+"""The model and scale benchmarks (bench/throughput.py, quality.py, flower_compare.py,
+operator_scale.py) run end to end in their --smoke size and write their results tables.
+
+Each script runs as a subprocess, as a person would run it, into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_smoke(script: str, out: Path, timeout: float = 600) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def table_rows(text: str, first_header: str) -> list[list[str]]:
+    """Cells of the markdown table whose header row starts with `first_header` (header excluded)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_throughput_smoke(tmp_path):
+    run_smoke("throughput.py", tmp_path)
+    text = (tmp_path / "throughput.md").read_text()
+    assert "SMOKE RUN" in text and "torch: " in text and "cpu: " in text
+    rows = {r[0]: r for r in table_rows(text, "variant")}
+    assert "plain" in rows and "fedtune" in rows
+    if importlib.util.find_spec("deepspeed") is not None:
+        assert "fedtune+ZeRO-2" in rows
+    assert rows["plain"][2] == "1.000"
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows.values())
+
+
+def test_quality_smoke(tmp_path):
+    run_smoke("quality.py", tmp_path)
+    text = (tmp_path / "quality.md").read_text()
+    assert "SMOKE RUN" in text and "Small-sample runs" in text
+    rows = {r[0]: r for r in table_rows(text, "method")}
+    assert {"central", "local", "fedavg", "majority class"} <= set(rows)
+    for name in ("central", "local", "fedavg"):
+        assert 0.0 <= float(rows[name][1]) <= 1.0
+    assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flower_compare_smoke(tmp_path):
+    if importlib.util.find_spec("flwr") is None:
+        pytest.skip("flwr is not installed (pip install -e '.[bench]')")
+    run_smoke("flower_compare.py", tmp_path)
+    text = (tmp_path / "flower.md").read_text()
+    rows = {r[0].split()[0]: r for r in table_rows(text, "framework")}
+    assert set(rows) == {"fedtune", "Flower"}
+    assert 0.0 <= float(rows["fedtune"][-3]) <= 1.0 and 0.0 <= float(rows["Flower"][-3]) <= 1.0
+    ratios = {r[0]: r[1] for r in table_rows(text, "ratio (fedtune / Flower)")}
+    assert float(ratios["wall time per round"]) > 0
+
+
+def test_operator_scale_smoke(tmp_path):
+    for module in ("kopf", "kmock"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (the dev and operator extras)")
+    run_smoke("operator_scale.py", tmp_path)
+    text = (tmp_path / "operator_scale.md").read_text()
+    rows = table_rows(text, "jobs")
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert [r[1] for r in rows] == ["3", "6"]  # 2 trainers + 1 aggregator per job
+    assert all(float(r[4]) > 0 and float(r[9]) > 0 for r in rows)  # latency p50, RSS after
