@@ -9,6 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# Older pips (e.g. 23.0, Debian's) get lost backtracking through this dependency set; 24+ resolves it at once.
+"${PIP[@]}" --upgrade "pip>=24"
 echo "fedtune setup: torch 2.13.0 (CPU)"
 "${PIP[@]}" "torch==2.13.0"
 echo "fedtune setup: fedtune with the trainer, local, deepspeed, operator and dev extras"
