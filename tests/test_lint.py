@@ -17,6 +17,7 @@ def test_ruff_check_is_clean():
     if not Path(ruff).exists():
         pytest.skip("ruff is not installed (it comes with the dev extra)")
     targets = [d for d in ("operator", "trainer_image", "tests", "bench") if (ROOT / d).exists()]
-    out = subprocess.run([ruff, "check", "--output-format", "concise", *targets], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [ruff, "check", "--output-format", "concise", *targets], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
