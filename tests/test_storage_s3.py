@@ -15,7 +15,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from fedtune.api.party import StorageSpec
-from fedtune.storage.s3 import MAX_EXPIRY_S, Bucket, S3Credentials, StorageError
+from fedtune.storage.s3 import MAX_EXPIRY_S, Bucket, S3Credentials, StorageError, _ClientCache
 from fedtune.storage.seaweed import Identity, SeaweedError, find_weed
 from fedtune_trainer import transfer
 from fedtune_trainer.transfer import TransferError
@@ -153,6 +153,33 @@ def test_wrong_credentials_give_clear_error(s3world, which):
     assert "alice-bkt" in msg and s3world.endpoint in msg and "credentials Secret" in msg
     assert ("secret access key is wrong" if which == "secret" else "access key id is unknown") in msg
     assert bad.secret_access_key not in msg and good.secret_access_key not in msg
+
+
+def test_clients_are_shared_per_credentials_never_across_them(s3world):
+    good = s3world.creds("alice")
+    first, second = Bucket(s3world.storage("alice"), good), Bucket(s3world.storage("alice"), good)
+    assert first._client is second._client  # one client per credentials, not one per reconcile
+    assert Bucket(s3world.storage("alice"), s3world.creds("bob"))._client is not first._client
+    # Same key id, rotated (or wrong) secret: a new client that signs with the new secret.
+    wrong = Bucket(s3world.storage("alice"), S3Credentials(good.access_key_id, "y" * 40))
+    assert wrong._client is not first._client
+    with pytest.raises(StorageError, match="secret access key is wrong"):
+        wrong.ensure(create=False)
+    first.ensure(create=False)  # the shared good client is unaffected
+    other_endpoint = StorageSpec(endpoint=f"http://127.0.0.1:{_closed_port()}", bucket="alice-bkt")
+    assert Bucket(other_endpoint, good)._client is not first._client
+
+
+def test_client_cache_drops_least_recently_used():
+    cache = _ClientCache(size=2)
+    a, b, c = (S3Credentials.generate() for _ in range(3))
+    ca = cache.get("http://127.0.0.1:1", "us-east-1", a)
+    cb = cache.get("http://127.0.0.1:1", "us-east-1", b)
+    assert cache.get("http://127.0.0.1:1", "us-east-1", a) is ca  # a is now the most recent
+    cache.get("http://127.0.0.1:1", "us-east-1", c)  # evicts b
+    assert cache.get("http://127.0.0.1:1", "us-east-1", a) is ca
+    assert cache.get("http://127.0.0.1:1", "us-east-1", b) is not cb
+    assert len(cache._clients) == 2
 
 
 def test_bucket_of_someone_else_is_access_denied(s3world):

@@ -12,9 +12,11 @@ import hashlib
 import logging
 import secrets
 import string
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -61,32 +63,70 @@ def clamp_expiry(expires_s: float) -> int:
     return int(min(max(int(expires_s), MIN_EXPIRY_S), MAX_EXPIRY_S))
 
 
+_CONFIG = Config(
+    signature_version="s3v4",
+    s3={"addressing_style": "path"},
+    # A few quick retries for transient faults; a dead endpoint must not hang a reconcile.
+    retries={"max_attempts": 3, "mode": "standard"},
+    connect_timeout=5,
+    read_timeout=60,
+    # Newer botocore adds CRC checksums by default, which several S3-compatible
+    # servers (older MinIO, Ceph, …) reject; only send them where the API demands.
+    request_checksum_calculation="when_required",
+    response_checksum_validation="when_required",
+)
+
+
+class _ClientCache:
+    """S3 clients shared per (endpoint, region, credentials), least recently used dropped first.
+
+    The operator reconciles every job on each child event and needs a client per party each time.
+    A fresh boto3 session per client costs ~0.1-0.5 s of CPU and ~10 MiB (it loads its own copy of
+    the service model), which made the operator's time and memory grow with events × parties.
+    Clients are thread-safe; the one session that builds them is not, hence the lock. A rotated
+    secret is a new key (its sha256, so the cache holds no second copy of the secret).
+    """
+
+    def __init__(self, size: int = 128):
+        self.size = size
+        self._lock = threading.Lock()
+        self._session: boto3.session.Session | None = None
+        self._clients: OrderedDict[tuple[str | None, str, str, str], Any] = OrderedDict()
+
+    def get(self, endpoint: str | None, region: str, creds: S3Credentials) -> Any:
+        key = (endpoint, region, creds.access_key_id, hashlib.sha256(creds.secret_access_key.encode()).hexdigest())
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                if self._session is None:
+                    self._session = boto3.session.Session()
+                # Explicit credentials: ambient AWS profiles and environment keys are never used.
+                client = self._session.client(
+                    "s3",
+                    endpoint_url=endpoint,
+                    region_name=region,
+                    aws_access_key_id=creds.access_key_id,
+                    aws_secret_access_key=creds.secret_access_key,
+                    config=_CONFIG,
+                )
+                self._clients[key] = client
+                while len(self._clients) > self.size:
+                    self._clients.popitem(last=False)  # buckets still holding it keep it alive
+            self._clients.move_to_end(key)
+            return client
+
+
+_clients = _ClientCache()
+
+
 class Bucket:
-    """One bucket reached with one set of credentials."""
+    """One bucket reached with one set of credentials (cheap: clients are shared per credentials)."""
 
     def __init__(self, storage: StorageSpec, creds: S3Credentials):
         self.name: str = storage.bucket
         self.endpoint: str | None = storage.endpoint or None
         self.region: str = storage.region
-        config = Config(
-            signature_version="s3v4",
-            s3={"addressing_style": "path"},
-            # A few quick retries for transient faults; a dead endpoint must not hang a reconcile.
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
-            # Newer botocore adds CRC checksums by default, which several S3-compatible
-            # servers (older MinIO, Ceph, …) reject; only send them where the API demands.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        # An explicit session: ignore ambient AWS profiles and environment credentials.
-        session = boto3.session.Session(
-            aws_access_key_id=creds.access_key_id,
-            aws_secret_access_key=creds.secret_access_key,
-            region_name=self.region,
-        )
-        self._client = session.client("s3", endpoint_url=self.endpoint, config=config)
+        self._client = _clients.get(self.endpoint, self.region, creds)
 
     def __repr__(self) -> str:
         return f"Bucket({self.name!r}, endpoint={self._where()!r})"
