@@ -94,6 +94,27 @@ class ApiServer(kmock.KubernetesEmulator):
     # --- request entry: every state change goes through here, under one lock ----------
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        try:
+            return await self._serve(request)
+        finally:
+            self._forget(request)
+
+    def _forget(self, request: rendering.Request) -> None:
+        """Drop a served request from kmock's history.
+
+        kmock keeps every request and finds the reaction for a new one by scanning that history
+        from the start (`request in view`), so each request cost grew with all before it: a few
+        thousand requests in, the emulator, not the client under test, was the bottleneck.
+        Nothing here asserts on kmock's history (`request_log` is ours), and a request is only
+        looked up while it is being served, so served ones can go.
+        """
+        history = self._requests
+        for i in range(len(history) - 1, -1, -1):
+            if history[i] is request:
+                del history[i]
+                return
+
+    async def _serve(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if self.request_log is not None:
             self.request_log.append(RecordedRequest.of(request))
         if self.tokens is not None:
