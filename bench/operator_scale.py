@@ -132,7 +132,32 @@ class PodWatch:
         self._stop.set()
 
 
-def worker_main(url: str, world_path: str, jobs: int, settle: float, with_peft: bool) -> None:
+class ClientBuilds:
+    """Counts `fedtune.storage.s3.Bucket` constructions (one per party per reconcile) and their time."""
+
+    def __init__(self) -> None:
+        from fedtune.storage import s3
+
+        self.count, self.seconds, self._lock = 0, 0.0, threading.Lock()
+        original = s3.Bucket.__init__
+
+        def counted(bucket, *args, **kwargs):
+            start = time.perf_counter()
+            original(bucket, *args, **kwargs)
+            with self._lock:
+                self.count += 1
+                self.seconds += time.perf_counter() - start
+
+        s3.Bucket.__init__ = counted
+
+    def reset(self) -> None:
+        with self._lock:
+            self.count, self.seconds = 0, 0.0
+
+
+def worker_main(
+    url: str, world_path: str, jobs: int, settle: float, with_peft: bool, pods_timeout: float, emulator_pid: int
+) -> None:
     """Build the world, start the operator, create `jobs` jobs at once, print one RESULT line."""
     os.environ["FEDTUNE_METRICS_PORT"] = "0"  # several operators in a row: no fixed port
     if not with_peft:
@@ -141,6 +166,7 @@ def worker_main(url: str, world_path: str, jobs: int, settle: float, with_peft: 
         sys.modules["peft"] = None  # type: ignore[assignment]
     from kube import KubeEmulator
 
+    builds = ClientBuilds()
     world = json.loads(Path(world_path).read_text())
     parties, endpoint = world["parties"], world["endpoint"]
     kube = KubeEmulator()  # used as a REST client only: the server runs in the emulator process
@@ -191,29 +217,49 @@ def worker_main(url: str, world_path: str, jobs: int, settle: float, with_peft: 
         time.sleep(settle)
         idle = rss_mib()
         created = {}
+        builds.reset()
         burst_start = time.perf_counter()
+        cpu_start, emu_cpu_start = time.process_time(), proc_cpu_seconds(emulator_pid)
         for i in range(jobs):
             name = f"fj-{i:03d}"
             kube.create(_job(name, endpoint, parties))
             created[name] = time.perf_counter()
         expected = (jobs + 1) * per_job
-        kube.wait_for(lambda: len(watch.added) >= expected, timeout=600, what=f"{expected} pods")
+        deadline = burst_start + pods_timeout
+        while len(watch.added) < expected and time.perf_counter() < deadline:
+            time.sleep(0.1)
+        burst_seconds = time.perf_counter() - burst_start
+        worker_cpu = time.process_time() - cpu_start
+        emulator_cpu = proc_cpu_seconds(emulator_pid) - emu_cpu_start
+        client_builds, client_seconds = builds.count, builds.seconds
+        from fedtune.storage import s3
+
+        boto_clients = len(s3._clients._clients)
         after = rss_mib()
         time.sleep(settle)
         settled = rss_mib()
-        last: dict[str, float] = {}
+        per: dict[str, list[float]] = {}
         for seconds, job in watch.added.values():
-            if job in created:
-                last[job] = max(last.get(job, 0.0), seconds)
-        latencies = sorted(last[j] - created[j] for j in created)
+            per.setdefault(job, []).append(seconds)
+        complete = {j: max(per[j]) for j in created if len(per.get(j, [])) >= per_job}
         result = {
             "jobs": jobs,
-            "pods": sum(1 for _, job in watch.added.values() if job in created),
+            "pods": sum(len(per.get(j, [])) for j in created),
+            "expected_pods": jobs * per_job,
+            "complete_jobs": len(complete),
+            "timed_out": len(complete) < jobs,
+            "pods_timeout": pods_timeout,
             "cold_first_job_seconds": cold,
-            "rss_before_first_job": cold_rss["VmRSS"],
             "burst_create_seconds": max(created.values()) - burst_start,
-            "all_pods_seconds": max(last.values()) - burst_start,
-            "latency": latencies,
+            "all_pods_seconds": max(complete.values()) - burst_start if len(complete) == jobs else None,
+            "latency": sorted(complete[j] - created[j] for j in complete),
+            "s3_clients_built": client_builds,
+            "s3_client_build_seconds": client_seconds,
+            "boto3_clients": boto_clients,
+            "worker_cpu_seconds": worker_cpu,
+            "emulator_cpu_seconds": emulator_cpu,
+            "burst_seconds": burst_seconds,
+            "rss_before_first_job": cold_rss["VmRSS"],
             "rss_idle": idle["VmRSS"],
             "rss_after": after["VmRSS"],
             "rss_settled": settled["VmRSS"],
@@ -228,6 +274,12 @@ def worker_main(url: str, world_path: str, jobs: int, settle: float, with_peft: 
 # --- the driver ------------------------------------------------------------------------------------
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_rss_mib(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -238,7 +290,7 @@ def proc_rss_mib(pid: int) -> float | None:
     return None
 
 
-def one_scale(jobs: int, world_path: Path, settle: float, timeout: float, with_peft: bool) -> dict:
+def one_scale(jobs: int, world_path: Path, settle: float, pods_timeout: float, with_peft: bool) -> dict:
     emu = subprocess.Popen(
         [sys.executable, __file__, "--emulator"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -248,11 +300,11 @@ def one_scale(jobs: int, world_path: Path, settle: float, timeout: float, with_p
             raise RuntimeError(f"the emulator did not start (said {url!r})")
         worker = subprocess.run(
             [sys.executable, __file__, "--worker", url, "--world", str(world_path), "--n", str(jobs)]
-            + ["--settle", str(settle)]
+            + ["--settle", str(settle), "--pods-timeout", str(pods_timeout), "--emulator-pid", str(emu.pid)]
             + (["--with-peft"] if with_peft else []),
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=pods_timeout + 300,
         )
         lines = [ln for ln in worker.stdout.splitlines() if ln.startswith("RESULT ")]
         if not lines:
@@ -273,39 +325,53 @@ def report(args, results: list[dict], info: dict, total: float) -> str:
     rows = []
     for r in results:
         lat = r["latency"]
-        p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))]
+        p95 = lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))] if lat else None
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        done = f"{r['complete_jobs']}/{r['jobs']}"
         rows.append(
             [
                 r["jobs"],
-                r["pods"],
+                f"{r['pods']}/{r['expected_pods']}",
+                done if not r["timed_out"] else f"**{done}** (stopped at {r['pods_timeout']:.0f} s)",
                 f"{r['cold_first_job_seconds']:.2f}",
                 f"{r['burst_create_seconds']:.2f}",
-                f"{statistics.median(lat):.2f}",
-                f"{p95:.2f}",
-                f"{lat[-1]:.2f}",
-                f"{r['all_pods_seconds']:.2f}",
+                fmt(statistics.median(lat) if lat else None),
+                fmt(p95),
+                fmt(lat[-1] if lat else None),
+                fmt(r["all_pods_seconds"]) if not r["timed_out"] else f"> {r['pods_timeout']:.0f}",
+                r["s3_clients_built"],
+                f"{1000 * r['s3_client_build_seconds'] / max(1, r['s3_clients_built']):.2f}",
+                r["boto3_clients"],
                 f"{r['rss_idle']:.0f}",
                 f"{r['rss_after']:.0f}",
                 f"{r['rss_settled']:.0f}",
                 f"{(r['rss_settled'] - r['rss_idle']) / r['jobs']:.2f}",
                 f"{r['emulator_rss']:.0f}" if r.get("emulator_rss") else "-",
+                f"{r['worker_cpu_seconds']:.1f}",
+                f"{r['emulator_cpu_seconds']:.1f}",
             ]
         )
     table = mlbench.md_table(
         [
             "jobs",
             "pods",
+            "jobs with all pods",
             "cold first job s",
             "create burst s",
             "job→pods p50 s",
             "p95 s",
             "max s",
             "all pods s",
+            "Bucket objects built",
+            "ms per Bucket",
+            "boto3 clients held",
             "RSS idle MiB",
             "RSS after MiB",
             "RSS settled MiB",
             "Δ MiB per job",
             "emulator RSS MiB",
+            "burst CPU s, operator process",
+            "burst CPU s, emulator",
         ],
         rows,
     )
@@ -328,7 +394,8 @@ buckets. {args.parties} Parties, each in every job; every job wants {args.partie
 
 {table}
 
-- job→pods: from the job's create call returning to the watch event of its last pod; all jobs of a
+- job→pods: from the job's create call returning to the watch event of its last pod (jobs that got
+  all their pods; a row stopped at its time limit counts the others as incomplete); all jobs of a
   row are created in one burst (create burst s = how long the create calls took); all pods s =
   from the first create to the last pod of the burst. Before each burst one warm-up job runs alone
   (cold first job s: the operator's first job pays one-time costs) and is not counted in the row.
@@ -338,6 +405,14 @@ buckets. {args.parties} Parties, each in every job; every job wants {args.partie
   processes). idle = Parties Ready and the warm-up job's pods created; after = the moment the last
   pod appeared; settled = {args.settle:.0f} s later (the operator has written init tickets into mailboxes and keeps one
   daemon per job). Δ per job = (settled − idle) / jobs. Each row is a fresh worker and emulator.
+- burst CPU s: CPU time (user + system) from the first create to the last pod (or the limit), of the
+  operator's process and of the emulator's; with 2 cores, when their sum nears 2 × all pods s the
+  machine, not waiting, is the limit.
+- Bucket objects built: `fedtune.storage.s3.Bucket`s the operator constructed (one per party and
+  one for the coordinator, per reconcile) from the start of the burst until its pods were all there
+  (or the limit), and the mean wall time of one; boto3 clients held: the S3 clients behind them,
+  shared per endpoint and credentials (a fresh boto3 session per Bucket used to cost ~0.3 s and
+  ~12 MiB each).
 - Per job the operator creates 5 kinds of child per pod (ServiceAccount, Role, RoleBinding, mailbox
   Secret, Pod), all through the API server; the emulator is a Python process, slower than a real
   kube-apiserver, so latencies here are an upper bound of the operator's own cost on this machine.
@@ -360,12 +435,13 @@ def main() -> None:
     ap.add_argument("--jobs", default="1,10,50", help="comma list of burst sizes")
     ap.add_argument("--parties", type=int, default=4)
     ap.add_argument("--settle", type=float, default=None, help="seconds between 'after' and 'settled' (default 12)")
-    ap.add_argument("--timeout", type=float, default=900, help="per scale (s)")
+    ap.add_argument("--pods-timeout", type=float, default=None, help="longest wait for a burst's pods (s; default 420)")
     ap.add_argument(
         "--with-peft", action="store_true", help="let the operator import peft/torch for spec checks (not in its image)"
     )
     ap.add_argument("--emulator", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--emulator-pid", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--world", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -373,10 +449,12 @@ def main() -> None:
         emulator_main()
         return
     if args.worker:
-        worker_main(args.worker, args.world, args.n, args.settle, args.with_peft)
+        worker_main(args.worker, args.world, args.n, args.settle, args.with_peft, args.pods_timeout, args.emulator_pid)
         return
     if args.smoke:
         args.jobs, args.parties = "1,2", 2
+    if args.pods_timeout is None:
+        args.pods_timeout = 120.0 if args.smoke else 420.0
     if args.settle is None:
         args.settle = 2.0 if args.smoke else 12.0  # above the operator's 10 s resync
 
@@ -409,7 +487,7 @@ def main() -> None:
         )
         for jobs in (int(x) for x in args.jobs.split(",")):
             print(f"{jobs} job(s) …", file=sys.stderr, flush=True)
-            results.append(one_scale(jobs, world, args.settle, args.timeout, args.with_peft))
+            results.append(one_scale(jobs, world, args.settle, args.pods_timeout, args.with_peft))
     finally:
         server.stop()
     text = report(args, results, info, time.perf_counter() - started)

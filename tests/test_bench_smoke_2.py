@@ -82,5 +82,7 @@ def test_operator_scale_smoke(tmp_path):
     text = (tmp_path / "operator_scale.md").read_text()
     rows = table_rows(text, "jobs")
     assert [r[0] for r in rows] == ["1", "2"]
-    assert [r[1] for r in rows] == ["3", "6"]  # 2 trainers + 1 aggregator per job
-    assert all(float(r[4]) > 0 and float(r[9]) > 0 for r in rows)  # latency p50, RSS after
+    assert [r[1] for r in rows] == ["3/3", "6/6"]  # 2 trainers + 1 aggregator per job
+    assert [r[2] for r in rows] == ["1/1", "2/2"]  # every job got all its pods
+    assert all(float(r[5]) > 0 and int(r[9]) > 0 and float(r[13]) > 0 for r in rows)  # p50, Buckets, RSS
+    assert [r[11] for r in rows] == ["3", "3"]  # one S3 client per credentials (2 parties + hub), not per Bucket
