@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from fedtune_trainer.mailbox import POLL_SECONDS  # light: json and files only
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune_trainer", description=__doc__)
@@ -14,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mailbox", required=True, help="k8s://<namespace>/<secret> on Kubernetes, or a directory (local mode)"
     )
-    parser.add_argument("--poll", type=float, default=0.1, help="seconds between mailbox checks")
+    parser.add_argument("--poll", type=float, default=POLL_SECONDS, help="seconds between mailbox checks")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"),

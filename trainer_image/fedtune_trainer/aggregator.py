@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from safetensors.torch import save as save_safetensors
 
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox, ticket_id
+from fedtune_trainer.mailbox import POLL_SECONDS, answers, as_int, deliver, open_mailbox, ticket_id
 from fedtune_trainer.strategies import aggregate_round, make_strategy
 from fedtune_trainer.verify import UpdateRejected, load_verified
 
@@ -159,7 +159,7 @@ def _invalid_ticket_receipt(raw: dict[str, Any], exc: ValidationError) -> Aggreg
     )
 
 
-def serve(mailbox_uri: str, poll: float = 0.1) -> int:
+def serve(mailbox_uri: str, poll: float = POLL_SECONDS) -> int:
     """Answer aggregator tickets from the mailbox at `mailbox_uri` until an exit ticket; returns 0."""
     mailbox = open_mailbox(mailbox_uri)
     last: str | None = None

@@ -26,7 +26,7 @@ from typing import Any
 
 import urllib3
 
-from fedtune_trainer.mailbox import RECEIPT, TICKET, ticket_id
+from fedtune_trainer.mailbox import POLL_SECONDS, RECEIPT, TICKET, ticket_id
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,9 @@ class SecretMailbox:
         # A receipt stands for a whole round of training: ride out a short API outage.
         self._retrying(lambda: self._put_key(RECEIPT, receipt), "write the receipt to")
 
-    def wait_ticket(self, newer_than: str | None, poll: float = 0.1, timeout: float | None = None) -> dict[str, Any]:
+    def wait_ticket(
+        self, newer_than: str | None, poll: float = POLL_SECONDS, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Block until the ticket differs from the one identified by `newer_than` (its id string).
 
         Read the Secret, then watch it from that resourceVersion until a new ticket arrives.

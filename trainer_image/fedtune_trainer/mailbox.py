@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 TICKET = "ticket.json"
 RECEIPT = "receipt.json"
+# Between two reads of a local mailbox file (a few tens of microseconds each): a round has four
+# hand-offs through mailboxes, so this bounds the waiting a round adds (bench/overhead.py).
+POLL_SECONDS = 0.02
 
 
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
@@ -55,7 +58,9 @@ class FileMailbox:
     def write_receipt(self, receipt: dict[str, Any]) -> None:
         write_json_atomic(self.dir / RECEIPT, receipt)
 
-    def wait_ticket(self, newer_than: str | None, poll: float = 0.1, timeout: float | None = None) -> dict[str, Any]:
+    def wait_ticket(
+        self, newer_than: str | None, poll: float = POLL_SECONDS, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Block until the ticket differs from the one identified by `newer_than` (its id string)."""
         start = time.monotonic()
         while True:
@@ -77,7 +82,7 @@ class Mailbox(Protocol):
     def write_receipt(self, receipt: dict[str, Any]) -> None: ...
 
     def wait_ticket(
-        self, newer_than: str | None, poll: float = 0.1, timeout: float | None = None
+        self, newer_than: str | None, poll: float = POLL_SECONDS, timeout: float | None = None
     ) -> dict[str, Any]: ...
 
 

@@ -19,7 +19,7 @@ from fedtune.api.status import Metrics, utcnow
 from pydantic import ValidationError
 
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox, ticket_id
+from fedtune_trainer.mailbox import POLL_SECONDS, answers, as_int, deliver, open_mailbox, ticket_id
 
 log = logging.getLogger(__name__)
 _URL = re.compile(r"https?://[^\s'\"]+")
@@ -231,7 +231,7 @@ def _configure_threads() -> None:
         torch.set_num_threads(int(threads))  # the runner sizes parties to share the machine
 
 
-def serve(mailbox_uri: str, poll: float = 0.1) -> int:
+def serve(mailbox_uri: str, poll: float = POLL_SECONDS) -> int:
     """Answer tickets from the mailbox at `mailbox_uri` until an exit ticket; returns 0."""
     _configure_threads()
     try:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from fedtune_trainer.mailbox import FileMailbox, ticket_id
+from fedtune_trainer.mailbox import POLL_SECONDS, FileMailbox, ticket_id
 from pydantic import ValidationError
 
 from fedtune.api.errors import SpecError
@@ -41,7 +41,6 @@ from fedtune.storage.seaweed import Identity, SeaweedServer
 from fedtune.storage.signer import BucketSigner
 
 COORDINATOR_BUCKET = "fedtune-coordinator"
-POLL_SECONDS = 0.1
 
 
 def utcnow() -> datetime:
@@ -226,13 +225,16 @@ class LocalRun:
 
     def _loop(self, signer: BucketSigner) -> FederatedJobStatus:
         st = new_status(self.job, utcnow())
-        status_path = self.workdir / "status.json"
+        status_path, written = self.workdir / "status.json", ""
         while True:
             st, events = advance(self.job, st, self._observe())
             self._finalize(st)
             self._apply(st, signer)
             self.progress.update(st, events)
-            status_path.write_text(st.model_dump_json(by_alias=True, exclude_none=True, indent=1))
+            doc = st.model_dump_json(by_alias=True, exclude_none=True, indent=1)
+            if doc != written:  # the loop runs every POLL_SECONDS; the file changes a few times a round
+                status_path.write_text(doc)
+                written = doc
             if st.phase in ("Succeeded", "Failed"):
                 return st
             for note in self.pods.check():
