@@ -95,13 +95,13 @@ def refactor(
     q_b, r_b = torch.linalg.qr(b_cat)
     q_a, r_a = torch.linalg.qr(a_cat.T)
     u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
-    u, v = q_b @ u_core, q_a @ vh_core.T  # orthonormal columns: (out, k), (in, k)
-    if s.shape[0] < rank:  # only when rank exceeds a layer dimension: pad with empty components
-        missing = rank - s.shape[0]
-        s = torch.cat([s, s.new_zeros(missing)])
-        u = torch.cat([u, u.new_zeros(n_out, missing)], dim=1)
-        v = torch.cat([v, v.new_zeros(n_in, missing)], dim=1)
-    s_r, u_r, v_r = s[:rank], u[:, :rank], v[:, :rank]
+    keep = min(rank, s.shape[0])  # lift only the kept components: (out, keep), (in, keep), not n·r
+    s_r, u_r, v_r = s[:keep], q_b @ u_core[:, :keep], q_a @ vh_core[:keep].T
+    if keep < rank:  # only when rank exceeds a layer dimension: pad with empty components
+        missing = rank - keep
+        s_r = torch.cat([s_r, s_r.new_zeros(missing)])
+        u_r = torch.cat([u_r, u_r.new_zeros(n_out, missing)], dim=1)
+        v_r = torch.cat([v_r, v_r.new_zeros(n_in, missing)], dim=1)
     # Numerical rank as in matrix_rank, at float32 precision (what the factors are trained in).
     tol = float(s.max()) * max(n_out, n_in) * torch.finfo(torch.float32).eps if s.numel() else 0.0
     alive = s_r > tol
