@@ -77,7 +77,8 @@ class KubeEmulator:
         self.token = next(iter(sorted(tokens))) if tokens else "kube-emulator"  # what the helpers send
         self.url = ""
         self.server: ApiServer  # the kmock handler: .objects, .resources, kmock's DSL (use .call())
-        self._http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=30), retries=False)
+        # Pod executors and watches call from many threads: keep their connections (urllib3's default is 1).
+        self._http = urllib3.PoolManager(maxsize=16, timeout=urllib3.Timeout(connect=5, read=30), retries=False)
         self._tmp = Path(tempfile.mkdtemp(prefix="kube-emulator-"))
 
     # --- lifecycle: the server lives in its own thread and loop ------------------------
