@@ -52,6 +52,13 @@ def _dirname(key: str) -> str:
     return key.replace("/", "--")
 
 
+def _bypass_proxy_on_loopback() -> None:
+    """The embedded server is on loopback: never send that traffic (or presigned URLs) through a proxy."""
+    for var in ("no_proxy", "NO_PROXY"):
+        hosts = [h for h in os.environ.get(var, "").split(",") if h]
+        os.environ[var] = ",".join(hosts + [h for h in ("127.0.0.1", "localhost") if h not in hosts])
+
+
 class LocalRun:
     """One local run of a job file. `run()` returns the final status."""
 
@@ -99,9 +106,6 @@ class LocalRun:
             owners[bucket] = owner
 
     def _start_storage(self, stack: ExitStack) -> None:
-        # The embedded server is on loopback: never send that traffic (or presigned URLs) through a proxy.
-        for var in ("no_proxy", "NO_PROXY"):
-            os.environ[var] = ",".join(filter(None, [os.environ.get(var), "127.0.0.1", "localhost"]))
         owners = {p.key: p.spec.storage.bucket for p in self.parties}
         owners[COORDINATOR] = self._coordinator_bucket()
         creds = {o: S3Credentials.generate() for o in owners}
@@ -294,11 +298,15 @@ class LocalRun:
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
             f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {self.workdir}"
         )
+        _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
-            self._start_storage(stack)
-            self._upload_data()
-            stack.callback(self.pods.stop)
+            # Pods first: each spends seconds importing torch, while the S3 server starts and the data
+            # is dealt; they only wait for their mailbox until then.
+            stack.callback(self.pods.stop)  # (runs last) should the server fail to start
             self._start_pods()
+            self._start_storage(stack)
+            stack.callback(self.pods.stop)  # (runs first) pods stop before their S3 server does
+            self._upload_data()
             st = self._loop(BucketSigner(self.buckets))
             self.pods.finishing = True
             if not self.pods.wait(timeout=60):
