@@ -242,6 +242,40 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def plot(runs: list[tuple[str, dict]], path: Path) -> None:
+    """Accuracy per round (mean over runs) and each run's round time split into training and the rest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name, style in (("fedtune", "o-"), ("flower", "s--")):
+        curves = [m["curve"] for n, m in runs if n == name]
+        if not curves:
+            continue
+        rounds = range(len(curves[0]))
+        mean = [None if None in col else sum(col) / len(col) for col in zip(*curves)]
+        shown = [(r, a) for r, a in zip(rounds, mean) if a is not None]
+        left.plot([r for r, _ in shown], [a for _, a in shown], style, label="Flower" if name == "flower" else name)
+    left.set_xticks(range(max(len(m["curve"]) for _, m in runs)))
+    left.set_xlabel("round")
+    left.set_ylabel("accuracy of the global adapter")
+    left.set_title("Accuracy per round")
+    left.legend(fontsize=8)
+    labels = [f"{i}: {'Flower' if n == 'flower' else n}" for i, (n, _) in enumerate(runs, 1)]
+    train = [_mean(m["slowest_train_seconds"]) for _, m in runs]
+    rest = [_mean(m["round_seconds"]) - t for (_, m), t in zip(runs, train)]
+    right.bar(labels, train, label="slowest local training")
+    right.bar(labels, rest, bottom=train, label="rest of the round")
+    right.set_ylabel("seconds per round (mean)")
+    right.set_title("Round time, per run")
+    right.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def report(args, runs: list[tuple[str, dict]], info: dict) -> str:
     """`runs`: (framework, result) in the order they ran."""
     rounds = args.rounds
@@ -306,6 +340,8 @@ falls on both).
 - Total wall time: from the start of each run to the last accuracy, including process start,
   model loading in every party, and for fedtune the S3 server start and data upload.
 - Small-sample run on a shared 2-core machine; see the load averages below.
+
+![fedtune vs Flower](flower.png)
 
 ## Machine
 
@@ -379,6 +415,7 @@ def main() -> None:
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "flower.json").write_text(json.dumps(runs, indent=1))
+    plot(runs, Path(args.out) / "flower.png")
     print(f"written to {mlbench.write_result(args.out, 'flower.md', text)}", file=sys.stderr)
 
 

@@ -420,12 +420,45 @@ buckets. {args.parties} Parties, each in every job; every job wants {args.partie
 
 Total wall time of this benchmark: {total:.0f} s.
 
+![operator scale](operator_scale.png)
+
 ## Machine
 
 {mlbench.machine_md(info)}
 
 Command: `python bench/operator_scale.py {" ".join(sys.argv[1:])}`
 """
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Latency and operator memory against the number of jobs in the burst."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = [r["jobs"] for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    median = [statistics.median(r["latency"]) if r["latency"] else float("nan") for r in results]
+    worst = [r["latency"][-1] if r["latency"] else float("nan") for r in results]
+    everything = [r["all_pods_seconds"] if r["all_pods_seconds"] is not None else float("nan") for r in results]
+    left.plot(jobs, median, "o-", label="job → its pods, median")
+    left.plot(jobs, worst, "^--", label="job → its pods, max")
+    left.plot(jobs, everything, "s:", label="burst → all pods")
+    left.set_xlabel("jobs created at once")
+    left.set_ylabel("seconds")
+    left.set_title("FederatedJob to pods")
+    left.legend(fontsize=7)
+    for key, label in (("rss_idle", "idle"), ("rss_after", "after the burst"), ("rss_settled", "settled")):
+        right.plot(jobs, [r[key] for r in results], "o-", label=label)
+    right.set_ylim(bottom=0)
+    right.set_xlabel("jobs created at once")
+    right.set_ylabel("operator process RSS, MiB")
+    right.set_title("Operator memory")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -494,6 +527,7 @@ def main() -> None:
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "operator_scale.json").write_text(json.dumps(results, indent=1))
+    plot(results, Path(args.out) / "operator_scale.png")
     print(f"written to {mlbench.write_result(args.out, 'operator_scale.md', text)}", file=sys.stderr)
 
 

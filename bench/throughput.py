@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import random
 import statistics
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> str:
     cfg = variants["fedtune"]
     base, tok = load_base_model(cfg.model, cfg.data, seed=0)
     model = apply_peft(base, cfg.peft, cfg.model.task, seed=0)
-    raw = "\n".join(__import__("json").dumps(r) for r in records).encode()
+    raw = "\n".join(json.dumps(r) for r in records).encode()
     examples = load_examples(raw, cfg.data, cfg.model.task, tok)
     plain = PlainLoop(str(resolve_source(cfg.model)), records, args)
     tokens = sum(len(e["input_ids"]) for e in examples)
@@ -160,6 +161,10 @@ def run(args: argparse.Namespace) -> str:
             print(f"repeat {rep + 1}/{args.repeats} {name:<24} {w:7.2f}s wall {c:7.2f}s cpu", file=sys.stderr)
 
     samples = args.steps * args.batch
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps({"samples": samples, "wall": wall, "cpu": cpu}, indent=1))
+    plot(wall, samples, out / "throughput.png")
     rows = []
     for name in names:
         ratios = [p / t for p, t in zip(wall["plain"], wall[name])]  # (samples/s) / (samples/s of plain)
@@ -225,12 +230,41 @@ Raw timings (seconds, in repeat order):
 
 {raw}
 
+![throughput](throughput.png)
+
 ## Machine
 
 {mlbench.machine_md(info)}
 
 Command: `python bench/throughput.py {" ".join(sys.argv[1:])}`
 """
+
+
+def plot(wall: dict[str, list[float]], samples: int, path: Path) -> None:
+    """Samples/s of every repeat per variant, and each repeat's ratio to the plain loop."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(wall)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for i, name in enumerate(names):
+        left.plot([i] * len(wall[name]), [samples / t for t in wall[name]], "o", alpha=0.6)
+        left.plot([i - 0.25, i + 0.25], [samples / min(wall[name])] * 2, "k-")
+        ratios = [p / t for p, t in zip(wall["plain"], wall[name])]
+        right.plot([i] * len(ratios), ratios, "o", alpha=0.6)
+        right.plot([i - 0.25, i + 0.25], [statistics.median(ratios)] * 2, "k-")
+    for ax in (left, right):
+        ax.set_xticks(range(len(names)), [n.replace("fedtune+", "+") for n in names], fontsize=8)
+    left.set_ylabel("samples/s (bar: best repeat)")
+    left.set_title("Every repeat")
+    right.axhline(1.0, color="grey", lw=0.8, ls=":")
+    right.set_ylabel("samples/s ÷ plain, same repeat (bar: median)")
+    right.set_title("Paired ratio to the plain loop")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ Each script runs as a subprocess, as a person would run it, into a temporary dir
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,9 @@ def test_throughput_smoke(tmp_path):
         assert "fedtune+ZeRO-2" in rows
     assert rows["plain"][2] == "1.000" and rows["plain"][4] == "1.000"
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows.values())
+    raw = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(raw["wall"]) == set(rows) and all(t > 0 for ts in raw["wall"].values() for t in ts)
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_quality_smoke(tmp_path):
@@ -72,6 +76,7 @@ def test_flower_compare_smoke(tmp_path):
     assert 0.0 <= float(rows["fedtune"][-6]) <= 1.0 and 0.0 <= float(rows["Flower"][-6]) <= 1.0
     ratios = {r[0]: r[1] for r in table_rows(text, "ratio (fedtune / Flower), means over runs")}
     assert float(ratios["wall time per round"]) > 0
+    assert (tmp_path / "flower.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_operator_scale_smoke(tmp_path):
@@ -86,3 +91,4 @@ def test_operator_scale_smoke(tmp_path):
     assert [r[2] for r in rows] == ["1/1", "2/2"]  # every job got all its pods
     assert all(float(r[5]) > 0 and int(r[9]) > 0 and float(r[13]) > 0 for r in rows)  # p50, Buckets, RSS
     assert [r[11] for r in rows] == ["3", "3"]  # one S3 client per credentials (2 parties + hub), not per Bucket
+    assert (tmp_path / "operator_scale.png").read_bytes()[:4] == b"\x89PNG"
