@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fedtune import cli
 from fedtune.api.errors import SpecError
+from fedtune.api.methods import peft_itself_deferred
 from fedtune.documents import parse_documents
 from fedtune.local.runner import LocalRun, _shown
 from safetensors.torch import load_file
@@ -223,6 +225,24 @@ def test_local_mode_input_errors(tiny_seq_cls, toy_data, tmp_path):
     with pytest.raises(SpecError, match="label\\(s\\) positive that the job's spec.data.labels"):
         LocalRun(parse_documents(yaml.safe_dump_all(docs), "j"), tmp_path / "c", out=io.StringIO()).run()
     assert not _processes_mentioning(str(tmp_path / "c"))
+
+
+def test_run_asks_peft_in_the_background_and_refuses_before_any_ticket(tiny_seq_cls, toy_data, tmp_path, capsys):
+    docs = list(yaml.safe_load_all(job_yaml(tiny_seq_cls, toy_data)))
+    docs[0]["spec"]["peft"]["config"]["bogus_option"] = 1  # only peft itself knows this is wrong
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump_all(docs))
+    with peft_itself_deferred():
+        parse_documents(job.read_text(), "j")  # fedtune's own checks pass; peft's waits
+    with pytest.raises(SpecError, match="bogus_option"):
+        parse_documents(job.read_text(), "j")  # as `fedtune validate` and the operator parse it
+    workdir = tmp_path / "w"
+    rc = cli.main(["run", str(job), "--workdir", str(workdir), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "spec.peft.config" in err and "peft rejects this lora config" in err and "bogus_option" in err
+    assert not list((workdir / "mailboxes").rglob("ticket.json"))  # refused before any pod was told to work
+    assert not (workdir / "final").exists()
+    assert not _processes_mentioning(str(workdir))
 
 
 def _wait_for_round(status: Path, rnd: int, proc: subprocess.Popen, log: Path, timeout: float) -> None:

@@ -31,10 +31,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedtune.api.methods import peft_itself_deferred
     from fedtune.documents import load_documents
     from fedtune.local.runner import LocalRun
 
-    docs = load_documents(args.file)
+    with peft_itself_deferred():  # LocalRun asks peft in the background, before the first ticket
+        docs = load_documents(args.file)
     workdir = (
         Path(args.workdir)
         if args.workdir

@@ -6,8 +6,14 @@ the trainer's strategies read their defaults from here so both sides agree.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
+
+# Whether check_peft_config also asks peft itself (where installed; importing it takes seconds).
+_ASK_PEFT: ContextVar[bool] = ContextVar("fedtune_ask_peft", default=True)
 
 # peft method name (as written in a FederatedJob) -> peft.PeftType value.
 PEFT_METHODS: dict[str, str] = {
@@ -94,6 +100,20 @@ def strategy_params(name: str, given: dict[str, float]) -> dict[str, float]:
     return {k: float(given.get(k, p.default)) for k, p in table.items()}
 
 
+@contextmanager
+def peft_itself_deferred() -> Iterator[None]:
+    """Within: check_peft_config makes only fedtune's own checks; the caller asks peft later.
+
+    `fedtune run` parses the job at once and runs peft's check in the background while the pods
+    and the S3 server start, instead of making the user wait seconds for peft and torch to import.
+    """
+    token = _ASK_PEFT.set(False)
+    try:
+        yield
+    finally:
+        _ASK_PEFT.reset(token)
+
+
 def check_peft_config(method: str, config: dict[str, Any], task: str) -> None:
     """Validate a peft config. Deep checks run only where peft is installed (it imports torch)."""
     if method in UNFEDERATABLE:
@@ -108,6 +128,8 @@ def check_peft_config(method: str, config: dict[str, Any], task: str) -> None:
             raise ValueError(f"config.{key} must be a positive integer (got {config[key]!r})")
     if method in ("prompt_tuning", "prefix_tuning") and "num_virtual_tokens" not in config:
         raise ValueError(f"{method} needs config.num_virtual_tokens, e.g. 16")
+    if not _ASK_PEFT.get():
+        return
     try:
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # lazy: imports torch; absent in the operator image
     except ImportError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from contextlib import ExitStack
@@ -20,6 +21,8 @@ from fedtune_trainer.mailbox import POLL_SECONDS, RECEIPT, FileMailbox, ticket_i
 from pydantic import ValidationError
 
 from fedtune.api.errors import SpecError
+from fedtune.api.job import FederatedJob
+from fedtune.api.methods import check_peft_config
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus
@@ -50,6 +53,30 @@ def utcnow() -> datetime:
 
 def _dirname(key: str) -> str:
     return key.replace("/", "--")
+
+
+class _PeftVerdict(threading.Thread):
+    """peft's own check of the job's adapter config, in the background (it imports peft and torch)."""
+
+    def __init__(self, job: FederatedJob):
+        super().__init__(name="peft-config-check", daemon=True)
+        self.job, self.error = job, None
+        self.start()
+
+    def run(self) -> None:
+        spec = self.job.spec
+        try:
+            check_peft_config(spec.peft.method, spec.peft.config, spec.model.task)
+        except ValueError as exc:
+            self.error = SpecError(f"FederatedJob {self.job.metadata.name}: spec.peft.config: {exc}")
+        except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread by verdict()
+            self.error = exc
+
+    def verdict(self) -> None:
+        """Wait for the check; raise what it found."""
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _shown(path: Path) -> Path:
@@ -308,6 +335,7 @@ class LocalRun:
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
             f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {_shown(self.workdir)}"
         )
+        peft_verdict = _PeftVerdict(self.job)  # joined before the first ticket is written
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
             # Pods first: each spends seconds importing torch, while the S3 server starts and the data
@@ -317,6 +345,7 @@ class LocalRun:
             self._start_storage(stack)
             stack.callback(self.pods.stop)  # (runs first) pods stop before their S3 server does
             self._upload_data()
+            peft_verdict.verdict()
             st = self._loop(BucketSigner(self.buckets))
             self.pods.finishing = True
             if not self.pods.wait(timeout=60):
