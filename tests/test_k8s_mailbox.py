@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from fedtune_trainer.k8s_mailbox import MailboxError, SecretMailbox, decode_doc, encode_doc
+from fedtune_trainer.k8s_mailbox import MIN_PAUSE, MailboxError, SecretMailbox, decode_doc, encode_doc
 from fedtune_trainer.mailbox import ticket_id
 from kube import KubeEmulator, kube_fixture  # noqa: F401  (the `kube` fixture)
 
@@ -97,6 +97,18 @@ def test_wait_ticket_rides_out_expired_watches(kube: KubeEmulator, mailbox: Secr
     waiter.join(5)
     assert got == [ticket(1, attempt=1)]
     assert requests_to(kube) - before <= 20  # about 2 requests per 0.2 s pause, never a hot loop
+
+
+def test_a_short_local_poll_does_not_hammer_the_api_server(mailbox: SecretMailbox, monkeypatch) -> None:
+    """Pods pass the local mailboxes' 0.02 s poll; against the API the pause stays at least MIN_PAUSE."""
+    mailbox.write_ticket(ticket(1))
+    reads = []
+    get = mailbox._get
+    monkeypatch.setattr(mailbox, "_get", lambda: reads.append(1) or get())
+    monkeypatch.setattr(mailbox, "_watch", lambda rv, seconds: iter(()))  # a server closing each watch at once
+    with pytest.raises(TimeoutError):
+        mailbox.wait_ticket(ticket_id(ticket(1)), poll=0.005, timeout=1)
+    assert len(reads) <= 1 / MIN_PAUSE + 2
 
 
 def test_missing_secret_is_a_clear_error(mailbox: SecretMailbox) -> None:

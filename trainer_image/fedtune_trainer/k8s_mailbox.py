@@ -26,13 +26,14 @@ from typing import Any
 
 import urllib3
 
-from fedtune_trainer.mailbox import POLL_SECONDS, RECEIPT, TICKET, ticket_id
+from fedtune_trainer.mailbox import RECEIPT, TICKET, ticket_id
 
 log = logging.getLogger(__name__)
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 WATCH_SECONDS = 60  # each watch is ended by the server after this; then re-read and re-watch
 RETRY_MAX = 5.0  # the longest pause between attempts while the API server is unreachable
+MIN_PAUSE = 0.1  # an API server is not a local file: never ask it more often than this
 
 
 class MailboxError(RuntimeError):
@@ -99,18 +100,20 @@ class SecretMailbox:
         self._retrying(lambda: self._put_key(RECEIPT, receipt), "write the receipt to")
 
     def wait_ticket(
-        self, newer_than: str | None, poll: float = POLL_SECONDS, timeout: float | None = None
+        self, newer_than: str | None, poll: float = MIN_PAUSE, timeout: float | None = None
     ) -> dict[str, Any]:
         """Block until the ticket differs from the one identified by `newer_than` (its id string).
 
         Read the Secret, then watch it from that resourceVersion until a new ticket arrives.
         Each watch ends after `watch_seconds` (or at 410 Gone, or on a dropped connection);
         then the Secret is read again, so nothing is missed between two watches. `poll` is
-        the least pause between attempts, doubled up to RETRY_MAX while the API server is
-        unreachable: a flapping server is never hammered.
+        the least pause between attempts (at least MIN_PAUSE: the callers' default is the local
+        mailboxes' file poll), doubled up to RETRY_MAX while the API server is unreachable: a
+        flapping server is never hammered.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = max(poll, 0.05)
+        poll = max(poll, MIN_PAUSE)
+        pause = poll
         while True:
             started = time.monotonic()
             try:
@@ -124,7 +127,7 @@ class SecretMailbox:
                         ticket = self._decode(obj, TICKET)
                         if ticket is not None and ticket_id(ticket) != newer_than:
                             return ticket
-                pause = max(poll, 0.05)  # a healthy round: back to the short pause
+                pause = poll  # a healthy round: back to the short pause
             except _Transient as exc:
                 if deadline is not None and time.monotonic() + pause >= deadline:
                     raise TimeoutError(f"no new ticket in Secret {self.namespace}/{self.name}: {exc}") from exc
