@@ -128,8 +128,12 @@ def check_peft_config(method: str, config: dict[str, Any], task: str) -> None:
             raise ValueError(f"config.{key} must be a positive integer (got {config[key]!r})")
     if method in ("prompt_tuning", "prefix_tuning") and "num_virtual_tokens" not in config:
         raise ValueError(f"{method} needs config.num_virtual_tokens, e.g. 16")
-    if not _ASK_PEFT.get():
-        return
+    if _ASK_PEFT.get():
+        ask_peft(method, config, task)
+
+
+def ask_peft(method: str, config: dict[str, Any], task: str) -> None:
+    """peft's own verdict on a config fedtune's checks passed; nothing where peft is not installed."""
     try:
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # lazy: imports torch; absent in the operator image
     except ImportError:

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from fedtune.api.errors import SpecError
 from fedtune.api.job import FederatedJob
-from fedtune.api.methods import check_peft_config
+from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus
@@ -66,7 +66,7 @@ class _PeftVerdict(threading.Thread):
     def run(self) -> None:
         spec = self.job.spec
         try:
-            check_peft_config(spec.peft.method, spec.peft.config, spec.model.task)
+            ask_peft(spec.peft.method, spec.peft.config, spec.model.task)  # fedtune's own checks ran at parse
         except ValueError as exc:
             self.error = SpecError(f"FederatedJob {self.job.metadata.name}: spec.peft.config: {exc}")
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread by verdict()
