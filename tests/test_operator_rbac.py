@@ -102,6 +102,42 @@ def test_the_log_tells_the_operator_from_the_pods_and_the_harness(requests_by_mo
     assert pods and {r.resource for r in pods} == {"secrets"}, "pods reach their mailbox Secret only"
 
 
+def _mailbox_roles() -> list[dict]:
+    """The Roles the operator creates for a trainer and an aggregator pod (examples/k8s job)."""
+    import yaml
+    from fedtune.api.job import FederatedJob
+    from fedtune.api.party import Party
+    from fedtune.k8s import builders
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "k8s"
+    files = ("federatedjob.yaml", "party-hospital-a.yaml")
+    docs = [d for f in files for d in yaml.safe_load_all((root / f).read_text())]
+    job = FederatedJob.model_validate(next(d for d in docs if d["kind"] == "FederatedJob"))
+    party = Party.model_validate(next(d for d in docs if d["kind"] == "Party"))
+    ctxs = (builders.trainer_context(job, party), builders.aggregator_context(job))
+    return [o for ctx in ctxs for o in builders.build_pod_objects(ctx) if o["kind"] == "Role"]
+
+
+def test_the_operator_holds_every_verb_it_grants_and_pods_use_only_their_mailbox(requests_by_mode):
+    """RBAC escalation prevention (which the emulator does not enforce): creating and binding a Role
+    needs every verb of it held by the creator. Pods ask only what their mailbox Role grants."""
+    roles = _mailbox_roles()
+    assert len(roles) == 2
+    granted_to_pods = set()
+    for role in roles:
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for res in rule["resources"]:
+                    missing = [v for v in rule["verbs"] if not granted(group, res, v)]
+                    assert not missing, f"the operator could not create {role['metadata']['name']}: lacks {missing}"
+                    granted_to_pods |= {(group, res, v) for v in rule["verbs"]}
+            assert rule.get("resourceNames"), "a mailbox Role names its one Secret"
+    pods = [r for r in requests_by_mode["cluster-wide"] if r.token is None]
+    assert pods and {(r.group, r.resource, r.verb) for r in pods} <= granted_to_pods
+    named = [r for r in pods if r.verb != "watch"]  # a watch names its Secret by fieldSelector
+    assert named and all("/secrets/" in r.path for r in named), "pods address their mailbox by name"
+
+
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
 def test_every_operator_request_is_granted(requests_by_mode, mode):
     ops = by_operator(requests_by_mode[mode])
