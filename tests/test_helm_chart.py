@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fedtune.api.party import Party
+from fedtune.k8s.names import aggregator_labels, trainer_labels
 from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, namespaced_rows, triples
 from fedtune.k8s.settings import OperatorSettings
 from test_crds import schema_errors
@@ -276,6 +277,10 @@ def test_network_policy_denies_ingress_and_allows_only_s3_api_server_and_dns():
     assert spec["podSelector"] == {
         "matchLabels": {"app.kubernetes.io/name": "fedtune", "app.kubernetes.io/component": "trainer"}
     }
+    # The labels the operator really puts on trainer pods (and only on those) must match the selector.
+    selector = spec["podSelector"]["matchLabels"].items()
+    assert selector <= trainer_labels("hub", "j", "uid-1", "hospital-a/hospital-a").items()
+    assert not selector <= aggregator_labels("hub", "j", "uid-1").items()
     assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"] and spec["ingress"] == []
     *ip_rules, dns = spec["egress"]
     allowed = [(r["to"][0]["ipBlock"]["cidr"], r["ports"][0]["port"]) for r in ip_rules]
