@@ -187,10 +187,7 @@ def peak_full(r: dict, done: list[dict], scale: float) -> float:
 
 
 def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = mlbench.pyplot()
 
     scale = FULL_LAYERS / args.layers
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
@@ -210,9 +207,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"Aggregating LoRA r={args.rank} on q,k,v,o of a 7B shape (measured on {args.layers} layers)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    mlbench.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

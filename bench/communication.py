@@ -334,10 +334,7 @@ def bytes_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = mlbench.pyplot()
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -353,9 +350,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("One adapter upload per party per round (int8: about 1/4 of these)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", which="major", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    mlbench.save_figure(fig, path)
 
 
 # --- accuracy with compression ---------------------------------------------------------------------

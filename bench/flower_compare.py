@@ -244,10 +244,7 @@ def _mean(xs: list[float]) -> float:
 
 def plot(runs: list[tuple[str, dict]], path: Path) -> None:
     """Accuracy per round (mean over runs) and each run's round time split into training and the rest."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = mlbench.pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
     for name, style in (("fedtune", "o-"), ("flower", "s--")):
@@ -271,9 +268,7 @@ def plot(runs: list[tuple[str, dict]], path: Path) -> None:
     right.set_ylabel("seconds per round (mean)")
     right.set_title("Round time, per run")
     right.legend(fontsize=8, loc="lower right", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    mlbench.save_figure(fig, path)
 
 
 def report(args, runs: list[tuple[str, dict]], info: dict) -> str:

@@ -16,7 +16,6 @@ import importlib.metadata
 import os
 import platform
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -101,15 +100,21 @@ def quiet() -> None:
         pass
 
 
-class Stopwatch:
-    """`with Stopwatch() as t: ...` then `t.seconds`."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (these machines have no display)."""
+    import matplotlib
 
-    def __enter__(self) -> Stopwatch:
-        self.start = time.perf_counter()
-        return self
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.start
+    return plt
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -153,14 +158,6 @@ def load_r8(per_class: int | None = 100) -> list[dict]:
             counts[label] = counts.get(label, 0) + 1
             records.append({"text": text, "label": label})
     return records
-
-
-def r8_available() -> bool:
-    try:
-        load_r8(per_class=1)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 # --- the benchmark task as fedtune documents ----------------------------------------------------
@@ -253,19 +250,11 @@ def parse(docs: list[dict]):
     return parse_documents(yaml.safe_dump_all(docs), "bench")
 
 
-def trainer_config(parsed, prox_mu: float = 0.0):
-    """The TrainerConfig a party of this job receives in its tickets."""
-    from fedtune.api.protocol import TrainerConfig
+def trainer_config(parsed):
+    """The TrainerConfig a party of this job receives in its tickets (the runner's own function)."""
+    from fedtune.rounds.intents import trainer_config as ticket_config
 
-    spec = parsed.job.spec
-    return TrainerConfig(
-        model=spec.model,
-        peft=spec.peft,
-        data=spec.data,
-        training=spec.training,
-        deepspeed=spec.deepspeed,
-        prox_mu=prox_mu,
-    )
+    return ticket_config(parsed.job, parsed.parties[parsed.job.party_keys[0]])
 
 
 def shards_of(parsed, records: list[dict]):

@@ -432,10 +432,7 @@ Command: `python bench/operator_scale.py {" ".join(sys.argv[1:])}`
 
 def plot(results: list[dict], path: Path) -> None:
     """Latency and operator memory against the number of jobs in the burst."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = mlbench.pyplot()
 
     jobs = [r["jobs"] for r in results]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -456,9 +453,7 @@ def plot(results: list[dict], path: Path) -> None:
     right.set_ylabel("operator process RSS, MiB")
     right.set_title("Operator memory")
     right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    mlbench.save_figure(fig, path)
 
 
 def main() -> None:

@@ -236,10 +236,7 @@ def tables(results: list[dict]) -> tuple[str, str]:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = mlbench.pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4))
     steps = [k for k in STEPS if k != "train"]
@@ -256,9 +253,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_ylabel("seconds per round")
     ax.set_title("Federation overhead per round (local mode, tiny model)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    mlbench.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

