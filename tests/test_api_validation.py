@@ -126,3 +126,13 @@ def test_cli_validate_reports_errors_without_traceback(tmp_path, capsys):
     assert main(["validate", str(QUICKSTART)]) == 0
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_kubernetes_objects_beside_the_job_are_left_to_kubernetes():
+    k8s = QUICKSTART.parent / "k8s"
+    text = (k8s / "federatedjob.yaml").read_text() + "\n---\n" + (k8s / "party-hospital-a.yaml").read_text()
+    assert "kind: Secret" in text  # the Party's credentials Secret travels in the same file
+    d = parse_documents(text, "k8s.yaml", require_parties=False)
+    assert list(d.parties) == ["hospital-a/hospital-a"] and d.job.metadata.name
+    with pytest.raises(SpecError, match="kind 'Secret' is not one of"):  # only foreign apiVersions are skipped
+        parse_documents(text.replace("apiVersion: v1\nkind: Secret", "apiVersion: fedtune.io/v1alpha1\nkind: Secret"))

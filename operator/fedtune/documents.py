@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ class Documents:
     job: FederatedJob
     parties: dict[str, Party]  # namespace/name -> Party
     dataset: Any | None = None  # fedtune.api.dataset.Dataset
-    extra: list[dict] = field(default_factory=list)
 
 
 def _model_for(kind: str):
@@ -46,12 +45,11 @@ def parse_documents(text: str, source: str = "<input>", require_parties: bool = 
         raw = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: not valid YAML: {exc}") from None
-    jobs, parties, datasets, problems, extra = [], {}, [], [], []
+    jobs, parties, datasets, problems = [], {}, [], []
     for i, doc in enumerate(raw, 1):
         where = f"{source}, document {i}"
         if isinstance(doc, dict) and "fedtune.io/" not in str(doc.get("apiVersion", "fedtune.io/")):
-            extra.append(doc)  # built-in objects beside the job (a credentials Secret…): not ours to check
-            continue
+            continue  # built-in objects beside the job (a credentials Secret…): not ours to check
         if not isinstance(doc, dict) or doc.get("kind") not in KINDS:
             kind = doc.get("kind") if isinstance(doc, dict) else type(doc).__name__
             problems.append(f"{where}: kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -82,7 +80,7 @@ def parse_documents(text: str, source: str = "<input>", require_parties: bool = 
             )
     if problems:
         raise SpecError("\n".join(problems))
-    return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None, extra=extra)
+    return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None)
 
 
 def load_documents(path: str | Path, require_parties: bool = True) -> Documents:
