@@ -100,14 +100,17 @@ def project_extras(command: str) -> set[str]:
     return set(match.group(1).split(","))
 
 
-def setup_torch_pin() -> str:
-    (version,) = re.findall(r'"torch==([\d.]+)"', SETUP)
+LOCK = ROOT / "requirements" / "lock.txt"
+
+
+def lock_version(name: str) -> str:
+    (version,) = re.findall(rf"^{re.escape(name)}==(\S+)", LOCK.read_text(), re.MULTILINE)
     return version
 
 
 def setup_extras() -> set[str]:
-    (extras,) = re.findall(r'-e "\.\[([\w,-]+)\]"', SETUP)
-    return set(extras.split(","))
+    """The extras the lock setup.sh installs is compiled from (scripts/lock.sh)."""
+    return set(re.findall(r"--extra (\w+)", (ROOT / "scripts" / "lock.sh").read_text()))
 
 
 # -- hadolint --------------------------------------------------------------------------------------
@@ -158,17 +161,28 @@ def test_every_ignored_rule_says_why():
 # -- what the images install -----------------------------------------------------------------------
 
 
-def test_trainer_installs_torch_first_pinned_as_setup_does():
+def test_trainer_installs_torch_first_from_the_lock_as_setup_does():
     df = read_dockerfile("Dockerfile.trainer")
-    assert df.global_args["TORCH_VERSION"] == setup_torch_pin() == "2.13.0"
+    assert "TORCH_VERSION" not in df.global_args, "the lock is the one place torch's version is written"
     installs = pip_installs(df.stage("builder"))
-    torch_at = [i for i, c in enumerate(installs) if '"torch==${TORCH_VERSION}"' in c]
+    torch_at = [i for i, c in enumerate(installs) if '"$TORCH"' in c]
     project_at = [i for i, c in enumerate(installs) if '".[' in c]
     assert len(torch_at) == 1 and len(project_at) == 1, installs
     assert torch_at[0] < project_at[0], "torch must be installed before the project (or pip picks another torch)"
     assert "--index-url" in installs[torch_at[0]], "torch comes from the PyTorch wheel index of the variant"
-    # setup.sh's order too: torch, then the project
-    assert SETUP.index('"torch==') < SETUP.index('-e ".[')
+    runs = " ".join(df.stage("builder").args("RUN"))
+    (read,) = [r for r in df.stage("builder").args("RUN") if r.startswith("TORCH=")]
+    assert "torch==" in read and "requirements/lock.txt" in read, "torch's version is read from the lock"
+    for i in (torch_at[0], project_at[0]):
+        assert "-c requirements/lock.txt" in installs[i], f"constrained by the lock: {installs[i]}"
+    # setup.sh's order too: torch from the lock, then the lock, then the project
+    assert SETUP.index('"$TORCH"') < SETUP.index('-r "$LOCK"') < SETUP.index("-e .")
+    assert lock_version("torch") == "2.13.0"
+
+
+def test_operator_image_installs_from_the_lock():
+    (install,) = pip_installs(read_dockerfile("Dockerfile.operator").stage("builder"))[-1:]
+    assert "-c requirements/lock.txt" in install, install
 
 
 def test_images_install_the_extras_their_commands_need():
