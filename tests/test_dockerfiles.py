@@ -170,7 +170,6 @@ def test_trainer_installs_torch_first_from_the_lock_as_setup_does():
     assert len(torch_at) == 1 and len(project_at) == 1, installs
     assert torch_at[0] < project_at[0], "torch must be installed before the project (or pip picks another torch)"
     assert "--index-url" in installs[torch_at[0]], "torch comes from the PyTorch wheel index of the variant"
-    runs = " ".join(df.stage("builder").args("RUN"))
     (read,) = [r for r in df.stage("builder").args("RUN") if r.startswith("TORCH=")]
     assert "torch==" in read and "requirements/lock.txt" in read, "torch's version is read from the lock"
     for i in (torch_at[0], project_at[0]):

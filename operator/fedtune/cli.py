@@ -15,10 +15,14 @@ from fedtune.storage.seaweed import SeaweedError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from fedtune.api.support import verdict
     from fedtune.documents import load_documents
 
     docs = load_documents(args.file, require_parties=False)
     job = docs.job
+    problem, note = verdict(job.spec.model, job.spec.peft, job.spec.data)
+    if problem:
+        raise SpecError(f"{args.file}: FederatedJob {job.metadata.name}:\n  spec.peft: {problem}")
     n = len(docs.parties)
     print(
         f"{args.file}: FederatedJob {job.metadata.name} with {n} Part{'y' if n == 1 else 'ies'}"
@@ -27,6 +31,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     missing = [k for k in job.party_keys if k not in docs.parties]
     if missing:
         print(f"  (Parties {', '.join(missing)} are not in the file: fine on Kubernetes, needed by `fedtune run`)")
+    if note:
+        print(f"  ({note})")
     return 0
 
 

@@ -8,7 +8,6 @@ seed. `fingerprint` lets the control plane check that parties really agree.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path, PurePosixPath
@@ -16,7 +15,8 @@ from typing import Any
 
 import torch
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
-from fedtune.api.methods import PEFT_METHODS, TASK_TYPES
+from fedtune.api.methods import ALTERNATIVES, PEFT_METHODS, TASK_TYPES
+from fedtune.api.support import libraries, local_model_dir
 
 from fedtune_trainer import transfer
 
@@ -36,26 +36,11 @@ def resolve_source(model: ModelSpec, model_files: dict[str, str] | None = None) 
     downloaded once into the cache.
     """
     src = model.source
-    if src.startswith("file://"):
-        return _existing(Path(src[len("file://") :]), src)
-    if src.startswith("pkg://"):
-        package, _, sub = src[len("pkg://") :].partition("/")
-        # find_spec without importing: some model packages fail to import (missing deps) yet ship the files.
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"model source {src}: Python package {package!r} is not installed in the trainer")
-        return _existing(Path(list(spec.submodule_search_locations)[0]) / sub, src)
     if src.startswith("hf://"):
         return src[len("hf://") :]
     if src.startswith("s3://"):
         return _download_model(src, model_files or {})
-    return _existing(Path(src), src)
-
-
-def _existing(path: Path, src: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"model source {src}: {path} does not exist in the trainer")
-    return path
+    return local_model_dir(src)
 
 
 def _download_model(src: str, files: dict[str, str]) -> Path:
@@ -158,7 +143,30 @@ def apply_peft(model: torch.nn.Module, peft: PeftSpec, task: str, seed: int) -> 
     torch.manual_seed(seed)
     wrapped = get_peft_model(model, config)
     _check_state_covers_trainable(wrapped, peft.method)
+    _check_forward(wrapped, peft.method, task)
     return wrapped
+
+
+def _check_forward(model: torch.nn.Module, method: str, task: str) -> None:
+    """One forward pass on a dummy batch: a method the libraries cannot run on this model fails at init.
+
+    (Prefix tuning, for one, fails only once a batch goes through the model; without this check
+    that would be round 1, after every party loaded the model and the initial adapter was shared.)
+    """
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 8), dtype=torch.long, device=device)
+    training = model.training
+    model.eval()  # no dropout: the check must not draw from the seeded generator training uses
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except (ValueError, TypeError, KeyError) as exc:
+        arch = type(model.get_base_model()).__name__
+        raise ValueError(
+            f"{method} cannot train {arch} ({task}) with {libraries()}: {exc}; use {ALTERNATIVES}, or another model"
+        ) from None
+    finally:
+        model.train(training)
 
 
 def _check_state_covers_trainable(model: torch.nn.Module, method: str) -> None:

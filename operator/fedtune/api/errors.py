@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import ValidationError
+
+# A problem line that starts with the (camelCase) field it is about: "rounds: must be at least 1".
+_FIELD = re.compile(r"^([a-z][A-Za-z0-9]*(?:\.[a-z][A-Za-z0-9]*)*): ")
 
 
 class SpecError(ValueError):
@@ -31,5 +36,10 @@ def describe(err: ValidationError, prefix: str = "") -> str:
             msg = "unknown field (check its spelling; fields are camelCase)"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        lines.append(f"{where}: {msg}" if where else msg)
+        # A validator that found several problems says them one per line, each "field: message" or a sentence.
+        for m in msg.splitlines():
+            field = _FIELD.match(m)
+            at = f"{where}.{field.group(1)}" if field and where else where
+            m = m[field.end() :] if field and where else m
+            lines.append(f"{at}: {m}" if at else m)
     return "\n".join(lines)

@@ -154,7 +154,7 @@ class FederatedJobSpec(ApiModel):
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
     storage: StorageSpec | None = Field(None, description="Coordinator bucket (global and final adapters).")
-    rounds: int = Field(3, description="Federated rounds.")
+    rounds: int = Field(3, description="Federated rounds (at least 1).")
     min_parties: int = Field(1, description="Fewest updates a round may aggregate.")
     round_timeout_seconds: int = Field(1800, ge=5, description="Deadline for a round's updates (and its aggregation).")
     max_round_retries: int = Field(2, ge=0, description="Retries of a round that missed quorum before the job fails.")
@@ -162,45 +162,46 @@ class FederatedJobSpec(ApiModel):
     parties: list[PartyRef] = Field(min_length=1, description="Parties that train; each must consent.")
     trainer_image: str = Field("ghcr.io/fedtune/trainer:0.1.0", description="Image of trainer and aggregator pods.")
 
-    @field_validator("rounds")
-    @classmethod
-    def _rounds(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"rounds must be at least 1 (got {v})")
-        return v
-
     @model_validator(mode="after")
     def _consistent(self) -> FederatedJobSpec:
-        n = len(self.parties)
+        problems = self.problems()
+        if problems:
+            # One line per problem: fedtune.api.errors.describe prints each under the document's name.
+            raise ValueError("\n".join(problems))
+        return self
+
+    def problems(self) -> list[str]:
+        """Every way the fields contradict each other or the installed libraries, each with its fix."""
+        out, n = [], len(self.parties)
+        if self.rounds < 1:
+            out.append(f"rounds: must be at least 1 (got {self.rounds})")
         if self.min_parties < 1:
-            raise ValueError(f"minParties must be at least 1 (got {self.min_parties})")
-        if self.min_parties > n:
-            raise ValueError(
+            out.append(f"minParties: must be at least 1 (got {self.min_parties})")
+        elif self.min_parties > n:
+            out.append(
                 f"minParties ({self.min_parties}) is larger than the number of parties ({n}): "
                 f"lower minParties to at most {n} or add parties"
             )
         if self.model.task == "sequence-classification" and len(self.data.labels) < 2:
-            raise ValueError("data.labels must list at least two classes for sequence-classification")
+            out.append("data.labels must list at least two classes for sequence-classification")
         try:
-            check_peft_config(self.peft.method, self.peft.config, self.model.task)
+            check_peft_config(self.peft.method, self.peft.config, self.model.task, self.model.source)
         except ValueError as exc:
-            raise ValueError(f"peft.config: {exc}") from None
+            out.append(f"peft: {exc}")
         ds, tr = self.deepspeed, self.training
         if ds.train_batch_size is not None:
             per_device = tr.batch_size * tr.gradient_accumulation
             if ds.train_batch_size % per_device:
-                raise ValueError(
+                out.append(
                     f"deepspeed.trainBatchSize ({ds.train_batch_size}) must be a multiple of training.batchSize x "
                     f"training.gradientAccumulation ({tr.batch_size} x {tr.gradient_accumulation} = {per_device}); "
                     "fix one of them or drop trainBatchSize to derive it"
                 )
         if ds.bf16 and self.model.dtype == "float32" and not ds.enabled:
-            raise ValueError("deepspeed.bf16 needs deepspeed.enabled: true (or set model.dtype: bfloat16)")
+            out.append("deepspeed.bf16 needs deepspeed.enabled: true (or set model.dtype: bfloat16)")
         if self.strategy.name == "fedprox" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
-            raise ValueError(
-                "fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2"
-            )
-        return self
+            out.append("fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2")
+        return out
 
     @property
     def peft_task_type(self) -> str:

@@ -40,6 +40,19 @@ UNFEDERATABLE = {
 
 TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
+# (method, task) pairs the locked transformers and peft (requirements/lock.txt) cannot train on any
+# model, and why. The operator has no torch to ask the libraries (fedtune.api.support.probe), so
+# this table is how its admission refuses them; tests/test_model_support.py checks it against the
+# probe on real architectures, and fails when a new lock changes the answer.
+TASK_LIMITS: dict[tuple[str, str], str] = {
+    ("prefix_tuning", "sequence-classification"): "prefix tuning feeds trained key/value prefixes through the "
+    "model's past_key_values, and under transformers 5 no sequence-classification model's forward takes them "
+    "(peft: 'Model does not support past key values'); use prompt_tuning, lora or ia3, or task causal-lm",
+}
+
+# What to suggest when a method cannot train a model.
+ALTERNATIVES = "another PEFT method (lora, ia3 or prompt_tuning train on every model fedtune supports)"
+
 # Keys fedtune owns; a peft config may not set them.
 RESERVED_PEFT_KEYS = {"peft_type", "task_type", "base_model_name_or_path", "inference_mode", "revision"}
 
@@ -114,12 +127,18 @@ def peft_itself_deferred() -> Iterator[None]:
         _ASK_PEFT.reset(token)
 
 
-def check_peft_config(method: str, config: dict[str, Any], task: str) -> None:
-    """Validate a peft config. Deep checks run only where peft is installed (it imports torch)."""
+def check_peft_config(method: str, config: dict[str, Any], task: str, model: str | None = None) -> None:
+    """Validate a peft config. Deep checks run only where peft is installed (it imports torch).
+
+    `model`: the job's model source, named in messages.
+    """
     if method in UNFEDERATABLE:
         raise ValueError(f"{method} cannot be federated: {UNFEDERATABLE[method]}")
     if method not in PEFT_METHODS:
         raise ValueError(f"unknown PEFT method {method!r}; choose one of: {', '.join(sorted(PEFT_METHODS))}")
+    if (method, task) in TASK_LIMITS:
+        which = f"{model} (a {task} model)" if model else f"a {task} model"
+        raise ValueError(f"{method} cannot train {which}: {TASK_LIMITS[method, task]}")
     reserved = sorted(RESERVED_PEFT_KEYS & set(config))
     if reserved:
         raise ValueError(f"config may not set {', '.join(reserved)}: fedtune sets them from the job")

@@ -26,6 +26,7 @@ from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus
+from fedtune.api.support import verdict
 from fedtune.documents import Documents
 from fedtune.local import report
 from fedtune.local.children import Pod, Pods
@@ -56,7 +57,8 @@ def _dirname(key: str) -> str:
 
 
 class _PeftVerdict(threading.Thread):
-    """peft's own check of the job's adapter config, in the background (it imports peft and torch)."""
+    """peft's own check of the job's adapter config, and whether the installed libraries can train it
+    on the job's model (fedtune.api.support), in the background: it imports peft and torch."""
 
     def __init__(self, job: FederatedJob):
         super().__init__(name="peft-config-check", daemon=True)
@@ -67,6 +69,9 @@ class _PeftVerdict(threading.Thread):
         spec = self.job.spec
         try:
             ask_peft(spec.peft.method, spec.peft.config, spec.model.task)  # fedtune's own checks ran at parse
+            problem, _ = verdict(spec.model, spec.peft, spec.data, model_here=True)
+            if problem:
+                self.error = SpecError(f"FederatedJob {self.job.metadata.name}: spec.peft: {problem}")
         except ValueError as exc:
             self.error = SpecError(f"FederatedJob {self.job.metadata.name}: spec.peft.config: {exc}")
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread by verdict()
@@ -335,17 +340,15 @@ class LocalRun:
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
             f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {_shown(self.workdir)}"
         )
-        peft_verdict = _PeftVerdict(self.job)  # joined before the first ticket is written
+        peft_verdict = _PeftVerdict(self.job)  # runs while the S3 server starts; joined before any pod
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
-            # Pods first: each spends seconds importing torch, while the S3 server starts and the data
-            # is dealt; they only wait for their mailbox until then.
-            stack.callback(self.pods.stop)  # (runs last) should the server fail to start
-            self._start_pods()
             self._start_storage(stack)
-            stack.callback(self.pods.stop)  # (runs first) pods stop before their S3 server does
+            peft_verdict.verdict()  # a job the libraries cannot train starts no pod
+            stack.callback(self.pods.stop)  # pods stop before their S3 server does
+            # The pods spend seconds importing torch while the data is dealt to the buckets.
+            self._start_pods()
             self._upload_data()
-            peft_verdict.verdict()
             st = self._loop(BucketSigner(self.buckets))
             self.pods.finishing = True
             if not self.pods.wait(timeout=60):
