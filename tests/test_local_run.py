@@ -126,6 +126,9 @@ def test_federated_run_end_to_end(tiny_seq_cls, toy_data, tmp_path):
 
     assert hashlib.sha256((final / "adapter_model.safetensors").read_bytes()).hexdigest() == st.global_sha256
     assert model(**{"input_ids": torch.tensor([[101, 2307, 102]])}).logits.shape == (1, 2)
+    # it names its base as the job did, not as a path of the machine that ran it
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == f"file://{tiny_seq_cls}"
     # nothing of the run is left running
     assert not _processes_mentioning(str(tmp_path / "run"))
 

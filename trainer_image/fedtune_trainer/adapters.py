@@ -67,10 +67,16 @@ def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         raise ValueError(f"not a valid safetensors adapter ({len(data)} bytes): {exc}") from None
 
 
-def adapter_config_json(model: torch.nn.Module, adapter_name: str = "default") -> bytes:
-    """adapter_config.json as PeftModel.save_pretrained writes it, so PeftModel.from_pretrained loads it."""
+def adapter_config_json(model: torch.nn.Module, base_model: str | None = None, adapter_name: str = "default") -> bytes:
+    """adapter_config.json as PeftModel.save_pretrained writes it, so PeftModel.from_pretrained loads it.
+
+    `base_model` replaces base_model_name_or_path, which peft fills with the directory this process
+    loaded the model from: meaningless on any other machine (ModelSpec.portable_name).
+    """
     config = copy.deepcopy(model.peft_config[adapter_name])
     config.inference_mode = True  # save_pretrained stores the config for loading, not training
+    if base_model is not None:
+        config.base_model_name_or_path = base_model
     with tempfile.TemporaryDirectory() as tmp:
         # peft's own writer keeps the format (sets, enums, version fields) exactly as peft reads it back.
         config.save_pretrained(tmp)

@@ -130,7 +130,7 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> N
     if ticket.update_out:
         receipt.sha256 = _upload(ticket.update_out, to_bytes(rt.initial), receipt)
     if ticket.adapter_config_out:
-        _upload(ticket.adapter_config_out, adapter_config_json(rt.model), receipt)
+        _upload(ticket.adapter_config_out, adapter_config_json(rt.model, ticket.config.model.portable_name), receipt)
     log.info("[%s] initialised: base model %s", ticket.party, rt.fingerprint[:12])
 
 

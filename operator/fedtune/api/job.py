@@ -33,6 +33,14 @@ class ModelSpec(ApiModel):
             raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(MODEL_SCHEMES)} or a local path")
         return v
 
+    @property
+    def portable_name(self) -> str:
+        """What a final adapter records as its base model: the hub id for hf://, else the source as written.
+
+        Never the path a trainer happened to load it from (a virtualenv's site-packages, a cache).
+        """
+        return self.source.removeprefix("hf://")
+
 
 class PeftSpec(ApiModel):
     """The parameter-efficient method; `config` goes to peft as written (peft's snake_case keys)."""
