@@ -40,7 +40,7 @@ STEPS = ("pickup+misc", "download", "eval", "train", "upload", "hand-off", "aggr
 
 
 def default_poll() -> float:
-    from fedtune_trainer.mailbox import POLL_SECONDS
+    from fedtune.api.mailbox import POLL_SECONDS
 
     return POLL_SECONDS
 

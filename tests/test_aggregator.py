@@ -11,11 +11,11 @@ from datetime import timedelta
 
 import pytest
 import torch
+from fedtune.api.mailbox import FileMailbox
 from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket, Download, UpdateIn
 from fedtune.api.status import utcnow
 from fedtune.storage.s3 import StorageError
 from fedtune_trainer.aggregator import handle, serve
-from fedtune_trainer.mailbox import FileMailbox
 from fedtune_trainer.strategies import make_strategy
 from safetensors.torch import load, save
 

@@ -8,8 +8,8 @@ import threading
 import time
 
 import pytest
+from fedtune.api.mailbox import ticket_id
 from fedtune_trainer.k8s_mailbox import MIN_PAUSE, MailboxError, SecretMailbox, decode_doc, encode_doc
-from fedtune_trainer.mailbox import ticket_id
 from kube import KubeEmulator, kube_fixture  # noqa: F401  (the `kube` fixture)
 
 

@@ -12,10 +12,10 @@ from datetime import timedelta
 
 import pytest
 from fedtune.api.job import ModelSpec
+from fedtune.api.mailbox import FileMailbox
 from fedtune.api.protocol import Download, TrainerReceipt, TrainerTicket
 from fedtune.api.status import utcnow
 from fedtune_trainer.adapters import from_bytes
-from fedtune_trainer.mailbox import FileMailbox
 from fedtune_trainer.models import fingerprint, load_base_model
 from fedtune_trainer.party import PartyRuntime, handle, serve
 from trainer_helpers import config, keyword_jsonl, tiny_paths

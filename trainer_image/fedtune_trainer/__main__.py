@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from fedtune_trainer.mailbox import POLL_SECONDS  # light: json and files only
+from fedtune.api.mailbox import POLL_SECONDS  # light: json and files only
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,13 +14,14 @@ import time
 from typing import Any
 
 import torch
+from fedtune.api.mailbox import POLL_SECONDS, ticket_id
 from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket
 from fedtune.api.status import utcnow
 from pydantic import ValidationError
 from safetensors.torch import save as save_safetensors
 
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import POLL_SECONDS, answers, as_int, deliver, open_mailbox, ticket_id
+from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox
 from fedtune_trainer.strategies import aggregate_round, make_strategy
 from fedtune_trainer.verify import UpdateRejected, load_verified
 

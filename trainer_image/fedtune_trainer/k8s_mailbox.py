@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
-
-from fedtune_trainer.mailbox import RECEIPT, TICKET, ticket_id
+from fedtune.api.mailbox import RECEIPT, TICKET, ticket_id
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,13 @@ import time
 from datetime import UTC
 from typing import Any
 
+from fedtune.api.mailbox import POLL_SECONDS, ticket_id
 from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket
 from fedtune.api.status import Metrics, utcnow
 from pydantic import ValidationError
 
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import POLL_SECONDS, answers, as_int, deliver, open_mailbox, ticket_id
+from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox
 
 log = logging.getLogger(__name__)
 _URL = re.compile(r"https?://[^\s'\"]+")

@@ -11,10 +11,10 @@ import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from fedtune_trainer.mailbox import ticket_id
 from pydantic import ValidationError
 
 from fedtune.api.job import FederatedJob
+from fedtune.api.mailbox import ticket_id
 from fedtune.api.party import Party
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus

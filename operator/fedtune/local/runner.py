@@ -17,11 +17,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from fedtune_trainer.mailbox import POLL_SECONDS, RECEIPT, FileMailbox, ticket_id
 from pydantic import ValidationError
 
 from fedtune.api.errors import SpecError
 from fedtune.api.job import FederatedJob
+from fedtune.api.mailbox import POLL_SECONDS, RECEIPT, FileMailbox, ticket_id
 from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
