@@ -217,7 +217,7 @@ def test_ctrl_c_and_kill_leave_nothing_running_and_two_runs_do_not_collide(tiny_
 def test_local_mode_input_errors(tiny_seq_cls, toy_data, tmp_path):
     docs = list(yaml.safe_load_all(job_yaml(tiny_seq_cls, toy_data)))
     without_dataset = yaml.safe_dump_all(docs[:-1])
-    with pytest.raises(SpecError, match="needs a Dataset document"):
+    with pytest.raises(SpecError, match="local mode needs data"):
         LocalRun(parse_documents(without_dataset, "j"), tmp_path / "a")
     shared = [dict(d) for d in docs]
     shared[2] = {**shared[2], "spec": {"storage": {"bucket": "alice-data"}}}

@@ -23,6 +23,7 @@ class Documents:
     job: FederatedJob
     parties: dict[str, Party]  # namespace/name -> Party
     dataset: Any | None = None  # fedtune.api.dataset.Dataset
+    base_dir: Path | None = None  # the job file's directory: relative paths in it are relative to it
 
 
 def _model_for(kind: str):
@@ -90,4 +91,6 @@ def load_documents(path: str | Path, require_parties: bool = True) -> Documents:
         text = p.read_text()
     except OSError as exc:
         raise SpecError(f"cannot read {p}: {exc.strerror}") from None
-    return parse_documents(text, str(p), require_parties)
+    docs = parse_documents(text, str(p), require_parties)
+    docs.base_dir = p.parent
+    return docs

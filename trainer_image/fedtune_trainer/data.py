@@ -6,47 +6,17 @@ or one id per token for causal LM with -100 wherever no loss is wanted: prompt a
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from fedtune.api.job import DataSchema
+from fedtune.api.records import DataError, field, label_id, parse_jsonl
+
+__all__ = ["IGNORE", "DataError", "collate", "load_examples", "parse_jsonl"]
 
 IGNORE = -100  # label id torch's cross-entropy skips
-
-
-class DataError(ValueError):
-    """The data does not fit the job's data schema; the message names the line."""
-
-
-def parse_jsonl(data: bytes, source: str = "data") -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; a malformed line is an error naming it."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{source}: not UTF-8 text ({exc})") from None
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{source} line {number}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{source} line {number}: expected a JSON object, got {type(obj).__name__}")
-        records.append((number, obj))
-    if not records:
-        raise DataError(f"{source}: no examples (empty file)")
-    return records
-
-
-def _field(record: dict[str, Any], name: str, number: int, source: str) -> Any:
-    if name not in record:
-        raise DataError(f"{source} line {number}: missing field {name!r} (has: {', '.join(sorted(record)) or 'none'})")
-    return record[name]
 
 
 def load_examples(data: bytes, schema: DataSchema, task: str, tokenizer: Any, source: str = "data") -> list[dict]:
@@ -60,20 +30,10 @@ def load_examples(data: bytes, schema: DataSchema, task: str, tokenizer: Any, so
 
 
 def _classification(records: list, schema: DataSchema, tokenizer: Any, source: str) -> list[dict]:
-    ids_of = {name: i for i, name in enumerate(schema.labels)}
     texts, label_ids = [], []
     for number, record in records:
-        text = _field(record, schema.text_field, number, source)
-        label = _field(record, schema.label_field, number, source)
-        # JSON numbers are accepted for numeric class names ("0", "1", ...); booleans never are.
-        key = str(label) if isinstance(label, int) and not isinstance(label, bool) else label
-        if not isinstance(key, str) or key not in ids_of:
-            raise DataError(
-                f"{source} line {number}: unknown label {label!r} in field {schema.label_field!r}; "
-                f"allowed labels: {', '.join(schema.labels)}"
-            )
-        texts.append(str(text))
-        label_ids.append(ids_of[key])
+        texts.append(str(field(record, schema.text_field, number, source)))
+        label_ids.append(label_id(record, schema, number, source))
     encoded = tokenizer(texts, truncation=True, max_length=schema.max_length)["input_ids"]
     return [{"input_ids": list(ids), "labels": label} for ids, label in zip(encoded, label_ids)]
 
@@ -101,8 +61,8 @@ def _causal(records: list, schema: DataSchema, tokenizer: Any, source: str) -> l
     eos = [] if templated or tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
     heads, tails, numbers = [], [], []
     for number, record in records:
-        prompt = str(_field(record, schema.prompt_field, number, source))
-        response = str(_field(record, schema.response_field, number, source))
+        prompt = str(field(record, schema.prompt_field, number, source))
+        response = str(field(record, schema.response_field, number, source))
         head, tail = _split_prompt_response(tokenizer, prompt, response)
         heads.append(head)
         tails.append(tail)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
 from fedtune.api.status import Condition
@@ -38,6 +38,15 @@ class PartyData(ApiModel):
 
     train_key: str = Field("data/train.jsonl", description="Object key of the training split (JSON lines).")
     eval_key: str = Field("data/eval.jsonl", description="Object key of the local evaluation split (JSON lines).")
+    train_path: str | None = Field(
+        None,
+        description="Local mode (`fedtune run`) only: this organisation's training split on this machine, a JSON-lines "
+        "file or a directory of *.jsonl files (relative to the job file). Checked, then uploaded to trainKey in its "
+        "own bucket with its own credentials. The operator ignores it: on Kubernetes the data is in the bucket.",
+    )
+    eval_path: str | None = Field(
+        None, description="Local mode only: the local evaluation split, as trainPath (uploaded to evalKey)."
+    )
 
     @field_validator("train_key", "eval_key")
     @classmethod
@@ -45,6 +54,12 @@ class PartyData(ApiModel):
         if v.startswith("/") or ".." in v.split("/"):
             raise ValueError(f"{v!r} must be a plain object key such as 'data/train.jsonl'")
         return v
+
+    @model_validator(mode="after")
+    def _both_paths(self) -> PartyData:
+        if (self.train_path is None) != (self.eval_path is None):
+            raise ValueError("set both trainPath and evalPath (a party trains on one split and evaluates on the other)")
+        return self
 
 
 class ComputeSpec(ApiModel):

@@ -27,6 +27,7 @@ from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus
 from fedtune.api.support import verdict
+from fedtune.data.own_files import read_own_data
 from fedtune.documents import Documents
 from fedtune.local import report
 from fedtune.local.children import Pod, Pods
@@ -103,10 +104,16 @@ class LocalRun:
     """One local run of a job file. `run()` returns the final status."""
 
     def __init__(self, docs: Documents, workdir: Path, out: TextIO = sys.stdout, threads: int | None = None):
-        if docs.dataset is None:
+        own = [docs.parties[k] for k in docs.job.party_keys if docs.parties[k].spec.data.train_path is not None]
+        if docs.dataset is None and not own:
             raise SpecError(
-                "local mode needs a Dataset document in the job file: it says which data each "
-                "party gets (see examples/quickstart.yaml)"
+                "local mode needs data: each Party's own files (spec.data.trainPath and evalPath, see "
+                "examples/own-data.yaml), or a Dataset document dealing a corpus out (examples/quickstart.yaml)"
+            )
+        if docs.dataset is not None and own:
+            raise SpecError(
+                f"Parties {', '.join(p.key for p in own)} bring their own files (spec.data.trainPath) and a Dataset "
+                "document deals data out too: keep one of the two"
             )
         if docs.job.spec.model.source.startswith("s3://"):
             raise SpecError(
@@ -126,6 +133,7 @@ class LocalRun:
         self.mailboxes: dict[str, FileMailbox] = {}
         self.pods = Pods()
         self._bad_receipts: set[str] = set()
+        self.base_dir = docs.base_dir or Path.cwd()
         self._check_buckets()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -162,6 +170,23 @@ class LocalRun:
             f"S3 at {server.endpoint}: {len(owners)} buckets, one identity each "
             f"(data under {_shown(self.workdir / 's3')})"
         )
+
+    def _upload_own_data(self, splits) -> None:
+        from fedtune.data.own_files import histogram, upload_own_data
+
+        upload_own_data(splits, self.buckets)
+        cls = self.job.spec.model.task == "sequence-classification"
+        for key, (train, ev) in splits.items():
+            hist = ", ".join(f"{k} {v}" for k, v in histogram(train, self.job).items()) if cls else "prompt/response"
+            self.progress.say(
+                f"data  {key.split('/')[-1]:<10} {len(train.records)} train / {len(ev.records)} eval records "
+                f"from {train.shown} and {ev.shown} into its own bucket ({hist})"
+            )
+        if cls:  # the majority class's share of every party's eval records: the bar to clear
+            per_label = [
+                sum(histogram(ev, self.job)[lab] for _, ev in splits.values()) for lab in self.job.spec.data.labels
+            ]
+            self.baseline = max(per_label) / sum(per_label)
 
     def _upload_data(self) -> None:
         from fedtune.data.partition import majority_baseline, plan_shards
@@ -340,15 +365,19 @@ class LocalRun:
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
             f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {_shown(self.workdir)}"
         )
-        peft_verdict = _PeftVerdict(self.job)  # runs while the S3 server starts; joined before any pod
+        peft_verdict = _PeftVerdict(self.job)  # runs while the data is read and the S3 server starts
+        own = read_own_data(self.job, self.parties, self.base_dir)  # bad data: an error before anything starts
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
             self._start_storage(stack)
             peft_verdict.verdict()  # a job the libraries cannot train starts no pod
             stack.callback(self.pods.stop)  # pods stop before their S3 server does
-            # The pods spend seconds importing torch while the data is dealt to the buckets.
+            # The pods spend seconds importing torch while the data goes to the buckets.
             self._start_pods()
-            self._upload_data()
+            if own:
+                self._upload_own_data(own)
+            else:
+                self._upload_data()
             st = self._loop(BucketSigner(self.buckets))
             self.pods.finishing = True
             if not self.pods.wait(timeout=60):
