@@ -48,13 +48,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.workdir
         else Path("runs") / f"{docs.job.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    if workdir.exists() and any(workdir.iterdir()):
+    resume = (workdir / "status.json").is_file()
+    if workdir.exists() and any(workdir.iterdir()) and not resume:
         raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
-    run = LocalRun(docs, workdir, threads=args.threads)
+    run = LocalRun(docs, workdir, threads=args.threads, resume=resume)
     try:
         st = run.run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}", file=sys.stderr)
+        print(
+            f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}\n"
+            f"resume with: fedtune run {args.file} --workdir {workdir}",
+            file=sys.stderr,
+        )
         return 130
     return 0 if st.phase == "Succeeded" else 1
 
@@ -160,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a job file locally (embedded S3, pods as processes)")
     run.add_argument("file", help="YAML with a FederatedJob, its Parties and a Dataset")
-    run.add_argument("--workdir", help="where S3 data, logs, mailboxes and results go (default runs/<job>-<time>)")
+    run.add_argument(
+        "--workdir",
+        help="where S3 data, logs, mailboxes and results go (default runs/<job>-<time>); "
+        "the work directory of an interrupted run resumes it from its last completed round",
+    )
     run.add_argument("--threads", type=int, help="torch threads per party (default: cores / parties)")
     run.set_defaults(func=_cmd_run)
     val = sub.add_parser("validate", help="check a job file and explain what is wrong")

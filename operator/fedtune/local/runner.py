@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from fedtune.api.errors import SpecError
 from fedtune.api.job import FederatedJob
-from fedtune.api.mailbox import POLL_SECONDS, RECEIPT, FileMailbox, ticket_id
+from fedtune.api.mailbox import POLL_SECONDS, RECEIPT, TICKET, FileMailbox, ticket_id
 from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
@@ -39,13 +39,14 @@ from fedtune.rounds.intents import (
     build_trainer_ticket,
     trainer_intents,
 )
-from fedtune.rounds.machine import Observation, advance, new_status
+from fedtune.rounds.machine import Observation, advance, new_status, resumed
 from fedtune.storage import layout
 from fedtune.storage.s3 import Bucket, S3Credentials
 from fedtune.storage.seaweed import Identity, SeaweedServer
 from fedtune.storage.signer import BucketSigner
 
 COORDINATOR_BUCKET = "fedtune-coordinator"
+JOB_FILE, STATUS_FILE = "job.json", "status.json"  # in the work directory: what a resume starts from
 FULL_PASS_SECONDS = 1.0  # the control loop's longest pause between two full passes
 
 
@@ -103,7 +104,9 @@ def _bypass_proxy_on_loopback() -> None:
 class LocalRun:
     """One local run of a job file. `run()` returns the final status."""
 
-    def __init__(self, docs: Documents, workdir: Path, out: TextIO = sys.stdout, threads: int | None = None):
+    def __init__(
+        self, docs: Documents, workdir: Path, out: TextIO = sys.stdout, threads: int | None = None, resume: bool = False
+    ):
         own = [docs.parties[k] for k in docs.job.party_keys if docs.parties[k].spec.data.train_path is not None]
         if docs.dataset is None and not own:
             raise SpecError(
@@ -121,10 +124,11 @@ class LocalRun:
                 "S3 starts empty, so use a directory (file:///path) or pkg://<package>/<dir>"
             )
         self.docs, self.job, self.out = docs, docs.job, out
+        self.workdir = Path(workdir).resolve()  # weed runs with cwd=workdir: relative paths would break
+        self.start_status: FederatedJobStatus | None = self._saved_status() if resume else None
         if not self.job.metadata.uid:
             self.job.metadata.uid = uuid.uuid4().hex[:12]
         self.job.metadata.generation = self.job.metadata.generation or 1
-        self.workdir = Path(workdir).resolve()  # weed runs with cwd=workdir: relative paths would break
         self.parties = [docs.parties[k] for k in self.job.party_keys]
         self.threads = threads
         self.progress = Progress(out)
@@ -137,6 +141,23 @@ class LocalRun:
         self._check_buckets()
 
     # -- setup ---------------------------------------------------------------------------------
+
+    def _saved_status(self) -> FederatedJobStatus:
+        """The status an interrupted run left in the work directory, for the same job; its uid is reused."""
+        try:
+            saved_job = FederatedJob.model_validate_json((self.workdir / JOB_FILE).read_text())
+            st = FederatedJobStatus.model_validate_json((self.workdir / STATUS_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise SpecError(f"cannot resume the run in {_shown(self.workdir)}: {exc}") from None
+        if saved_job.spec != self.job.spec:
+            raise SpecError(
+                f"{_shown(self.workdir)} holds a run of a different job spec: resume it with the job file it "
+                "started with, or start afresh in another --workdir"
+            )
+        if st.phase in ("Succeeded", "Failed"):
+            raise SpecError(f"the run in {_shown(self.workdir)} already ended ({st.phase}): nothing to resume")
+        self.job.metadata.uid = saved_job.metadata.uid  # every object key of the job lives under it
+        return st
 
     def _coordinator_bucket(self) -> str:
         return self.job.spec.storage.bucket if self.job.spec.storage else COORDINATOR_BUCKET
@@ -225,6 +246,10 @@ class LocalRun:
 
     def _start_pods(self) -> None:
         n = len(self.parties)
+        for stale in (self.workdir / "mailboxes").glob(f"*/{TICKET}"):
+            # A resumed run's old tickets carry URLs signed with the last run's credentials: the loop
+            # writes them anew. Receipts stay: an answered ticket is not worked again.
+            stale.unlink()
         threads = self.threads or max(1, (os.cpu_count() or 1) // n)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # pods hold no credentials
         base_env.update(
@@ -307,8 +332,12 @@ class LocalRun:
         st.final_adapter = coord.uri(prefix)
 
     def _loop(self, signer: BucketSigner) -> FederatedJobStatus:
-        st = new_status(self.job, utcnow())
-        status_path, written = self.workdir / "status.json", ""
+        if self.start_status is None:
+            st = new_status(self.job, utcnow())
+        else:
+            st = resumed(self.job, self.start_status, utcnow())
+            self.progress.say(f"resuming: {st.stage}, round {st.current_round}/{self.job.spec.rounds}")
+        status_path, written = self.workdir / STATUS_FILE, ""
         stamp, full_at = None, 0.0
         while True:
             # A full pass (parse receipts, advance, sign, check pods) only when a receipt changed, or
@@ -359,6 +388,7 @@ class LocalRun:
     def run(self) -> FederatedJobStatus:
         """Run the job to the end; Ctrl-C stops every child and the S3 server, keeping what was written."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / JOB_FILE).write_text(self.job.model_dump_json(by_alias=True, exclude_none=True, indent=1))
         spec = self.job.spec
         self.progress.say(
             f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties, "

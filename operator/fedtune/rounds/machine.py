@@ -56,6 +56,20 @@ def new_status(job: FederatedJob, now: datetime) -> FederatedJobStatus:
     return st
 
 
+def resumed(job: FederatedJob, status: FederatedJobStatus, now: datetime) -> FederatedJobStatus:
+    """The status of a job picked up again after its controller was away (local mode's resume).
+
+    Completed rounds stay completed; the current stage goes on where it was, with a fresh deadline:
+    the time the controller was away is nobody's fault. Receipts already in the mailboxes still count.
+    """
+    st = status.model_copy(deep=True)
+    if st.phase in ("Succeeded", "Failed"):
+        return st
+    st.round_deadline = now + timedelta(seconds=job.spec.round_timeout_seconds)
+    cond.mark_running(st, f"resumed: {st.stage}, round {st.current_round}/{job.spec.rounds}", now)
+    return st
+
+
 def active(status: FederatedJobStatus) -> list[PartyState]:
     """Parties still taking part (not dropped)."""
     return [p for p in status.parties if p.state != "Dropped"]
