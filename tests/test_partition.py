@@ -266,7 +266,7 @@ def test_jsonl_passthrough(tmp_path):
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
     assert load_source(f"file://{path}") == rows
     path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=":2: expected a JSON object"):
+    with pytest.raises(ValueError, match="d.jsonl line 2: expected a JSON object"):
         load_jsonl(path)
     with pytest.raises(FileNotFoundError):
         load_source(f"file://{tmp_path}/missing.jsonl")

