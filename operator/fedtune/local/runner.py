@@ -354,7 +354,9 @@ class LocalRun:
             self.progress.update(st, events)
             doc = st.model_dump_json(by_alias=True, exclude_none=True, indent=1)
             if doc != written:  # the loop runs every POLL_SECONDS; the file changes a few times a round
-                status_path.write_text(doc)
+                tmp = status_path.with_name(f".{STATUS_FILE}.tmp")
+                tmp.write_text(doc)
+                os.replace(tmp, status_path)  # atomic: a kill mid-write must not lose what a resume needs
                 written = doc
                 stamp = None  # the state moved: pass again at once until it settles
             if st.phase in ("Succeeded", "Failed"):
