@@ -151,3 +151,37 @@ def test_check_at_init_draws_no_random_numbers(tiny):
     checked = apply_peft(base(), peft, LM, seed=0)
     assert torch.equal(torch.random.get_rng_state(), expected)
     assert checked.training, "the check restores train mode"
+
+
+def test_a_missing_local_model_is_a_problem_in_local_mode_and_a_note_elsewhere(tmp_path):
+    from fedtune.api.support import verdict
+
+    model, peft, data, _ = spec(tmp_path / "nowhere", CLS, "lora", {"r": 4})
+    problem, note = verdict(model, peft, data, model_here=True)
+    assert problem.startswith("spec.model.source: ") and "does not exist" in problem and note is None
+    problem, note = verdict(model, peft, data)
+    assert problem is None and "not checked" in note
+
+
+def test_run_refuses_before_any_pod_starts(tiny, tmp_path):
+    import io
+
+    from fedtune.local.runner import LocalRun
+    from toy_data import toy_jsonl
+
+    data = tmp_path / "toy.jsonl"
+    data.write_bytes(toy_jsonl(40))
+    docs = list(yaml.safe_load_all(_job_docs(tiny[CLS], config={"r": 4, "target_modules": ["q_proj"]})))
+    docs[0]["spec"]["data"]["labels"] = ["negative", "positive"]
+    docs.append(
+        {
+            "apiVersion": "fedtune.io/v1alpha1",
+            "kind": "Party",
+            "metadata": {"name": "alice"},
+            "spec": {"storage": {"bucket": "alice-data"}, "data": {"trainPath": str(data), "evalPath": str(data)}},
+        }
+    )
+    run = LocalRun(parse_documents(yaml.safe_dump_all(docs), "job.yaml"), tmp_path / "run", out=io.StringIO())
+    with pytest.raises(SpecError, match="spec.peft: peft cannot apply lora"):
+        run.run()
+    assert not (tmp_path / "run" / "logs").exists() and not run.pods.pods  # no pod was ever started

@@ -22,7 +22,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     job = docs.job
     problem, note = verdict(job.spec.model, job.spec.peft, job.spec.data)
     if problem:
-        raise SpecError(f"{args.file}: FederatedJob {job.metadata.name}:\n  spec.peft: {problem}")
+        raise SpecError(f"{args.file}: FederatedJob {job.metadata.name}:\n  {problem}")
     n = len(docs.parties)
     print(
         f"{args.file}: FederatedJob {job.metadata.name} with {n} Part{'y' if n == 1 else 'ies'}"
@@ -39,7 +39,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedtune.api.methods import peft_itself_deferred
     from fedtune.documents import load_documents
-    from fedtune.local.runner import LocalRun
+    from fedtune.local.runner import STATUS_FILE, LocalRun
 
     with peft_itself_deferred():  # LocalRun asks peft in the background, before the first ticket
         docs = load_documents(args.file)
@@ -48,7 +48,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.workdir
         else Path("runs") / f"{docs.job.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    resume = (workdir / "status.json").is_file()
+    resume = (workdir / STATUS_FILE).is_file()
     if workdir.exists() and any(workdir.iterdir()) and not resume:
         raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
     run = LocalRun(docs, workdir, threads=args.threads, resume=resume)

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
-from fedtune.api.methods import ALTERNATIVES, PEFT_METHODS, TASK_TYPES
-from fedtune.api.support import libraries, local_model_dir
+from fedtune.api.methods import PEFT_METHODS, TASK_TYPES
+from fedtune.api.support import UNSUPPORTED, cannot_train, first_forward, local_model_dir
 
 from fedtune_trainer import transfer
 
@@ -153,18 +153,12 @@ def _check_forward(model: torch.nn.Module, method: str, task: str) -> None:
     (Prefix tuning, for one, fails only once a batch goes through the model; without this check
     that would be round 1, after every party loaded the model and the initial adapter was shared.)
     """
-    device = next(model.parameters()).device
-    ids = torch.zeros((1, 8), dtype=torch.long, device=device)
     training = model.training
     model.eval()  # no dropout: the check must not draw from the seeded generator training uses
     try:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    except (ValueError, TypeError, KeyError) as exc:
-        arch = type(model.get_base_model()).__name__
-        raise ValueError(
-            f"{method} cannot train {arch} ({task}) with {libraries()}: {exc}; use {ALTERNATIVES}, or another model"
-        ) from None
+        first_forward(model)
+    except UNSUPPORTED as exc:
+        raise ValueError(cannot_train(method, type(model.get_base_model()).__name__, task, exc)) from None
     finally:
         model.train(training)
 

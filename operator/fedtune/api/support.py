@@ -20,8 +20,10 @@ from typing import Any
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
 from fedtune.api.methods import ALTERNATIVES, PEFT_METHODS, TASK_TYPES
 
-# What the probe's forward pass feeds the model: a batch of one short sequence.
+# What the first forward pass feeds the model: a batch of one short sequence.
 _PROBE_TOKENS = 8
+# How peft and transformers say a model cannot take a method (anything else is another fault).
+UNSUPPORTED = (ValueError, TypeError, KeyError)
 
 
 def local_model_dir(source: str) -> Path | None:
@@ -92,23 +94,32 @@ def _probe(model: ModelSpec, peft: PeftSpec, data: DataSchema, where: Path) -> s
         names = _linear_names(net)  # before peft wraps (and renames) the modules
         try:
             wrapped = get_peft_model(net, peft_config)
-        except (ValueError, TypeError, KeyError) as exc:
+        except UNSUPPORTED as exc:
             return (
                 f"peft cannot apply {peft.method} to {model.source} ({arch}): {exc}; fix peft.config for this "
                 f"architecture (its linear modules: {', '.join(names)})"
             )
-        ids = torch.zeros((1, _PROBE_TOKENS), dtype=torch.long)
         try:
-            with torch.no_grad():
-                wrapped(input_ids=ids, attention_mask=torch.ones_like(ids))
-        except (ValueError, TypeError, KeyError) as exc:
-            return (
-                f"{peft.method} cannot train {model.source} ({arch}, {model.task}) with {libraries()}: {exc}; "
-                f"use {ALTERNATIVES}, or another model"
-            )
+            first_forward(wrapped)
+        except UNSUPPORTED as exc:
+            return cannot_train(peft.method, f"{model.source} ({arch})", model.task, exc)
         except (RuntimeError, NotImplementedError):
             return None  # the meta device, not the model: left to the trainer's check at init
     return None
+
+
+def first_forward(model: Any) -> None:
+    """One forward pass without gradients on a batch of one short sequence, on the model's device."""
+    import torch
+
+    ids = torch.zeros((1, _PROBE_TOKENS), dtype=torch.long, device=next(model.parameters()).device)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def cannot_train(method: str, what: str, task: str, exc: BaseException) -> str:
+    """Why `method` cannot train a model, with the fix (the probe's and the trainer's message)."""
+    return f"{method} cannot train {what} ({task}) with {libraries()}: {exc}; use {ALTERNATIVES}, or another model"
 
 
 def _linear_names(net: Any) -> list[str]:
@@ -123,7 +134,7 @@ def verdict(
 ) -> tuple[str | None, str | None]:
     """(problem, note) for a job's model as far as this machine can tell.
 
-    problem: why the job cannot train (with the fix); note: why no verdict was possible here (the
+    problem: why the job cannot train, "field: why and the fix"; note: why no verdict was possible here (the
     model is not on this machine, or torch/transformers/peft are not installed). `model_here`: the
     model must be on this machine (local mode), so a missing one is a problem, not a note.
     """
@@ -137,4 +148,5 @@ def verdict(
         return None, f"{model.source} is not on this machine: the model's architecture was not checked here"
     if importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None:
         return None, "transformers and peft are not installed here: the model's architecture was not checked"
-    return probe(model, method, data, where), None
+    problem = probe(model, method, data, where)
+    return (f"spec.peft: {problem}" if problem else None), None

@@ -17,7 +17,6 @@ from fedtune.api.errors import SpecError
 from fedtune.api.job import FederatedJob
 from fedtune.api.party import Party
 from fedtune.api.records import DataError, check_records
-from fedtune.data.partition import label_histogram
 
 if TYPE_CHECKING:
     from fedtune.storage.s3 import Bucket
@@ -54,7 +53,7 @@ def read_split(party: Party, written: str, key: str, job: FederatedJob, base_dir
         for f in _files(path):
             body = f.read_bytes()
             records += check_records(body, spec.data, spec.model.task, source=str(f))
-            bodies.append(body if body.endswith(b"\n") or not body else body + b"\n")
+            bodies.append(body if body.endswith(b"\n") else body + b"\n")  # non-empty: checked above
     except (DataError, OSError) as exc:
         raise SpecError(f"Party {party.key}: {exc}") from None
     return OwnSplit(key=key, body=b"".join(bodies), records=records, shown=written)
@@ -84,8 +83,3 @@ def upload_own_data(splits: Mapping[str, tuple[OwnSplit, OwnSplit]], buckets: Ma
     for key, pair in splits.items():
         for split in pair:
             buckets[key].put_bytes(split.key, split.body)
-
-
-def histogram(split: OwnSplit, job: FederatedJob) -> dict[str, int]:
-    """Label counts of a classification split, in the job's label order."""
-    return label_histogram(split.records, job.spec.data.label_field, job.spec.data.labels)

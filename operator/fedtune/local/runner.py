@@ -73,7 +73,7 @@ class _PeftVerdict(threading.Thread):
             ask_peft(spec.peft.method, spec.peft.config, spec.model.task)  # fedtune's own checks ran at parse
             problem, _ = verdict(spec.model, spec.peft, spec.data, model_here=True)
             if problem:
-                self.error = SpecError(f"FederatedJob {self.job.metadata.name}: spec.peft: {problem}")
+                self.error = SpecError(f"FederatedJob {self.job.metadata.name}: {problem}")
         except ValueError as exc:
             self.error = SpecError(f"FederatedJob {self.job.metadata.name}: spec.peft.config: {exc}")
         except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread by verdict()
@@ -192,22 +192,32 @@ class LocalRun:
             f"(data under {_shown(self.workdir / 's3')})"
         )
 
+    def _say_data(self, key: str, train: int, ev: int, labels: dict[str, int] | None, origin: str = "") -> None:
+        """One party's data line: records per split and the training split's labels."""
+        if labels is None:
+            shown = "prompt/response"
+        elif len(labels) <= 6:
+            shown = ", ".join(f"{k} {v}" for k, v in labels.items())
+        else:
+            shown = f"{len(labels)} categories"
+        self.progress.say(
+            f"data  {key.split('/')[-1]:<10} {train} train / {ev} eval records{origin} in its own bucket ({shown})"
+        )
+
     def _upload_own_data(self, splits) -> None:
-        from fedtune.data.own_files import histogram, upload_own_data
+        from fedtune.data.own_files import upload_own_data
+        from fedtune.data.partition import label_histogram, majority_baseline
 
         upload_own_data(splits, self.buckets)
+        schema = self.job.spec.data
         cls = self.job.spec.model.task == "sequence-classification"
         for key, (train, ev) in splits.items():
-            hist = ", ".join(f"{k} {v}" for k, v in histogram(train, self.job).items()) if cls else "prompt/response"
-            self.progress.say(
-                f"data  {key.split('/')[-1]:<10} {len(train.records)} train / {len(ev.records)} eval records "
-                f"from {train.shown} and {ev.shown} into its own bucket ({hist})"
-            )
-        if cls:  # the majority class's share of every party's eval records: the bar to clear
-            per_label = [
-                sum(histogram(ev, self.job)[lab] for _, ev in splits.values()) for lab in self.job.spec.data.labels
-            ]
-            self.baseline = max(per_label) / sum(per_label)
+            labels = label_histogram(train.records, schema.label_field, schema.labels) if cls else None
+            origin = f" from {train.shown} and {ev.shown}"
+            self._say_data(key, len(train.records), len(ev.records), labels, origin)
+        if cls:
+            records = {k: (t.records, e.records) for k, (t, e) in splits.items()}
+            self.baseline = majority_baseline(records, label_key=schema.label_field)
 
     def _upload_data(self) -> None:
         from fedtune.data.partition import majority_baseline, plan_shards
@@ -236,13 +246,7 @@ class LocalRun:
             labels=schema.labels or None,
         )
         for key, s in summary.items():
-            hist = ", ".join(f"{k} {v}" for k, v in s["train"]["labels"].items())
-            kinds = len(s["train"]["labels"])
-            shown = hist if kinds <= 6 else f"{kinds} categories"
-            self.progress.say(
-                f"data  {key.split('/')[-1]:<10} {s['train']['records']} train / "
-                f"{s['eval']['records']} eval records in its own bucket ({shown})"
-            )
+            self._say_data(key, s["train"]["records"], s["eval"]["records"], s["train"]["labels"])
 
     def _start_pods(self) -> None:
         n = len(self.parties)
