@@ -64,7 +64,7 @@ def test_a_killed_run_resumes_without_losing_or_repeating_a_round(tiny_seq_cls, 
     again = _run(job, workdir, second_log, tmp_path)
     assert again.wait(timeout=300) == 0, second_log.read_text()
     out = second_log.read_text()
-    assert "resuming: training, round" in out, out
+    assert f"resuming: {before['stage']}, round {before['currentRound']}/5" in out, out
     after = json.loads((workdir / "status.json").read_text())
     assert after["phase"] == "Succeeded"
     assert [h["round"] for h in after["history"]] == [0, 1, 2, 3, 4, 5]
