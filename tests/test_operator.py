@@ -42,11 +42,20 @@ def _secret(ns: str, name: str, creds) -> dict:
 
 
 def make_world(
-    kube: KubeEmulator, s3world, model, parties=("alice", "bob"), consent=(HUB,), gpus=0, s3_model=False, **job
+    kube: KubeEmulator,
+    s3world,
+    model,
+    parties=("alice", "bob"),
+    consent=(HUB,),
+    gpus=0,
+    s3_model=False,
+    evaluator: str | None = None,
+    **job,
 ):
     """Namespaces, a node, credentials, data in each party's bucket, Parties and a FederatedJob.
 
     `s3_model`: the model files go to the coordinator bucket and the job names them by s3:// URI.
+    `evaluator`: one more Party, named as the job's spec.evaluator (its eval split is the held-out set).
     """
     prefix = f"op-{uuid.uuid4().hex[:8]}"
     source = f"file://{model}"
@@ -64,7 +73,7 @@ def make_world(
         }
     )
     kube.create(_secret(HUB, "hub-s3", s3world.creds("hub")))
-    for i, name in enumerate(parties):
+    for i, name in enumerate(parties + ((evaluator,) if evaluator else ())):
         ns = f"org-{name}"
         s3world.bucket(name).put_bytes(f"{prefix}/train.jsonl", toy_jsonl(48, seed=i))
         s3world.bucket(name).put_bytes(f"{prefix}/eval.jsonl", toy_jsonl(16, seed=100 + i))
@@ -97,6 +106,8 @@ def make_world(
         "roundTimeoutSeconds": 120,
         "parties": [{"name": p, "namespace": f"org-{p}"} for p in parties],
     }
+    if evaluator:
+        spec["evaluator"] = {"name": evaluator, "namespace": f"org-{evaluator}"}
     spec.update(job)
     return kube.create(
         {
@@ -288,3 +299,17 @@ def test_party_with_wrong_credentials_reports_storage_error(kube, s3world, tiny_
             "carol-bkt" in conds["StorageReady"]["message"] and "secret access key" in conds["StorageReady"]["message"]
         )
         assert "not-the-secret" not in conds["StorageReady"]["message"]  # never echo a secret
+
+
+def test_an_evaluator_party_scores_every_global_adapter_on_its_held_out_set(kube, s3world, tiny_model, tmp_path):
+    with PodExecutor(kube, tmp_path / "pods") as pods, kube.run_kopf("fedtune.k8s.operator"):
+        make_world(kube, s3world, tiny_model, evaluator="carol")
+        kube.wait_for(lambda: status(kube).get("phase") in ("Succeeded", "Failed"), timeout=240, what="the job to end")
+        st = status(kube)
+        assert st["phase"] == "Succeeded", st
+        assert [h.get("heldOutSamples") for h in st["history"]] == [16, 16, 16]
+        assert all(h["participants"] == ["org-alice/alice", "org-bob/bob"] for h in st["history"][1:])
+        referee = next(p for p in st["parties"] if p["name"] == "org-carol/carol")
+        assert referee["role"] == "evaluator" and referee.get("numSamples") is None
+        assert "org-carol" in {p.split("/")[0] for p in pods.started}
+        assert "HeldOutEvaluated" in {e.get("reason") for e in kube.list("events", HUB)}

@@ -28,7 +28,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         f"{args.file}: FederatedJob {job.metadata.name} with {n} Part{'y' if n == 1 else 'ies'}"
         f"{', a Dataset' if docs.dataset else ''}: valid"
     )
-    missing = [k for k in job.party_keys if k not in docs.parties]
+    missing = [k for k in job.member_keys if k not in docs.parties]
     if missing:
         print(f"  (Parties {', '.join(missing)} are not in the file: fine on Kubernetes, needed by `fedtune run`)")
     if note:
@@ -79,7 +79,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         creds_doc = json.loads(Path(args.credentials).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise SpecError(f"--credentials {args.credentials}: {exc}") from None
-    parties = [docs.parties[k] for k in docs.job.party_keys]
+    test_party = docs.job.evaluator_key if docs.dataset.spec.test_samples else None
+    parties = [docs.parties[k] for k in docs.job.party_keys + ([test_party] if test_party else [])]
     buckets = {}
     for p in parties:
         c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name)
@@ -90,11 +91,14 @@ def _cmd_partition(args: argparse.Namespace) -> int:
             )
         storage = p.spec.storage.model_copy(update={"endpoint": args.endpoint or p.spec.storage.endpoint})
         buckets[p.key] = Bucket(storage, S3Credentials(c["accessKeyId"], c["secretAccessKey"]))
-    shards = plan_shards(load_source(docs.dataset.spec.source), docs.dataset, [p.key for p in parties])
+    shards = plan_shards(load_source(docs.dataset.spec.source), docs.dataset, docs.job.party_keys, test_party)
     summary = upload_shards(
         shards, parties, buckets, labels=docs.job.spec.data.labels or None, create_buckets=args.create_buckets
     )
     for key, s in summary.items():
+        if key == test_party:
+            print(f"{key}: {s['eval']['records']} held-out test records -> s3://{s['bucket']}/{s['eval']['key']}")
+            continue
         print(
             f"{key}: {s['train']['records']} train / {s['eval']['records']} eval records -> "
             f"s3://{s['bucket']}/{s['train']['key']}  labels {s['train']['labels']}"

@@ -36,6 +36,30 @@ def _model_for(kind: str):
     return Dataset
 
 
+def _test_set_problem(job: FederatedJob, parties: dict[str, Party], dataset: Any | None) -> str | None:
+    """The evaluator's held-out test set comes from exactly one place: its own file or the Dataset."""
+    held_out = dataset is not None and dataset.spec.test_samples is not None
+    if job.evaluator_key is None:
+        if held_out:
+            return (
+                f"Dataset {dataset.metadata.name}: spec.testSamples holds a test set out, but the job names no "
+                "evaluator to hold it: add spec.evaluator (a Party of the file that never trains) or drop testSamples"
+            )
+        return None
+    own = parties[job.evaluator_key].spec.data.eval_path is not None
+    if own and held_out:
+        return (
+            f"the evaluator {job.evaluator_key} names its own test set (spec.data.evalPath) and the Dataset holds "
+            "one out too (spec.testSamples): keep one of the two"
+        )
+    if not own and not held_out:
+        return (
+            f"spec.evaluator: Party {job.evaluator_key} needs a held-out test set: give it spec.data.evalPath "
+            "(a JSON-lines file of its own), or set the Dataset's spec.testSamples to hold one out of the corpus"
+        )
+    return None
+
+
 def parse_documents(text: str, source: str = "<input>", require_parties: bool = True) -> Documents:
     """Parse a multi-document YAML string; raises SpecError naming the document and field.
 
@@ -74,11 +98,18 @@ def parse_documents(text: str, source: str = "<input>", require_parties: bool = 
     if not problems and len(datasets) > 1:
         problems.append(f"{source}: at most one Dataset document, found {len(datasets)}")
     if not problems and require_parties:
-        missing = [k for k in jobs[0].party_keys if k not in parties]
+        job = jobs[0]
+        missing = [k for k in job.party_keys if k not in parties]
         if missing:
             problems.append(
                 f"{source}: spec.parties names {', '.join(missing)} but no such Party document is in the file"
             )
+        if job.evaluator_key is not None and job.evaluator_key not in parties:
+            problems.append(
+                f"{source}: spec.evaluator names {job.evaluator_key} but no such Party document is in the file"
+            )
+        elif (problem := _test_set_problem(job, parties, datasets[0] if datasets else None)) is not None:
+            problems.append(f"{source}: {problem}")
     if problems:
         raise SpecError("\n".join(problems))
     return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None)

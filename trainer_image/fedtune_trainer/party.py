@@ -171,8 +171,9 @@ def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> N
     _load_global(ticket, rt, receipt)
     receipt.metrics = _evaluate(ticket, rt, receipt)
     log.info(
-        "[%s] final eval: loss=%s accuracy=%s perplexity=%s",
+        "[%s] eval of global %d: loss=%s accuracy=%s perplexity=%s",
         ticket.party,
+        ticket.round,
         _fmt(receipt.metrics.eval_loss),
         _fmt(receipt.metrics.eval_accuracy),
         _fmt(receipt.metrics.eval_perplexity),

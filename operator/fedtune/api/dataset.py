@@ -13,6 +13,7 @@ real federation every organisation brings its own data and no one partitions it 
       partition: {method: dirichlet, alpha: 0.5, minPerParty: 10}   # or {method: iid}
       samplesPerParty: 400            # training examples per party (optional cap)
       evalFraction: 0.2               # share of each party's shard kept for local evaluation
+      testSamples: 200                # held out before dealing: the evaluator's test set (spec.evaluator)
       seed: 0
 """
 
@@ -73,6 +74,12 @@ class DatasetSpec(ApiModel):
         None, ge=1, description="Training examples per party after the eval split (cap; the eval split scales with it)."
     )
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each party's shard kept as its eval split.")
+    test_samples: int | None = Field(
+        None,
+        ge=1,
+        description="Examples held out at random before the parties' shards are cut: the held-out test set of the "
+        "job's evaluator (spec.evaluator), which no party trains on.",
+    )
     seed: int = Field(0, ge=0, description="Seeds every random choice; same seed, same shards.")
 
     @field_validator("source")

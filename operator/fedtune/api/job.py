@@ -168,6 +168,12 @@ class FederatedJobSpec(ApiModel):
     max_round_retries: int = Field(2, ge=0, description="Retries of a round that missed quorum before the job fails.")
     max_party_failures: int = Field(3, ge=1, description="Consecutive missed rounds before a party is dropped.")
     parties: list[PartyRef] = Field(min_length=1, description="Parties that train; each must consent.")
+    evaluator: PartyRef | None = Field(
+        None,
+        description="A Party holding a held-out test set (its eval split) that no party trains on: it evaluates "
+        "every round's global adapter and never trains. Like any party it keeps the data in its own bucket and "
+        "must consent.",
+    )
     trainer_image: str = Field("ghcr.io/fedtune/trainer:0.1.0", description="Image of trainer and aggregator pods.")
 
     @model_validator(mode="after")
@@ -250,6 +256,11 @@ class FederatedJob(ApiModel):
             if key in seen:
                 raise ValueError(f"spec.parties[{i}]: party {key} is listed twice; list each party once")
             seen.add(key)
+        if self.spec.evaluator is not None and self.evaluator_key in seen:
+            raise ValueError(
+                f"spec.evaluator: party {self.evaluator_key} also trains (spec.parties); the held-out test set "
+                "must belong to a party that never trains: name another Party"
+            )
         return self
 
     def party_key(self, ref: PartyRef) -> str:
@@ -258,4 +269,15 @@ class FederatedJob(ApiModel):
 
     @property
     def party_keys(self) -> list[str]:
+        """The parties that train."""
         return [self.party_key(r) for r in self.spec.parties]
+
+    @property
+    def evaluator_key(self) -> str | None:
+        """The evaluation-only party holding the held-out test set, if the job has one."""
+        return self.party_key(self.spec.evaluator) if self.spec.evaluator else None
+
+    @property
+    def member_keys(self) -> list[str]:
+        """Every party with a pod and a mailbox in the job: the trainers, then the evaluator."""
+        return self.party_keys + ([self.evaluator_key] if self.spec.evaluator else [])

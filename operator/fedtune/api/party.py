@@ -45,7 +45,9 @@ class PartyData(ApiModel):
         "own bucket with its own credentials. The operator ignores it: on Kubernetes the data is in the bucket.",
     )
     eval_path: str | None = Field(
-        None, description="Local mode only: the local evaluation split, as trainPath (uploaded to evalKey)."
+        None,
+        description="Local mode only: the local evaluation split, as trainPath (uploaded to evalKey); for the "
+        "job's evaluator (spec.evaluator), the held-out test set, alone.",
     )
 
     @field_validator("train_key", "eval_key")
@@ -57,8 +59,8 @@ class PartyData(ApiModel):
 
     @model_validator(mode="after")
     def _both_paths(self) -> PartyData:
-        if (self.train_path is None) != (self.eval_path is None):
-            raise ValueError("set both trainPath and evalPath (a party trains on one split and evaluates on the other)")
+        if self.train_path is not None and self.eval_path is None:
+            raise ValueError("set evalPath too (a party trains on one split and evaluates on the other)")
         return self
 
 

@@ -46,6 +46,9 @@ class PartyState(ApiModel):
     """Per-party progress inside a job."""
 
     name: str = Field(description="Party namespace/name.")
+    role: Literal["trainer", "evaluator"] = Field(
+        "trainer", description="trainer, or evaluator: evaluates every global adapter on a held-out test set."
+    )
     state: PartyPhase = Field("Pending", description="Where the party is in the current round.")
     last_round: int = Field(0, description="Last round whose update was accepted.")
     num_samples: int | None = Field(None, description="Training examples behind the last update.")
@@ -76,6 +79,10 @@ class RoundRecord(ApiModel):
     duration_seconds: float = Field(0.0, description="Wall time from round start to aggregation.")
     slowest_train_seconds: float = Field(0.0, description="Longest local training time among participants.")
     metrics: Metrics = Field(default_factory=Metrics, description="Sample-weighted metrics of the round.")
+    held_out: Metrics | None = Field(
+        None, description="The round's global adapter on the evaluator's held-out test set (spec.evaluator)."
+    )
+    held_out_samples: int | None = Field(None, description="Examples in the held-out test set.")
     lora_residual: float | None = Field(None, description="Relative Frobenius residual of exact LoRA re-factoring.")
     finished_at: datetime | None = Field(None, description="When the round was aggregated.")
 
@@ -102,6 +109,11 @@ class FederatedJobStatus(ApiModel):
     aggregator_retry_at: datetime | None = Field(None, description="Earliest time a failed aggregator is recreated.")
     server_state_sha256: str | None = Field(None, description="sha256 of the server optimiser state (FedOpt).")
     message: str = Field("", description="Human-readable summary of the job's state.")
+
+    @property
+    def evaluator(self) -> PartyState | None:
+        """The evaluation-only party's state, if the job has one."""
+        return next((p for p in self.parties if p.role == "evaluator"), None)
 
     def party(self, name: str) -> PartyState:
         for p in self.parties:

@@ -59,8 +59,13 @@ def read_split(party: Party, written: str, key: str, job: FederatedJob, base_dir
     return OwnSplit(key=key, body=b"".join(bodies), records=records, shown=written)
 
 
-def read_own_data(job: FederatedJob, parties: list[Party], base_dir: Path) -> dict[str, tuple[OwnSplit, OwnSplit]]:
-    """party key -> (train, eval) for parties that name their own files; all of them or none."""
+def read_own_data(
+    job: FederatedJob, parties: list[Party], base_dir: Path, evaluator: Party | None = None
+) -> dict[str, tuple[OwnSplit | None, OwnSplit]]:
+    """party key -> (train, eval) for parties that name their own files; all of them or none.
+
+    The evaluator (spec.evaluator), if it names a file, gets (None, its held-out test set).
+    """
     own = [p for p in parties if p.spec.data.train_path is not None]
     if own and len(own) != len(parties):
         missing = ", ".join(p.key for p in parties if p.spec.data.train_path is None)
@@ -68,18 +73,30 @@ def read_own_data(job: FederatedJob, parties: list[Party], base_dir: Path) -> di
             f"Parties {missing} name no files of their own (spec.data.trainPath/evalPath) while the others "
             "do: give every party its files, or none and a Dataset document to deal a corpus out"
         )
-    out = {}
+    for p in parties:
+        if p.spec.data.train_path is None and p.spec.data.eval_path is not None:
+            raise SpecError(f"Party {p.key}: spec.data.evalPath without trainPath: a party that trains needs both")
+    out: dict[str, tuple[OwnSplit | None, OwnSplit]] = {}
     for p in own:
         d = p.spec.data
         out[p.key] = (
             read_split(p, d.train_path, d.train_key, job, base_dir),
             read_split(p, d.eval_path, d.eval_key, job, base_dir),
         )
+    if evaluator is not None and evaluator.spec.data.train_path is not None:
+        raise SpecError(
+            f"Party {evaluator.key} is the job's evaluator (spec.evaluator) and never trains: remove its "
+            "spec.data.trainPath and give its held-out test set as evalPath"
+        )
+    if evaluator is not None and evaluator.spec.data.eval_path is not None:
+        d = evaluator.spec.data
+        out[evaluator.key] = (None, read_split(evaluator, d.eval_path, d.eval_key, job, base_dir))
     return out
 
 
-def upload_own_data(splits: Mapping[str, tuple[OwnSplit, OwnSplit]], buckets: Mapping[str, Bucket]) -> None:
+def upload_own_data(splits: Mapping[str, tuple[OwnSplit | None, OwnSplit]], buckets: Mapping[str, Bucket]) -> None:
     """Each party's splits into its own bucket, through its own credentials."""
     for key, pair in splits.items():
         for split in pair:
-            buckets[key].put_bytes(split.key, split.body)
+            if split is not None:
+                buckets[key].put_bytes(split.key, split.body)

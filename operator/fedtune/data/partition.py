@@ -22,7 +22,7 @@ Seed = int | Sequence[int]
 Shards = dict[str, tuple[list[dict], list[dict]]]
 
 # Independent random streams of plan_shards (see module docstring).
-_BALANCE, _PARTITION, _CAP, _EVAL = 1, 2, 3, 4
+_BALANCE, _PARTITION, _CAP, _EVAL, _TEST = 1, 2, 3, 4, 5
 
 
 def _labels_of(records: Sequence[dict], label_key: str) -> list[str]:
@@ -167,23 +167,40 @@ def split_eval(shard: Sequence[dict], eval_fraction: float, seed: Seed = 0) -> t
     return [shard[i] for i in order[n_eval:]], [shard[i] for i in order[:n_eval]]
 
 
-def plan_shards(records: Sequence[dict], dataset: Dataset | DatasetSpec, party_names: Sequence[str]) -> Shards:
-    """Apply a Dataset spec: labels filter, balance, partition, per-party cap, eval split.
+def plan_shards(
+    records: Sequence[dict],
+    dataset: Dataset | DatasetSpec,
+    party_names: Sequence[str],
+    test_party: str | None = None,
+) -> Shards:
+    """Apply a Dataset spec: labels filter, balance, held-out test set, partition, per-party cap, eval split.
 
     Returns ``{party_name: (train_records, eval_records)}`` in ``party_names`` order. With
     ``samplesPerParty: S`` each shard is first cut (at random) to ``ceil(S / (1 - evalFraction))``
     records, so the train split holds exactly S records when the party has enough data and the
-    eval split keeps the requested fraction.
+    eval split keeps the requested fraction. With ``testSamples: T`` and a ``test_party``, T records
+    drawn at random before partitioning become ``test_party``'s ``([], test_records)``: no party's
+    shard holds any of them.
     """
     spec = dataset.spec if isinstance(dataset, Dataset) else dataset
     names = list(party_names)
-    if len(set(names)) != len(names):
-        raise ValueError(f"party names must be unique (got {', '.join(names)})")
+    if len(set(names)) != len(names) or test_party in names:
+        raise ValueError(f"party names must be unique (got {', '.join(names)}, test party {test_party})")
     key, seed = spec.label_field, spec.seed
 
     recs = filter_labels(records, spec.labels, key)
     if spec.balance:
         recs = balance(recs, key, seed=[seed, _BALANCE])
+    test: list[dict] | None = None
+    if spec.test_samples and test_party is not None:
+        if spec.test_samples >= len(recs):
+            raise ValueError(
+                f"testSamples ({spec.test_samples}) takes every record ({len(recs)} after the labels filter and "
+                "balancing): lower it so the parties keep data to train on"
+            )
+        held = np.random.default_rng([seed, _TEST]).permutation(len(recs))
+        test = [recs[i] for i in np.sort(held[: spec.test_samples])]
+        recs = [recs[i] for i in np.sort(held[spec.test_samples :])]
     if spec.partition.method == "dirichlet":
         parts = partition_dirichlet(
             recs, len(names), spec.partition.alpha, [seed, _PARTITION], key, spec.partition.min_per_party
@@ -202,6 +219,8 @@ def plan_shards(records: Sequence[dict], dataset: Dataset | DatasetSpec, party_n
         if spec.samples_per_party is not None:
             train = train[: spec.samples_per_party]  # rounding of the eval split can leave one extra
         shards[name] = (train, ev)
+    if test is not None:
+        shards[test_party] = ([], test)
     return shards
 
 

@@ -78,6 +78,9 @@ def upload_shards(
         summary: dict[str, Any] = {"party": party.key, "bucket": party.spec.storage.bucket}
         data = party.spec.data
         for split, records, key in (("train", train, data.train_key), ("eval", ev, data.eval_key)):
+            if not records and split == "train":  # an evaluator's shard: a test set and nothing to train on
+                summary[split] = {"key": None, "records": 0, "bytes": 0, "sha256": None, "labels": {}}
+                continue
             body = shard_to_jsonl(records)
             summary[split] = {
                 "key": key,

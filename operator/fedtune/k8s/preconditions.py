@@ -91,15 +91,16 @@ def accept_spec(body: dict) -> Accepted:
 async def load_parties(job: FederatedJob, kube: Kube) -> dict[str, Party]:
     """Every Party of the job, checked for existence, consent and readiness."""
     parties = {}
-    for key in job.party_keys:
+    for key in job.member_keys:
         ns, name = key.split("/", 1)
         raw = await kube.get(path(GROUP_VERSION, "parties", ns, name))
         if raw is None:
+            field = "spec.evaluator" if key == job.evaluator_key else "spec.parties"
             raise Wait(
                 "PartiesReady",
                 "PartyMissing",
-                f"Party {key} does not exist: onboard it (helm install the "
-                "party chart in its namespace) or fix spec.parties",
+                f"Party {key} does not exist: onboard it (helm install the party chart in its namespace) "
+                f"or fix {field}",
             )
         party = Party.model_validate({k: v for k, v in raw.items() if k != "status"})
         if not party.spec.consent.allows(ns, job.metadata.namespace):

@@ -38,7 +38,7 @@ from fedtune.rounds.intents import (
     trainer_intents,
     url_ttl,
 )
-from fedtune.rounds.machine import Event, Observation, active, advance, new_status
+from fedtune.rounds.machine import Event, Observation, advance, members, new_status
 from fedtune.storage import layout
 from fedtune.storage.model_files import ModelSourceError, model_file_urls
 from fedtune.storage.signer import BucketSigner
@@ -85,7 +85,7 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
         buckets = await pre.buckets(job, parties, kube)
         if st.phase == "Pending":
             await asyncio.to_thread(buckets[COORDINATOR].ensure, True)
-        missing = [k for k in job.party_keys if await kube.get(_pod_path(job, k)) is None]
+        missing = [k for k in job.member_keys if await kube.get(_pod_path(job, k)) is None]
         if missing and st.phase == "Pending" and settings.check_nodes:
             await pre.check_schedulable(job, parties, kube, missing)
     except pre.Wait as wait:
@@ -110,7 +110,7 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
     secrets = await _mailboxes(job, kube)
     obs = Observation(
         now=now,
-        receipts={k: r for k in job.party_keys if (r := _receipt(secrets.get(k), TrainerReceipt))},
+        receipts={k: r for k in job.member_keys if (r := _receipt(secrets.get(k), TrainerReceipt))},
         aggregator=_receipt(secrets.get(AGGREGATOR), AggregatorReceipt),
     )
     st, events = advance(job, st, obs)
@@ -147,7 +147,7 @@ async def _ensure_pods(
     events: list[Event],
 ) -> None:
     """Create missing pods; recreate failed ones with bounded, doubling backoff."""
-    wanted = [p.name for p in active(st)] + [AGGREGATOR]
+    wanted = [p.name for p in members(st)] + [AGGREGATOR]
     for key in wanted:
         ctx = aggregator_context(job) if key == AGGREGATOR else trainer_context(job, parties[key])
         pod = await kube.get(_pod_path(job, key))
@@ -195,7 +195,7 @@ def _set_retry(st: FederatedJobStatus, key: str, restarts: int, retry_at: dateti
 
 async def _mailboxes(job: FederatedJob, kube: Kube) -> dict[str, dict | None]:
     out = {}
-    for key in [*job.party_keys, AGGREGATOR]:
+    for key in [*job.member_keys, AGGREGATOR]:
         n = _names(job, key)
         out[key] = await kube.get(path("v1", "secrets", n.namespace, n.secret))
     return out

@@ -9,7 +9,15 @@ from typing import TextIO
 from fedtune.api.status import FederatedJobStatus, PartyState
 from fedtune.rounds.machine import Event
 
-_SHOWN_EVENTS = {"PartyReady", "RoundStarted", "RoundRetry", "QuorumLost", "PartyDropped", "UpdateRejected"}
+_SHOWN_EVENTS = {
+    "PartyReady",
+    "RoundStarted",
+    "RoundRetry",
+    "QuorumLost",
+    "PartyDropped",
+    "UpdateRejected",
+    "HeldOutEvaluated",
+}
 
 
 def _short(name: str) -> str:
@@ -26,6 +34,8 @@ def _party_line(p: PartyState, rnd: int) -> str | None:
         return f"{who} round {rnd} update: {p.num_samples} samples, {loss}{acc}{ppl}, {p.train_seconds:.1f}s training"
     if p.state in ("Failed", "Straggler", "Dropped"):
         return f"{who} {p.state.lower()}: {p.message}"
+    if p.state == "Done" and p.role == "evaluator":
+        return None  # its HeldOutEvaluated event says what it found
     if p.state == "Done":
         acc = f"acc {m.eval_accuracy:.3f}" if m and m.eval_accuracy is not None else ""
         ppl = f"ppl {m.eval_perplexity:.2f}" if m and m.eval_perplexity is not None else ""

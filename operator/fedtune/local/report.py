@@ -13,21 +13,37 @@ def _f(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _held_out_columns(st: FederatedJobStatus) -> list[tuple[str, str, str]]:
+    """(title, metric, format) of the held-out test set's columns: none without an evaluator."""
+    if not any(h.held_out for h in st.history):
+        return []
+    if any(h.held_out and h.held_out.eval_accuracy is not None for h in st.history):
+        return [("test loss", "eval_loss", ".4f"), ("test acc", "eval_accuracy", ".3f")]
+    return [("test loss", "eval_loss", ".4f"), ("test ppl", "eval_perplexity", ".2f")]
+
+
 def round_table(st: FederatedJobStatus) -> str:
-    """A fixed-width table of the round history."""
+    """A fixed-width table of the round history: the parties' own eval splits, then the held-out test set."""
+    test = _held_out_columns(st)
     head = (
         f"{'round':>5}  {'parties':>7}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  {'eval ppl':>8}  "
-        f"{'MB moved':>8}  {'seconds':>7}"
+        + "".join(f"{title:>9}  " for title, _, _ in test)
+        + f"{'MB moved':>8}  {'seconds':>7}"
     )
     lines = [head, "-" * len(head)]
     for h in st.history:
         m = h.metrics
+        held = "".join(f"{_f(getattr(h.held_out, k) if h.held_out else None, fmt):>9}  " for _, k, fmt in test)
         lines.append(
             f"{h.round:>5}  {len(h.participants) if h.round else '-':>7}  {_f(m.train_loss, '.4f'):>10}  "
             f"{_f(m.eval_loss, '.4f'):>9}  {_f(m.eval_accuracy, '.3f'):>8}  {_f(m.eval_perplexity, '.2f'):>8}  "
-            f"{(h.bytes_up + h.bytes_down) / 1e6:>8.2f}  {h.duration_seconds:>7.1f}"
+            f"{held}{(h.bytes_up + h.bytes_down) / 1e6:>8.2f}  {h.duration_seconds:>7.1f}"
         )
     return "\n".join(lines)
+
+
+def _held_out_points(st: FederatedJobStatus, key: str) -> list[tuple[int, float]]:
+    return [(h.round, v) for h in st.history if h.held_out and (v := getattr(h.held_out, key)) is not None]
 
 
 def metrics_document(job: FederatedJob, st: FederatedJobStatus, extra: dict | None = None) -> dict:
@@ -52,8 +68,13 @@ def write_metrics(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
 
 
-def plot(st: FederatedJobStatus, path: Path, title: str, baseline: float | None = None) -> bool:
-    """Loss and accuracy (or perplexity) per round as a PNG. False if matplotlib is missing."""
+def plot(
+    st: FederatedJobStatus, path: Path, title: str, baseline: float | None = None, test_baseline: float | None = None
+) -> bool:
+    """Loss and accuracy (or perplexity) per round as a PNG, the held-out test set's beside.
+
+    False if matplotlib is missing.
+    """
     try:
         import matplotlib
 
@@ -67,6 +88,9 @@ def plot(st: FederatedJobStatus, path: Path, title: str, baseline: float | None 
         pts = [(h.round, getattr(h.metrics, key)) for h in st.history if getattr(h.metrics, key) is not None]
         if pts:
             ax1.plot(*zip(*pts), marker="o", label=label)
+    pts = _held_out_points(st, "eval_loss")
+    if pts:
+        ax1.plot(*zip(*pts), marker="s", label="held-out test loss (global)")
     ax1.set(xlabel="round", ylabel="loss", title="loss")
     ax1.legend()
     key, label = (
@@ -76,9 +100,14 @@ def plot(st: FederatedJobStatus, path: Path, title: str, baseline: float | None 
     )
     pts = [(h.round, getattr(h.metrics, key)) for h in st.history if getattr(h.metrics, key) is not None]
     if pts:
-        ax2.plot(*zip(*pts), marker="o", color="tab:green", label=f"global {label}")
+        ax2.plot(*zip(*pts), marker="o", color="tab:green", label=f"global {label}, parties' eval splits")
+    pts = _held_out_points(st, key)
+    if pts:
+        ax2.plot(*zip(*pts), marker="s", color="tab:purple", label=f"global {label}, held-out test set")
     if baseline is not None and key == "eval_accuracy":
         ax2.axhline(baseline, linestyle="--", color="grey", label="majority class")
+    if test_baseline is not None and key == "eval_accuracy":
+        ax2.axhline(test_baseline, linestyle=":", color="tab:purple", label="majority class, test set")
     ax2.set(xlabel="round", ylabel=label, title=f"{label} of the global adapter")
     ax2.legend()
     for ax in (ax1, ax2):

@@ -129,10 +129,13 @@ class LocalRun:
         if not self.job.metadata.uid:
             self.job.metadata.uid = uuid.uuid4().hex[:12]
         self.job.metadata.generation = self.job.metadata.generation or 1
-        self.parties = [docs.parties[k] for k in self.job.party_keys]
+        self.parties = [docs.parties[k] for k in self.job.party_keys]  # the trainers
+        self.evaluator = docs.parties[self.job.evaluator_key] if self.job.evaluator_key else None
+        self.members = self.parties + ([self.evaluator] if self.evaluator else [])
         self.threads = threads
         self.progress = Progress(out)
         self.baseline: float | None = None
+        self.test_baseline: float | None = None
         self.buckets: dict[str, Bucket] = {}
         self.mailboxes: dict[str, FileMailbox] = {}
         self.pods = Pods()
@@ -164,7 +167,7 @@ class LocalRun:
 
     def _check_buckets(self) -> None:
         owners: dict[str, str] = {}
-        for owner, bucket in [(p.key, p.spec.storage.bucket) for p in self.parties] + [
+        for owner, bucket in [(p.key, p.spec.storage.bucket) for p in self.members] + [
             (COORDINATOR, self._coordinator_bucket())
         ]:
             if bucket in owners:
@@ -175,7 +178,7 @@ class LocalRun:
             owners[bucket] = owner
 
     def _start_storage(self, stack: ExitStack) -> None:
-        owners = {p.key: p.spec.storage.bucket for p in self.parties}
+        owners = {p.key: p.spec.storage.bucket for p in self.members}
         owners[COORDINATOR] = self._coordinator_bucket()
         creds = {o: S3Credentials.generate() for o in owners}
         identities = [Identity(name=_dirname(o), credentials=creds[o], buckets=[b]) for o, b in owners.items()]
@@ -193,41 +196,56 @@ class LocalRun:
         )
 
     def _say_data(self, key: str, train: int, ev: int, labels: dict[str, int] | None, origin: str = "") -> None:
-        """One party's data line: records per split and the training split's labels."""
+        """One party's data line: records per split and the labels of the training split (the evaluator's test set)."""
         if labels is None:
             shown = "prompt/response"
         elif len(labels) <= 6:
             shown = ", ".join(f"{k} {v}" for k, v in labels.items())
         else:
             shown = f"{len(labels)} categories"
-        self.progress.say(
-            f"data  {key.split('/')[-1]:<10} {train} train / {ev} eval records{origin} in its own bucket ({shown})"
-        )
+        what = f"{ev} held-out test records" if key == self.job.evaluator_key else f"{train} train / {ev} eval records"
+        self.progress.say(f"data  {key.split('/')[-1]:<10} {what}{origin} in its own bucket ({shown})")
+
+    def _baselines(self, splits: dict[str, tuple[list[dict], list[dict]]], label_key: str) -> None:
+        """Majority-class accuracy on the parties' eval splits, and on the held-out test set."""
+        from fedtune.data.partition import majority_baseline
+
+        if self.job.spec.model.task != "sequence-classification":
+            return
+        test = splits.pop(self.job.evaluator_key, None) if self.job.evaluator_key else None
+        if splits:
+            self.baseline = majority_baseline(splits, label_key=label_key)
+        if test is not None:
+            self.test_baseline = majority_baseline({"test": test}, label_key=label_key)
 
     def _upload_own_data(self, splits) -> None:
         from fedtune.data.own_files import upload_own_data
-        from fedtune.data.partition import label_histogram, majority_baseline
+        from fedtune.data.partition import label_histogram
 
         upload_own_data(splits, self.buckets)
         schema = self.job.spec.data
         cls = self.job.spec.model.task == "sequence-classification"
         for key, (train, ev) in splits.items():
-            labels = label_histogram(train.records, schema.label_field, schema.labels) if cls else None
-            origin = f" from {train.shown} and {ev.shown}"
-            self._say_data(key, len(train.records), len(ev.records), labels, origin)
-        if cls:
-            records = {k: (t.records, e.records) for k, (t, e) in splits.items()}
-            self.baseline = majority_baseline(records, label_key=schema.label_field)
+            shown = train or ev  # the evaluator's labels: its test set's
+            labels = label_histogram(shown.records, schema.label_field, schema.labels) if cls else None
+            origin = f" from {train.shown} and {ev.shown}" if train else f" from {ev.shown}"
+            self._say_data(key, len(train.records) if train else 0, len(ev.records), labels, origin)
+        self._baselines({k: (t.records if t else [], e.records) for k, (t, e) in splits.items()}, schema.label_field)
 
     def _upload_data(self) -> None:
-        from fedtune.data.partition import majority_baseline, plan_shards
+        from fedtune.data.partition import plan_shards
         from fedtune.data.sources import load_source
         from fedtune.data.upload import upload_shards
 
         ds, schema = self.docs.dataset, self.job.spec.data
         label_key = ds.spec.label_field
         records = load_source(ds.spec.source)
-        shards = plan_shards(records, ds, [p.key for p in self.parties])
+        test_party = self.job.evaluator_key if ds.spec.test_samples else None
+        try:
+            shards = plan_shards(records, ds, [p.key for p in self.parties], test_party)
+        except ValueError as exc:
+            raise SpecError(f"Dataset {ds.metadata.name}: {exc}") from None
+        dealt = self.parties + ([self.evaluator] if test_party else [])
         if self.job.spec.model.task == "sequence-classification":
             found = {str(r.get(label_key)) for tr, ev in shards.values() for r in (*tr, *ev)}
             unknown = sorted(found - set(schema.labels))
@@ -237,16 +255,17 @@ class LocalRun:
                     f"({', '.join(schema.labels)}) does not list: add them there, or keep only the "
                     "job's classes with the Dataset's spec.labels"
                 )
-            self.baseline = majority_baseline(shards, label_key=label_key)
+        self._baselines(dict(shards), label_key)
         summary = upload_shards(
             shards,
-            self.parties,
-            {p.key: self.buckets[p.key] for p in self.parties},
+            dealt,
+            {p.key: self.buckets[p.key] for p in dealt},
             label_key=label_key,
             labels=schema.labels or None,
         )
         for key, s in summary.items():
-            self._say_data(key, s["train"]["records"], s["eval"]["records"], s["train"]["labels"])
+            labels = s["eval" if key == test_party else "train"]["labels"]
+            self._say_data(key, s["train"]["records"], s["eval"]["records"], labels)
 
     def _start_pods(self) -> None:
         n = len(self.parties)
@@ -264,7 +283,7 @@ class LocalRun:
             HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
         )
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        pods = [(p.key, "party") for p in self.parties] + [("aggregator", "aggregator")]
+        pods = [(p.key, "party") for p in self.members] + [("aggregator", "aggregator")]
         for name, role in pods:
             box = self.workdir / "mailboxes" / _dirname(name)
             self.mailboxes[name] = FileMailbox(box)
@@ -280,8 +299,8 @@ class LocalRun:
                 )
             )
         self.progress.say(
-            f"started {n} party trainers ({threads} thread(s) each) and the aggregator; "
-            f"logs in {_shown(self.workdir / 'logs')}"
+            f"started {n} party trainers ({threads} thread(s) each){', the evaluator' if self.evaluator else ''} "
+            f"and the aggregator; logs in {_shown(self.workdir / 'logs')}"
         )
 
     # -- control loop ----------------------------------------------------------------------------
@@ -310,12 +329,12 @@ class LocalRun:
         return tuple(out)
 
     def _observe(self) -> Observation:
-        receipts = {p.key: r for p in self.parties if (r := self._receipt(p.key, TrainerReceipt))}
+        receipts = {p.key: r for p in self.members if (r := self._receipt(p.key, TrainerReceipt))}
         return Observation(now=utcnow(), receipts=receipts, aggregator=self._receipt("aggregator", AggregatorReceipt))
 
     def _apply(self, st: FederatedJobStatus, signer: BucketSigner) -> None:
         now = utcnow()
-        by_key = {p.key: p for p in self.parties}
+        by_key = {p.key: p for p in self.members}
         for name, intent in trainer_intents(self.job, st).items():
             box = self.mailboxes[name]
             if ticket_id(box.read_ticket() or {}) != intent.id:
@@ -378,11 +397,12 @@ class LocalRun:
         final.mkdir(parents=True, exist_ok=True)
         uid, coord = self.job.metadata.uid, self.buckets[COORDINATOR]
         prefix = layout.final_prefix(uid)
-        extra = {"majorityBaseline": self.baseline, "workdir": str(self.workdir)}
+        extra = {"majorityBaseline": self.baseline, "testMajorityBaseline": self.test_baseline}
+        extra["workdir"] = str(self.workdir)
         doc = report.metrics_document(self.job, st, extra)
         report.write_metrics(final / layout.FINAL_METRICS, doc)
         title = f"{self.job.metadata.name}: {self.job.spec.peft.method} + {self.job.spec.strategy.name}"
-        has_plot = report.plot(st, final / layout.FINAL_PLOT, title, self.baseline)
+        has_plot = report.plot(st, final / layout.FINAL_PLOT, title, self.baseline, self.test_baseline)
         if st.phase == "Succeeded":
             for name in (layout.FINAL_ADAPTER, layout.FINAL_CONFIG):
                 (final / name).write_bytes(coord.get_bytes(prefix + name))
@@ -397,12 +417,14 @@ class LocalRun:
         (self.workdir / JOB_FILE).write_text(self.job.model_dump_json(by_alias=True, exclude_none=True, indent=1))
         spec = self.job.spec
         self.progress.say(
-            f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties, "
+            f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties"
+            f"{f' and evaluator {self.evaluator.metadata.name}' if self.evaluator else ''}, "
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
             f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {_shown(self.workdir)}"
         )
         peft_verdict = _PeftVerdict(self.job)  # runs while the data is read and the S3 server starts
-        own = read_own_data(self.job, self.parties, self.base_dir)  # bad data: an error before anything starts
+        # Bad data: an error before anything starts.
+        own = read_own_data(self.job, self.parties, self.base_dir, self.evaluator)
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
             self._start_storage(stack)
@@ -412,7 +434,7 @@ class LocalRun:
             self._start_pods()
             if own:
                 self._upload_own_data(own)
-            else:
+            if self.docs.dataset is not None:
                 self._upload_data()
             st = self._loop(BucketSigner(self.buckets))
             self.pods.finishing = True
@@ -426,6 +448,8 @@ class LocalRun:
         print("\n" + report.round_table(st), file=self.out)
         if self.baseline is not None:
             print(f"\nmajority-class baseline on the parties' eval splits: {self.baseline:.3f}", file=self.out)
+        if self.test_baseline is not None:
+            print(f"majority-class baseline on the held-out test set: {self.test_baseline:.3f}", file=self.out)
         if st.phase == "Succeeded":
             print(
                 f"\nSucceeded. Final adapter (PEFT layout) in {_shown(final)}; "

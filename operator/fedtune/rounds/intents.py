@@ -15,7 +15,7 @@ from fedtune.api.job import FederatedJob
 from fedtune.api.party import Party
 from fedtune.api.protocol import AggregatorTicket, Download, TrainerConfig, TrainerTicket, UpdateIn
 from fedtune.api.status import FederatedJobStatus
-from fedtune.rounds.machine import active, designated_initialiser
+from fedtune.rounds.machine import active, designated_initialiser, evaluator_task
 from fedtune.storage import layout
 
 COORDINATOR = "coordinator"
@@ -68,6 +68,9 @@ def trainer_intents(job: FederatedJob, st: FederatedJobStatus) -> dict[str, Trai
         p.name: TrainerIntent(p.name, kind, st.current_round, st.attempt, deadline, upload_global0=p.name == lead)
         for p in active(st)
     }
+    ev, task = st.evaluator, evaluator_task(st)
+    if ev is not None and ev.state != "Dropped" and task is not None:
+        out[ev.name] = TrainerIntent(ev.name, task[0], task[1], 0, deadline)  # asked once per round
     for p in st.parties:
         if p.state == "Dropped":
             out[p.name] = TrainerIntent(p.name, "exit", st.current_round, 0, deadline)
@@ -135,7 +138,8 @@ def build_trainer_ticket(
             t.update_out = signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl)
             t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)
         return t
-    # A train ticket of round r starts from global r-1; the final eval ticket reads the last global.
+    # A train ticket of round r starts from global r-1; an eval ticket reads the global of its round
+    # (the evaluator's: r-1 while round r trains; everyone's at the end: the last).
     global_round = intent.round - 1 if intent.kind == "train" else intent.round
     t.eval_data = Download(url=signer.presign_get(owner, party.spec.data.eval_key, ttl))
     t.global_in = Download(

@@ -8,6 +8,11 @@ persisted status and the mailboxes, and never loses or repeats a round.
 Stages of a job: init (every party loads the model; one uploads global 0) -> training of
 round r (parties evaluate global r-1, train, upload) -> aggregating r -> … -> evaluating
 (parties evaluate the last global) -> done.
+
+A job may name an evaluator (spec.evaluator): a party that holds a held-out test set and never
+trains. It evaluates global r-1 while the parties train round r, and the last global with them at
+the end. It never counts towards quorum; the stage waits for its answer until the deadline, and
+an evaluator that keeps failing is dropped without failing the job (condition Degraded).
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def new_status(job: FederatedJob, now: datetime) -> FederatedJobStatus:
         observed_generation=job.metadata.generation,
         phase="Running",
         stage="init",
-        parties=[PartyState(name=k) for k in job.party_keys],
+        parties=[PartyState(name=k) for k in job.party_keys]
+        + ([PartyState(name=job.evaluator_key, role="evaluator")] if job.evaluator_key else []),
     )
     st.round_started_at = now
     st.round_deadline = now + timedelta(seconds=job.spec.round_timeout_seconds)
@@ -71,8 +77,27 @@ def resumed(job: FederatedJob, status: FederatedJobStatus, now: datetime) -> Fed
 
 
 def active(status: FederatedJobStatus) -> list[PartyState]:
-    """Parties still taking part (not dropped)."""
+    """Training parties still taking part (not dropped)."""
+    return [p for p in status.parties if p.state != "Dropped" and p.role == "trainer"]
+
+
+def members(status: FederatedJobStatus) -> list[PartyState]:
+    """Every party still taking part, the evaluator included: each needs its pod."""
     return [p for p in status.parties if p.state != "Dropped"]
+
+
+def evaluator_task(status: FederatedJobStatus) -> tuple[str, int] | None:
+    """(ticket kind, round) the evaluator works on now: global r-1 while round r trains, the last at the end.
+
+    While the parties initialise it loads its model too (nobody waits for that: its eval tickets would load it).
+    """
+    if status.stage == "init":
+        return "init", 0
+    if status.stage in ("training", "aggregating"):
+        return "eval", status.current_round - 1
+    if status.stage == "evaluating":
+        return "eval", status.current_round
+    return None
 
 
 def designated_initialiser(status: FederatedJobStatus) -> str | None:
@@ -87,6 +112,7 @@ def advance(job: FederatedJob, status: FederatedJobStatus, obs: Observation) -> 
     events: list[Event] = []
     if st.phase in ("Succeeded", "Failed"):
         return st, events
+    _held_out(job, st, obs, events)
     step = {"init": _init, "training": _training, "aggregating": _aggregating, "evaluating": _evaluating}[st.stage]
     step(job, st, obs, events)
     _summarise(st)
@@ -160,10 +186,11 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
             p.update_sha256, p.num_samples, p.num_eval_samples = r.sha256, r.num_samples, r.num_eval_samples
             p.metrics, p.bytes_up, p.bytes_down = r.metrics, r.bytes_up, r.bytes_down
             p.train_seconds = r.timings.train_seconds
-    if any(_waiting(st)) and obs.now < st.round_deadline:
+    if (any(_waiting(st)) or _evaluator_waiting(st)) and obs.now < st.round_deadline:
         return
     for p in _waiting(st):
         _party_failed(p, f"no update for round {rnd} before the deadline", events, state="Straggler")
+    _evaluator_late(st, events)
     _drop_failing(spec, st, obs.now, events)
     if st.phase == "Failed":
         return
@@ -221,7 +248,7 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
     if rnd >= spec.rounds:
         st.stage, st.attempt = "evaluating", 0
         st.round_deadline = obs.now + timedelta(seconds=spec.round_timeout_seconds)
-        for p in active(st):
+        for p in members(st):
             p.state = "Pending"
     else:
         _start_round(spec, st, rnd + 1, obs.now, events)
@@ -236,14 +263,61 @@ def _evaluating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, eve
                 p.state, p.metrics, p.num_eval_samples = "Done", r.metrics, r.num_eval_samples
             else:
                 p.state, p.message = "Failed", f"final evaluation failed: {r.error}"
-    if (any(_waiting(st)) and obs.now < st.round_deadline) or st.final_adapter is None:
+    if ((any(_waiting(st)) or _evaluator_waiting(st)) and obs.now < st.round_deadline) or st.final_adapter is None:
         return
     for p in _waiting(st):
         p.state, p.message = "Straggler", "no final evaluation before the deadline"
+    _evaluator_late(st, events)
     _record_eval(st, rnd, [p for p in active(st) if p.state == "Done"])
     st.stage = "done"
     cond.mark_succeeded(st, f"{rnd} round(s) done; final adapter at {st.final_adapter}", obs.now)
     events.append(Event("Normal", "Succeeded", f"final adapter at {st.final_adapter}"))
+
+
+# --- the evaluator ------------------------------------------------------------------------
+
+
+def _held_out(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: list[Event]) -> None:
+    """Take the evaluator's answer to its current task, if it gave one."""
+    ev, task = st.evaluator, evaluator_task(st)
+    if ev is None or task is None or task[0] == "init" or ev.state not in (*WAITING, "Straggler"):
+        return
+    kind, rnd = task
+    r = obs.receipts.get(ev.name)
+    if not _answers(r, kind, job.metadata.uid, rnd, 0):
+        return
+    if not r.ok:
+        _party_failed(ev, f"held-out evaluation of round {rnd} failed: {r.error}", events)
+    elif r.base_model_fingerprint != st.base_model_fingerprint:
+        _party_failed(ev, "held-out evaluation refused: a different base model (fingerprint mismatch)", events)
+    else:
+        ev.state, ev.message, ev.failures = "Done", "", 0
+        ev.metrics, ev.num_eval_samples, ev.fingerprint = r.metrics, r.num_eval_samples, r.base_model_fingerprint
+        rec = _history(st, rnd)
+        rec.held_out, rec.held_out_samples = r.metrics.model_copy(), r.num_eval_samples
+        what = f"held-out test set, global adapter of round {rnd}: {_shown(r.metrics)}"
+        events.append(Event("Normal", "HeldOutEvaluated", what))
+
+
+def _evaluator_waiting(st: FederatedJobStatus) -> bool:
+    ev, task = st.evaluator, evaluator_task(st)
+    return ev is not None and ev.state in WAITING and task is not None and task[0] == "eval"
+
+
+def _evaluator_late(st: FederatedJobStatus, events: list[Event]) -> None:
+    if _evaluator_waiting(st):
+        task = evaluator_task(st)
+        _party_failed(
+            st.evaluator, f"no held-out evaluation of round {task[1]} before the deadline", events, state="Straggler"
+        )
+
+
+def _shown(m: Metrics) -> str:
+    if m.eval_accuracy is not None:
+        return f"acc {m.eval_accuracy:.3f}, loss {m.eval_loss:.4f}"
+    if m.eval_perplexity is not None:
+        return f"ppl {m.eval_perplexity:.2f}, loss {m.eval_loss:.4f}"
+    return f"loss {m.eval_loss:.4f}" if m.eval_loss is not None else "no metrics"
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -275,6 +349,9 @@ def _reset_round(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime) 
     st.round_started_at = now
     st.round_deadline = now + timedelta(seconds=spec.round_timeout_seconds)
     waiting = "Pending" if st.stage == "init" else "Training"
+    ev = st.evaluator
+    if ev is not None and ev.state != "Dropped" and st.attempt == 0:  # asked once per round, whatever the retries
+        ev.state = "Pending" if st.stage == "init" else "Training"
     for p in active(st):
         p.state = waiting
         p.update_sha256, p.num_eval_samples = None, None
@@ -305,6 +382,11 @@ def _drop_failing(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime,
             p.state = "Dropped"
             p.message = f"dropped after {p.failures} consecutive failed rounds; last: {p.message}"
             events.append(Event("Warning", "PartyDropped", f"{p.name}: {p.message}"))
+    ev = st.evaluator
+    if ev is not None and ev.state != "Dropped" and ev.failures >= spec.max_party_failures:
+        ev.state = "Dropped"
+        ev.message = f"evaluator dropped after {ev.failures} consecutive failures; last: {ev.message}"
+        events.append(Event("Warning", "PartyDropped", f"{ev.name}: {ev.message}; the job goes on without it"))
     dropped = [p.name for p in st.parties if p.state == "Dropped"]
     if dropped:
         cond.set_condition(st, cond.DEGRADED, "True", "PartiesDropped", f"dropped: {', '.join(dropped)}", now)
@@ -329,17 +411,25 @@ def _record(st: FederatedJobStatus, rec: RoundRecord) -> None:
         for k in ("eval_loss", "eval_accuracy", "eval_perplexity"):
             if getattr(rec.metrics, k) is None:
                 setattr(rec.metrics, k, getattr(old.metrics, k))
+        if rec.held_out is None:
+            rec.held_out, rec.held_out_samples = old.held_out, old.held_out_samples
         st.history.remove(old)
     st.history.append(rec)
     st.history.sort(key=lambda h: h.round)
     del st.history[:-MAX_HISTORY]
 
 
-def _record_eval(st: FederatedJobStatus, rnd: int, parties: list[PartyState]) -> None:
+def _history(st: FederatedJobStatus, rnd: int) -> RoundRecord:
+    """Round `rnd`'s record, created if the round has none yet."""
     rec = next((h for h in st.history if h.round == rnd), None)
     if rec is None:
         rec = RoundRecord(round=rnd)
         _record(st, rec)
+    return rec
+
+
+def _record_eval(st: FederatedJobStatus, rnd: int, parties: list[PartyState]) -> None:
+    rec = _history(st, rnd)
     for k in ("eval_loss", "eval_accuracy", "eval_perplexity"):
         setattr(
             rec.metrics,
