@@ -313,3 +313,9 @@ def test_an_evaluator_party_scores_every_global_adapter_on_its_held_out_set(kube
         assert referee["role"] == "evaluator" and referee.get("numSamples") is None
         assert "org-carol" in {p.split("/")[0] for p in pods.started}
         assert "HeldOutEvaluated" in {e.get("reason") for e in kube.list("events", HUB)}
+        kube.delete("fj", HUB, "fj1")
+        kube.wait_for(
+            lambda: kube.get("fj", HUB, "fj1") is None and not children(kube),
+            timeout=30,
+            what="the job's children, the evaluator's namespace included, to be deleted",
+        )

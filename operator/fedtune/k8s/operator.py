@@ -20,7 +20,7 @@ from fedtune.k8s import metrics
 from fedtune.k8s.kube import Kube, api_client, path
 from fedtune.k8s.names import LABEL_JOB, LABEL_JOB_NAMESPACE, LABEL_MANAGED_BY, job_selector
 from fedtune.k8s.party_status import reconcile_party
-from fedtune.k8s.preconditions import InvalidSpec, accept_spec
+from fedtune.k8s.preconditions import InvalidSpec, refused_generation
 from fedtune.k8s.reconcile import reconcile
 from fedtune.k8s.settings import OperatorSettings
 from fedtune.rounds import conditions as cond
@@ -102,7 +102,11 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return
             try:
-                done = False if _refused_as_is(body) else await _reconcile_once(body)
+                refused = refused_generation(body)
+                if refused is not None and refused == body["metadata"].get("generation"):
+                    done = False  # refused and not edited since: nothing to do until it is
+                else:
+                    done = await _reconcile_once(body)
             except InvalidSpec as exc:
                 # Said once per generation (condition + event); the daemon stays to see a corrected spec.
                 await _fail_invalid(body, str(exc))
@@ -119,25 +123,6 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
                 pass
     finally:
         _wakers.pop(key, None)
-
-
-def _refused_as_is(body: dict) -> bool:
-    """The job was refused as InvalidSpec and its spec has not been edited since: nothing to do."""
-    st = body.get("status") or {}
-    invalid = any(c.get("type") == cond.INVALID_SPEC and c.get("status") == "True" for c in st.get("conditions", []))
-    return (
-        invalid and st.get("phase") == "Failed" and st.get("observedGeneration") == body["metadata"].get("generation")
-    )
-
-
-@kopf.on.create(GROUP, VERSION, "federatedjobs")
-@kopf.on.update(GROUP, VERSION, "federatedjobs", field="spec")
-def validate_job(body: kopf.Body, **_) -> None:
-    """Refuse an invalid spec once, permanently (no retries); the condition is set by the daemon."""
-    try:
-        accept_spec(dict(body))
-    except InvalidSpec as exc:
-        raise kopf.PermanentError(f"invalid spec: {exc}") from None
 
 
 async def _reconcile_once(body: dict) -> bool:
@@ -175,7 +160,8 @@ async def _fail_invalid(body: dict, message: str) -> None:
 async def job_deleted(name: str, namespace: str, spec: kopf.Spec, **_) -> None:
     """Remove the job's children in every namespace (owner references cannot cross namespaces)."""
     selector = job_selector(namespace, name)
-    party_namespaces = {p.get("namespace") or namespace for p in spec.get("parties", [])} | {namespace}
+    members = [*spec.get("parties", []), *([spec["evaluator"]] if spec.get("evaluator") else [])]
+    party_namespaces = {p.get("namespace") or namespace for p in members} | {namespace}
     for ns in sorted(party_namespaces):
         for plural, api in (
             ("pods", "v1"),

@@ -19,6 +19,7 @@ from fedtune.api.status import FederatedJobStatus
 from fedtune.k8s.kube import Kube, path
 from fedtune.k8s.resources import find_fitting_node, trainer_resources
 from fedtune.k8s.spec_changes import review_change
+from fedtune.rounds.conditions import INVALID_SPEC
 from fedtune.storage.s3 import Bucket, S3Credentials
 
 GROUP_VERSION = "fedtune.io/v1alpha1"
@@ -43,6 +44,17 @@ class Accepted:
     spec_raw: dict
     annotation: str | None  # new value for the accepted-spec annotation, when it changes
     rejected_change: str | None  # why a spec change was refused (job continues on the accepted spec)
+
+
+def refused_generation(body: dict) -> int | None:
+    """The generation whose spec was refused (Failed with InvalidSpec True), or None if it was not.
+
+    The one test of "refused" for both callers: the daemon leaves a job alone while its refused
+    generation is the current one, and reconcile judges an edited spec afresh.
+    """
+    st = body.get("status") or {}
+    invalid = any(c.get("type") == INVALID_SPEC and c.get("status") == "True" for c in st.get("conditions", []))
+    return st.get("observedGeneration") if invalid and st.get("phase") == "Failed" else None
 
 
 def _status(body: dict) -> FederatedJobStatus | None:

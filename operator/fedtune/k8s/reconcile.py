@@ -63,9 +63,8 @@ def _pending(body: dict, now: datetime) -> FederatedJobStatus:
 
 async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: datetime) -> Outcome:
     """One pass. Raises pre.InvalidSpec for specs that cannot run; returns Pending statuses for waits."""
-    old = pre._status(body)
-    refused = old is not None and old.phase == "Failed" and (c := old.condition(cond.INVALID_SPEC)) is not None
-    if refused and c.status == "True" and old.observed_generation != body["metadata"].get("generation"):
+    refused = pre.refused_generation(body)
+    if refused is not None and refused != body["metadata"].get("generation"):
         body = {**body, "status": None}  # the refused spec was edited: judge it afresh, from the start
     acc = pre.accept_spec(body)
     job = acc.job
