@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,8 +356,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def accuracy_runs(args: argparse.Namespace, workdir: Path) -> list[dict]:
     """One short real federated run per compression mode; same data, seeds and schedule."""
-    from fedtune.local.runner import LocalRun
-
     rows = []
     for mode in MODES:
         docs = mlbench.job_documents(
@@ -378,10 +374,7 @@ def accuracy_runs(args: argparse.Namespace, workdir: Path) -> list[dict]:
             name=f"comm-{mode}",
         )
         docs[0]["spec"]["training"]["updateCompression"] = mode
-        start = time.perf_counter()
-        st = LocalRun(mlbench.parse(docs), workdir / mode, out=io.StringIO(), threads=1).run()
-        if st.phase != "Succeeded":
-            raise RuntimeError(f"compression {mode}: run failed: {st.message}")
+        st, seconds, _, _ = mlbench.run_local(docs, workdir / mode, threads=1)
         rounds = st.history[1:]
         up = sum(h.bytes_up for h in rounds)
         # bytes_up = the parties' updates + the aggregator's (uncompressed) global of every round
@@ -393,7 +386,7 @@ def accuracy_runs(args: argparse.Namespace, workdir: Path) -> list[dict]:
                 "loss": st.history[-1].metrics.eval_loss,
                 "up": up,
                 "update": (up - len(rounds) * global_size) / (len(rounds) * args.acc_parties),
-                "seconds": time.perf_counter() - start,
+                "seconds": seconds,
             }
         )
         print(f"  accuracy run {mode}: final acc {rows[-1]['acc'][-1]:.3f} in {rows[-1]['seconds']:.0f}s", flush=True)

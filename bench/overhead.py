@@ -12,22 +12,20 @@ The profile splits each round along its critical path, from the receipts the run
 this one machine):
 
 - party pick-up+misc: round start -> the last party's receipt, minus what that party timed
-  (ticket poll latency, ticket parsing, loading the global weights into the model, receipt write)
+  (ticket pick-up, ticket parsing, loading the global weights into the model, receipt write)
 - download / eval / upload: that party's own timings (eval = the global adapter on its eval split)
-- hand-off: last party receipt -> aggregator starts (runner poll, ticket signing and write,
-  aggregator poll)
+- hand-off: last party receipt -> aggregator starts (runner wake-up, ticket signing and write,
+  aggregator wake-up)
 - aggregate: the aggregator's own duration (downloads, verification, FedAvg, upload)
-- notice: aggregator done -> the runner records the round (receipt copy to S3, runner poll)
+- notice: aggregator done -> the runner records the round (runner wake-up)
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlbench
@@ -39,45 +37,15 @@ from toy_data import toy_jsonl  # noqa: E402  (tests/ helpers: tiny model and to
 STEPS = ("pickup+misc", "download", "eval", "train", "upload", "hand-off", "aggregate", "notice")
 
 
-def default_poll() -> float:
-    from fedtune.api.mailbox import POLL_SECONDS
-
-    return POLL_SECONDS
-
-
 def make_run_class():
     from fedtune.local import runner
 
     class RecordingRun(runner.LocalRun):
-        """LocalRun that keeps every distinct receipt it observed; optionally other poll intervals.
+        """LocalRun that keeps every distinct receipt it observed."""
 
-        `poll` (seconds) replaces both the runner's loop interval and the pods' `--poll`
-        (a what-if: fedtune's default is fedtune_trainer.mailbox.POLL_SECONDS everywhere).
-        """
-
-        def __init__(self, *args, poll: float | None = None, **kwargs):
+        def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.seen: dict[tuple, object] = {}
-            self.poll = poll
-
-        def _start_pods(self):
-            if self.poll is not None:
-                start = self.pods.start
-
-                def with_poll(pod):
-                    pod.argv = [*pod.argv, "--poll", str(self.poll)]
-                    start(pod)
-
-                self.pods.start = with_poll
-            super()._start_pods()
-
-        def run(self):
-            default = runner.POLL_SECONDS
-            runner.POLL_SECONDS = self.poll if self.poll is not None else default
-            try:
-                return super().run()
-            finally:
-                runner.POLL_SECONDS = default
 
         def _observe(self):
             obs = super()._observe()
@@ -163,36 +131,25 @@ def profile(run, st) -> list[dict]:
     return out
 
 
-def run_one(
-    model: Path, data: Path, parties: int, args: argparse.Namespace, workdir: Path, poll: float | None = None
-) -> dict:
-    import yaml
-    from fedtune.documents import parse_documents
-
+def run_one(model: Path, data: Path, parties: int, args: argparse.Namespace, workdir: Path) -> dict:
     docs = job_docs(model, data, parties, args.rounds, args.samples)
-    parsed = parse_documents(yaml.safe_dump_all(docs), "overhead")
-    run = make_run_class()(parsed, workdir, out=io.StringIO(), threads=1, poll=poll)
-    start = time.perf_counter()
-    st = run.run()
-    if st.phase != "Succeeded":
-        raise RuntimeError(f"{parties} parties: run failed: {st.message}\n{run.out.getvalue()}")
+    st, seconds, run, _ = mlbench.run_local(docs, workdir, threads=1, run_class=make_run_class())
     rows = profile(run, st)
     over = [r["overhead"] for r in rows]
     result = {
         "parties": parties,
-        "poll": poll if poll is not None else default_poll(),
         "rounds": len(rows),
         "median": statistics.median(over),
         "p90": float(np.percentile(over, 90)),
         "max": max(over),
         "wall": statistics.median(r["wall"] for r in rows),
         "train": statistics.median(r["slowest_train"] for r in rows),
-        "total_seconds": time.perf_counter() - start,
+        "total_seconds": seconds,
         "steps": {k: statistics.median(r[k] for r in rows) for k in STEPS},
         "per_round": rows,
     }
     print(
-        f"  {parties} parties, poll {result['poll']}s: overhead median {result['median']:.3f}s "
+        f"  {parties} parties: overhead median {result['median']:.3f}s "
         f"p90 {result['p90']:.3f}s ({len(rows)} rounds, run {result['total_seconds']:.0f}s)",
         flush=True,
     )
@@ -202,7 +159,6 @@ def run_one(
 def tables(results: list[dict]) -> tuple[str, str]:
     head = [
         "parties",
-        "poll s",
         "rounds",
         "overhead median s",
         "overhead p90 s",
@@ -216,7 +172,6 @@ def tables(results: list[dict]) -> tuple[str, str]:
         [
             [
                 r["parties"],
-                r["poll"],
                 r["rounds"],
                 f"{r['median']:.3f}",
                 f"{r['p90']:.3f}",
@@ -229,8 +184,8 @@ def tables(results: list[dict]) -> tuple[str, str]:
         ],
     )
     split = mlbench.md_table(
-        ["parties", "poll s", *[f"{k} s" for k in STEPS]],
-        [[r["parties"], r["poll"], *(f"{r['steps'][k]:.3f}" for k in STEPS)] for r in results],
+        ["parties", *[f"{k} s" for k in STEPS]],
+        [[r["parties"], *(f"{r['steps'][k]:.3f}" for k in STEPS)] for r in results],
     )
     return summary, split
 
@@ -240,7 +195,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     steps = [k for k in STEPS if k != "train"]
-    xs = [f"{r['parties']}\npoll {r['poll']}" for r in results]
+    xs = [f"{r['parties']} parties" for r in results]
     bottom = [0.0] * len(results)
     for k in steps:
         vals = [r["steps"][k] for r in results]
@@ -263,16 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parties", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--samples", type=int, default=16, help="records per party (3/4 train, 1/4 eval)")
-    parser.add_argument(
-        "--compare-poll",
-        type=float,
-        nargs="*",
-        default=[0.1],
-        help="also run every party count with these poll intervals (runner and pods; fedtune's default is 0.02 s)",
-    )
     args = parser.parse_args(argv)
     if args.smoke:
-        args.parties, args.rounds, args.compare_poll = [2], 2, []
+        args.parties, args.rounds = [2], 2
     mlbench.quiet()
     info = mlbench.machine_info()
     results = []
@@ -281,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         model = Path(mlbench.tiny_model(tmp / "tiny").removeprefix("file://"))
         data = tmp / "toy.jsonl"
         data.write_bytes(toy_jsonl(max(200, 2 * args.samples * max(args.parties))))
-        for poll in [None, *args.compare_poll]:
-            for n in args.parties:
-                results.append(run_one(model, data, n, args, tmp / f"run-{n}-{poll}", poll))
+        for n in args.parties:
+            results.append(run_one(model, data, n, args, tmp / f"run-{n}"))
     summary, split = tables(results)
     print("\n" + summary + "\n\n" + split, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -299,16 +246,15 @@ def main(argv: list[str] | None = None) -> int:
 ## Setup
 
 fedtune's local mode as `fedtune run` drives it: embedded SeaweedFS, one subprocess per party
-(1 torch thread each) plus the aggregator, the runner's control loop polling mailboxes. The
+(1 torch thread each, forked from the zygote) plus the aggregator, every process waking on inotify
+events of its mailbox (no polling). The
 model is the tests' tiny random BERT (2 layers, width 32) with LoRA r=4 on query/value,
 {args.samples} records per party (3/4 train, 1 local epoch, batch 8), FedAvg. With training
 this short, a round is almost all federation. Overhead = the history's
 `duration_seconds - slowest_train_seconds`; the target is "well under a second per round".
 {len(results[0]["per_round"]) if results else 0} rounds per party count (round 0, the initial
 adapter, is not a training round). The machine has {info.get("cores (os.cpu_count)")} cores: with
-more parties than cores, processes wait for CPU, which shows up as overhead. Rows with another
-poll interval are a what-if: the runner's loop and the pods' `--poll` set to that value
-(fedtune's default is {default_poll()} s for both; 0.1 s was the default before this benchmark).
+more parties than cores, parties take turns for them (CPU slots), which shows up as overhead.
 
 {summary}
 
@@ -317,10 +263,10 @@ poll interval are a what-if: the runner's loop and the pods' `--poll` set to tha
 {split}
 
 Steps: pick-up+misc = round start to the last party's receipt minus that party's own timings
-(ticket poll latency, parsing, loading global weights into the model, receipt write);
+(ticket pick-up, parsing, loading global weights into the model, waiting for a CPU slot, receipt write);
 download / eval / train / upload = that party's timings (eval: the global adapter on its eval
-split, part of the protocol); hand-off = last receipt to aggregator start (runner poll, URL
-signing, ticket write, aggregator poll); aggregate = the aggregator's own time (downloads,
+split, part of the protocol); hand-off = last receipt to aggregator start (runner wake-up, URL
+signing, ticket write, aggregator wake-up); aggregate = the aggregator's own time (downloads,
 verification, FedAvg, upload); notice = aggregator done to the runner recording the round.
 
 ![overhead](overhead.png)

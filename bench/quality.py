@@ -22,7 +22,6 @@ batch schedule, collation and evaluation; only the loop itself is written here.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import statistics
 import sys
@@ -122,15 +121,7 @@ def run_direct(parsed, shards, methods: list[str], rounds: int) -> dict[str, dic
 
 def run_federated(docs: list[dict], workdir: Path) -> dict:
     """One `fedtune run` in-process (LocalRun); accuracy per round from the job's status history."""
-    from fedtune.local.runner import LocalRun
-
-    log = io.StringIO()
-    start = time.perf_counter()
-    st = LocalRun(mlbench.parse(docs), workdir, out=log).run()
-    seconds = time.perf_counter() - start
-    (workdir / "run.log").write_text(log.getvalue())
-    if st.phase != "Succeeded":
-        raise RuntimeError(f"fedtune run failed ({st.message}); log:\n{log.getvalue()[-3000:]}")
+    st, seconds, _, _ = mlbench.run_local(docs, workdir)
     hist = sorted(st.history, key=lambda h: h.round)
     return {
         "curve": [h.metrics.eval_accuracy for h in hist],

@@ -5,38 +5,8 @@ Benchmarks are not tests: only their smoke modes run here, so the scripts do not
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def run_smoke(script: str, out: Path) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return (out / script.replace(".py", ".md")).read_text()
-
-
-def tables(markdown: str) -> list[list[list[str]]]:
-    """Every markdown table as rows of cells (header first, the --- line dropped)."""
-    found, current = [], []
-    for line in markdown.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= {"-"} for c in cells):
-                current.append(cells)
-        elif current:
-            found.append(current)
-            current = []
-    return found
+from bench_smoke import machine_noted, run_smoke, tables
 
 
 def size_bytes(cell: str) -> float:
@@ -45,11 +15,6 @@ def size_bytes(cell: str) -> float:
     return float(value) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit]
 
 
-def machine_noted(markdown: str) -> bool:
-    return "- cpu:" in markdown and "- torch:" in markdown and "cores" in markdown
-
-
-@pytest.mark.slow
 def test_communication_smoke(tmp_path):
     md = run_smoke("communication.py", tmp_path)
     assert machine_noted(md) and "Self-check passed" in md
@@ -72,11 +37,11 @@ def test_overhead_smoke(tmp_path):
     md = run_smoke("overhead.py", tmp_path)
     assert machine_noted(md)
     summary, split = tables(md)
-    assert summary[0][:5] == ["parties", "poll s", "rounds", "overhead median s", "overhead p90 s"]
-    assert [r[0] for r in summary[1:]] == ["2"] and summary[1][2] == "2"
-    assert float(summary[1][3]) >= 0
-    assert all(float(c) >= 0 for r in split[1:] for c in r[2:])  # every step of the critical path
-    assert split[0][2:] == [f"{k} s" for k in ("pickup+misc", "download", "eval", "train", "upload")] + [
+    assert summary[0][:4] == ["parties", "rounds", "overhead median s", "overhead p90 s"]
+    assert [r[0] for r in summary[1:]] == ["2"] and summary[1][1] == "2"
+    assert float(summary[1][2]) >= 0
+    assert all(float(c) >= 0 for r in split[1:] for c in r[1:])  # every step of the critical path
+    assert split[0][1:] == [f"{k} s" for k in ("pickup+misc", "download", "eval", "train", "upload")] + [
         "hand-off s",
         "aggregate s",
         "notice s",

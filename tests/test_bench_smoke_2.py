@@ -8,47 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def run_smoke(script: str, out: Path, timeout: float = 600) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / script), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return proc.stdout
-
-
-def table_header(text: str, first_header: str) -> list[str]:
-    """Header cells of the markdown table whose header row starts with `first_header`."""
-    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {first_header} |"))
-    return [c.strip() for c in line.strip("|").split("|")]
+from bench_smoke import run_smoke, table
 
 
 def table_rows(text: str, first_header: str) -> list[list[str]]:
-    """Cells of the markdown table whose header row starts with `first_header` (header excluded)."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
-    rows = []
-    for line in lines[start + 2 :]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows
+    return table(text, first_header)[1]
 
 
 def test_throughput_smoke(tmp_path):
-    run_smoke("throughput.py", tmp_path)
-    text = (tmp_path / "throughput.md").read_text()
+    text = run_smoke("throughput.py", tmp_path)
     assert "SMOKE RUN" in text and "torch: " in text and "cpu: " in text
     rows = {r[0]: r for r in table_rows(text, "variant")}
     assert "plain" in rows and "fedtune" in rows
@@ -62,15 +32,14 @@ def test_throughput_smoke(tmp_path):
 
 
 def test_quality_smoke(tmp_path):
-    run_smoke("quality.py", tmp_path)
-    text = (tmp_path / "quality.md").read_text()
+    text = run_smoke("quality.py", tmp_path)
     assert "SMOKE RUN" in text and "Small-sample runs" in text
     rows = {r[0]: r for r in table_rows(text, "method")}
     assert {"central", "local", "fedavg", "majority class"} <= set(rows)
     for name in ("central", "local", "fedavg"):
         assert 0.0 <= float(rows[name][1]) <= 1.0
     # Round 0 is the same initial adapter for every method: one accuracy, whatever trains after it.
-    per_round = table_header(text, "method").index("iid acc per round")
+    per_round = table(text, "method")[0].index("iid acc per round")
     assert len({rows[name][per_round].split(" → ")[0] for name in ("central", "local", "fedavg")}) == 1
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -78,13 +47,12 @@ def test_quality_smoke(tmp_path):
 def test_flower_compare_smoke(tmp_path):
     if importlib.util.find_spec("flwr") is None:
         pytest.skip("flwr is not installed (pip install -e '.[bench]')")
-    run_smoke("flower_compare.py", tmp_path)
-    text = (tmp_path / "flower.md").read_text()
+    text = run_smoke("flower_compare.py", tmp_path, "flower.md")
     rows = {r[1].split()[0]: r for r in table_rows(text, "run")}
     assert set(rows) == {"fedtune", "Flower"}
     assert 0.0 <= float(rows["fedtune"][-6]) <= 1.0 and 0.0 <= float(rows["Flower"][-6]) <= 1.0
     # The same training code on the same shards from the same adapter: the same accuracy every round.
-    header = table_header(text, "run")
+    header = table(text, "run")[0]
     rounds = [i for i, h in enumerate(header) if h.startswith("acc r") and h != "acc r0"]
     assert rounds and [rows["fedtune"][i] for i in rounds] == [rows["Flower"][i] for i in rounds]
     ratios = {r[0]: r[1] for r in table_rows(text, "ratio (fedtune / Flower), means over runs")}
@@ -96,8 +64,7 @@ def test_operator_scale_smoke(tmp_path):
     for module in ("kopf", "kmock"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (the dev and operator extras)")
-    run_smoke("operator_scale.py", tmp_path)
-    text = (tmp_path / "operator_scale.md").read_text()
+    text = run_smoke("operator_scale.py", tmp_path)
     rows = table_rows(text, "jobs")
     assert [r[0] for r in rows] == ["1", "2"]
     assert [r[1] for r in rows] == ["3/3", "6/6"]  # 2 trainers + 1 aggregator per job
