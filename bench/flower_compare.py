@@ -7,7 +7,9 @@ Dirichlet alpha 0.5 by default), same rounds, same local training, same parties-
 with one torch thread each. What differs is the federation machinery only:
 
 - fedtune: `fedtune run` local mode (LocalRun): an S3 server, party trainer processes fed through
-  mailboxes and presigned URLs, an aggregator process, sha256-verified safetensors updates.
+  mailboxes and presigned URLs, an aggregator process, sha256-verified safetensors updates. Its
+  pods fork from one process that imported the libraries and loaded the model (the zygote), and
+  with more parties than cores they take turns for the cores (CPU slots).
 - Flower:  `flwr.server.start_server` (FedAvg) in this process and one `start_client` subprocess
   per party over loopback gRPC (Flower's legacy API; no Ray, no simulation engine).
 
@@ -218,17 +220,7 @@ def run_flower(docs: list[dict], shards: dict, workdir: Path, timeout: float) ->
 
 def run_fedtune(docs: list[dict], workdir: Path) -> dict:
     """The same job through `fedtune run` (LocalRun, in-process control loop, party subprocesses)."""
-    import io
-
-    from fedtune.local.runner import LocalRun
-
-    log = io.StringIO()
-    start = time.perf_counter()
-    st = LocalRun(mlbench.parse(docs), workdir, out=log).run()
-    seconds = time.perf_counter() - start
-    (workdir / "run.log").write_text(log.getvalue())
-    if st.phase != "Succeeded":
-        raise RuntimeError(f"fedtune run failed: {st.message}\n{log.getvalue()[-3000:]}")
+    st, seconds, _, _ = mlbench.run_local(docs, workdir)
     hist = sorted(st.history, key=lambda h: h.round)
     return {
         "curve": [h.metrics.eval_accuracy for h in hist],
@@ -323,8 +315,10 @@ falls on both).
   ratio below 1 means fedtune is faster.
 - slowest local training: per round, the longest `train_local` call among the parties (mean over
   rounds); the rest of a round is evaluation, transfers, aggregation and the framework's own work.
-  Both call the same `train_local` on the same data, yet its time differs between the frameworks'
-  party processes when they differ (see the table); this benchmark does not establish why.
+  Flower's {args.parties} clients all train at once and share the cores; fedtune's parties take
+  turns for them (at most one computing party per core, as Flower's simulation engine does with
+  `client_resources`), so each `train_local` runs uncontended and shorter, and fedtune's rest of
+  the round includes waiting for a core.
 - Flower fit part: of Flower's round, the time from configuring fit to the aggregated updates
   (the rest is its separate federated-evaluation phase: the global adapter is sent again).
 - A round: fedtune, from round start to aggregation (each party evaluates the previous global,
@@ -332,8 +326,10 @@ falls on both).
   to the aggregated federated evaluation of the new global. Each holds one evaluation and one
   local epoch per party. Flower evaluates after aggregating, fedtune before training, so Flower has
   no round-0 evaluation (the initial adapter is the same as fedtune's).
-- Total wall time: from the start of each run to the last accuracy, including process start,
-  model loading in every party, and for fedtune the S3 server start and data upload.
+- Total wall time: for Flower from the start to the last accuracy, including process start and
+  model loading in every client; for fedtune from the start until `LocalRun.run()` returned,
+  including the S3 server start, data upload, model loading, final evaluation, metrics, plot and
+  shutdown.
 - Small-sample run on a shared 2-core machine; see the load averages below.
 
 ![fedtune vs Flower](flower.png)

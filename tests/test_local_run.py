@@ -175,7 +175,7 @@ def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_pa
     while "default/bob" not in run.pods.pods or not run.pods.pods["default/bob"].alive:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    run.pods.pods["default/bob"].proc.kill()
+    run.pods.pods["default/bob"].signal(signal.SIGKILL)
     thread.join(timeout=300)
     assert result["st"].phase == "Succeeded"
     assert run.pods.pods["default/bob"].restarts == 1

@@ -184,4 +184,5 @@ def test_run_refuses_before_any_pod_starts(tiny, tmp_path):
     run = LocalRun(parse_documents(yaml.safe_dump_all(docs), "job.yaml"), tmp_path / "run", out=io.StringIO())
     with pytest.raises(SpecError, match="spec.peft: peft cannot apply lora"):
         run.run()
-    assert not (tmp_path / "run" / "logs").exists() and not run.pods.pods  # no pod was ever started
+    assert not run.pods.pods and not list((tmp_path / "run").glob("logs/*--*.log"))  # no pod was ever started
+    assert run.pods.zygote.proc.poll() is not None  # and the process pods fork from is gone

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -53,12 +54,28 @@ def _collect_updates(
     """Download and verify each update; refusals go to receipt.rejected, the round goes on."""
     tensors: list[dict[str, torch.Tensor]] = []
     weights: list[float] = []
+    seen: set[str] = set()
+    updates = []
     for upd in ticket.updates:
-        if upd.party in receipt.accepted or upd.party in receipt.rejected:
+        if upd.party in seen:
             log.warning("ticket lists party %s twice; using its first update only", upd.party)
             continue
+        seen.add(upd.party)
+        updates.append(upd)
+
+    def fetch(upd) -> bytes | transfer.TransferError:
         try:
-            data = _fetch(upd.url, receipt)
+            return transfer.get(upd.url)
+        except transfer.TransferError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(8, len(updates) or 1)) as pool:  # downloads overlap; checks do not
+        fetched = list(pool.map(fetch, updates))
+    for upd, data in zip(updates, fetched):
+        try:
+            if isinstance(data, transfer.TransferError):
+                raise data
+            receipt.bytes_down += len(data)
             tensors.append(load_verified(data, upd.sha256, global_prev, source=f"update from {upd.party}"))
         except UpdateRejected as exc:
             reason = str(exc)
@@ -103,15 +120,17 @@ def _aggregate(ticket: AggregatorTicket, receipt: AggregatorReceipt) -> None:
 
     new_global, residual = aggregate_round(global_prev, updates, weights, strategy, ticket.lora_mode)
     blob = serialise(new_global)
-    receipt.sha256 = transfer.put(ticket.global_out, blob)
-    receipt.bytes_up += len(blob)
     state = strategy.state_dict()
-    if state and ticket.state_out:
-        blob = serialise(state)
-        receipt.state_sha256 = transfer.put(ticket.state_out, blob)
-        receipt.bytes_up += len(blob)
-    elif state:
+    if state and not ticket.state_out:
         log.warning("%s keeps server state but the ticket has no stateOut: a restart loses it", strategy.name)
+    state_blob = serialise(state) if state and ticket.state_out else None
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the two uploads overlap
+        sent_state = pool.submit(transfer.put, ticket.state_out, state_blob) if state_blob is not None else None
+        receipt.sha256 = transfer.put(ticket.global_out, blob)
+        receipt.bytes_up += len(blob)
+        if sent_state is not None:
+            receipt.state_sha256 = sent_state.result()
+            receipt.bytes_up += len(state_blob)
     receipt.lora_residual = residual
     receipt.ok = True
     log.info(

@@ -52,16 +52,17 @@ def answers(receipt: dict[str, Any] | None, ticket: dict[str, Any]) -> bool:
 
 
 def deliver(mailbox: Mailbox, receipt: Any, receipt_out: str | None) -> None:
-    """Answer a ticket: a copy to S3 first (best effort), then the mailbox.
+    """Answer a ticket: the mailbox first (the control plane waits on it), then a copy to S3.
 
-    In that order, a control plane woken by the mailbox finds the S3 copy already there.
+    The copy is the job's audit trail in the owner's bucket (best effort); nothing in the round
+    protocol reads it, so it is not worth the control plane's waiting for.
     """
     from fedtune_trainer import transfer  # here: the mailbox itself needs no HTTP
 
     wire = receipt.to_wire()
+    mailbox.write_receipt(wire)
     if receipt_out:
         try:
             transfer.put(receipt_out, json.dumps(wire, indent=1, sort_keys=True).encode())
         except transfer.TransferError as exc:
             log.error("could not upload the receipt copy: %s", exc)
-    mailbox.write_receipt(wire)

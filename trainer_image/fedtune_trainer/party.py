@@ -14,6 +14,7 @@ import time
 from datetime import UTC
 from typing import Any
 
+from fedtune.api import cpu_slots
 from fedtune.api.mailbox import POLL_SECONDS, ticket_id
 from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket
 from fedtune.api.status import Metrics, utcnow
@@ -23,6 +24,7 @@ from fedtune_trainer import transfer
 from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox
 
 log = logging.getLogger(__name__)
+PRELOADED: PartyRuntime | None = None  # set by the zygote (local mode) before it forks this process
 _URL = re.compile(r"https?://[^\s'\"]+")
 
 
@@ -145,12 +147,13 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> 
         raise ValueError("train ticket needs trainData and updateOut")
     train = rt.examples(ticket.job, ticket.train_data, cfg, receipt)
     _load_global(ticket, rt, receipt)
-    metrics = _evaluate(ticket, rt, receipt)
-    result = train_local(rt.model, train, cfg, None, cfg.training.seed, ticket.round, rt.tokenizer.pad_token_id)
+    with cpu_slots.hold():  # local mode: no more parties compute at once than there are cores
+        metrics = _evaluate(ticket, rt, receipt)
+        result = train_local(rt.model, train, cfg, None, cfg.training.seed, ticket.round, rt.tokenizer.pad_token_id)
+        update = encode(adapter_state(rt.model), cfg.training.update_compression)  # the aggregator decodes it
     metrics.train_loss = result.train_loss
     receipt.metrics, receipt.num_samples = metrics, result.num_samples
     receipt.timings.train_seconds = result.seconds
-    update = encode(adapter_state(rt.model), cfg.training.update_compression)  # the aggregator decodes it
     receipt.sha256 = _upload(ticket.update_out, update, receipt)
     log.info(
         "[%s] round %d: global eval_loss=%s accuracy=%s | local train_loss=%.4f on %d examples in %.1fs",
@@ -169,7 +172,8 @@ def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> N
         raise ValueError("eval ticket needs evalData")
     rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt)  # download counted before timing eval
     _load_global(ticket, rt, receipt)
-    receipt.metrics = _evaluate(ticket, rt, receipt)
+    with cpu_slots.hold():
+        receipt.metrics = _evaluate(ticket, rt, receipt)
     log.info(
         "[%s] eval of global %d: loss=%s accuracy=%s perplexity=%s",
         ticket.party,
@@ -242,7 +246,7 @@ def serve(mailbox_uri: str, poll: float = POLL_SECONDS) -> int:
         hf_logging.disable_progress_bar()  # per-tensor loading bars would drown the round log
     except ImportError:
         pass
-    mailbox, rt = open_mailbox(mailbox_uri), PartyRuntime()
+    mailbox, rt = open_mailbox(mailbox_uri), PRELOADED or PartyRuntime()
     last: str | None = None
     while True:
         raw = mailbox.wait_ticket(newer_than=last, poll=poll)

@@ -4,6 +4,11 @@ A mailbox holds one ticket (written by the control plane) and one receipt (writt
 Locally it is a directory with ticket.json and receipt.json, each replaced atomically; on
 Kubernetes a Secret with the same two keys (fedtune_trainer.k8s_mailbox). The control plane and
 the trainer both import this module, so neither side imports the other.
+
+Waiting on a local mailbox is event-driven: `Waiter` sleeps in the kernel (inotify, through
+inotify_simple) until a file of interest is replaced, so an idle process takes no CPU and a
+hand-off costs microseconds. Where inotify is missing (not Linux, or the package not installed)
+it falls back to polling every POLL_SECONDS.
 """
 
 from __future__ import annotations
@@ -12,14 +17,61 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 TICKET = "ticket.json"
 RECEIPT = "receipt.json"
-# Between two reads of a local mailbox file (a few tens of microseconds each): a round has four
+# Between two reads of a local mailbox file where inotify is not available: a round has four
 # hand-offs through mailboxes, so this bounds the waiting a round adds (bench/overhead.py).
 POLL_SECONDS = 0.02
+
+
+class Waiter:
+    """Blocks until one of `names` is written into one of `dirs` (or a timeout passes).
+
+    Files are replaced atomically (os.replace), which inotify reports as IN_MOVED_TO on the
+    directory. The watch exists from construction on, so a write between a caller's read and its
+    `wait()` is not missed: the event is queued and `wait()` returns at once.
+    """
+
+    def __init__(self, dirs: Iterable[str | os.PathLike[str]], names: Iterable[str], poll: float = POLL_SECONDS):
+        self.names, self.poll = set(names), poll
+        self._inotify = None
+        try:
+            from inotify_simple import INotify, flags
+        except (ImportError, OSError):  # not Linux, or not installed: poll instead
+            return
+        try:
+            self._inotify = INotify()
+            for d in dirs:
+                self._inotify.add_watch(os.fspath(d), flags.MOVED_TO | flags.CLOSE_WRITE)
+        except OSError:  # e.g. the per-user watch limit: polling still works
+            self.close()
+
+    @property
+    def event_driven(self) -> bool:
+        return self._inotify is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until a watched file is written or `timeout` seconds pass; True if one was written."""
+        if self._inotify is None:
+            time.sleep(min(self.poll, max(timeout, 0.0)))
+            return False
+        end = time.monotonic() + max(timeout, 0.0)
+        while True:
+            left = end - time.monotonic()
+            events = self._inotify.read(timeout=max(0, int(left * 1000)))
+            if any(e.name in self.names for e in events):
+                return True
+            if time.monotonic() >= end:
+                return False
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
 
 
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
@@ -44,6 +96,7 @@ class FileMailbox:
     def __init__(self, directory: str | os.PathLike[str]):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._waiter: Waiter | None = None
 
     def read_ticket(self) -> dict[str, Any] | None:
         return read_json(self.dir / TICKET)
@@ -61,14 +114,18 @@ class FileMailbox:
         self, newer_than: str | None, poll: float = POLL_SECONDS, timeout: float | None = None
     ) -> dict[str, Any]:
         """Block until the ticket differs from the one identified by `newer_than` (its id string)."""
+        if self._waiter is None:  # watching before the first read: no write can slip between the two
+            self._waiter = Waiter([self.dir], [TICKET], poll)
         start = time.monotonic()
         while True:
             ticket = self.read_ticket()
             if ticket is not None and ticket_id(ticket) != newer_than:
                 return ticket
-            if timeout is not None and time.monotonic() - start > timeout:
+            left = None if timeout is None else timeout - (time.monotonic() - start)
+            if left is not None and left <= 0:
                 raise TimeoutError(f"no new ticket in {self.dir} after {timeout}s")
-            time.sleep(poll)
+            # A missed event (the directory replaced, say) costs at most a second.
+            self._waiter.wait(1.0 if left is None else min(left, 1.0))
 
 
 def ticket_id(ticket: dict[str, Any]) -> str:

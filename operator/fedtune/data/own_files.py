@@ -9,6 +9,7 @@ written with that party's credentials only (fedtune.data.upload's rule for dealt
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,8 +96,12 @@ def read_own_data(
 
 
 def upload_own_data(splits: Mapping[str, tuple[OwnSplit | None, OwnSplit]], buckets: Mapping[str, Bucket]) -> None:
-    """Each party's splits into its own bucket, through its own credentials."""
-    for key, pair in splits.items():
-        for split in pair:
+    """Each party's splits into its own bucket, through its own credentials (a thread per party)."""
+
+    def upload(key: str) -> None:
+        for split in splits[key]:
             if split is not None:
                 buckets[key].put_bytes(split.key, split.body)
+
+    with ThreadPoolExecutor(max_workers=min(8, len(splits) or 1)) as pool:
+        list(pool.map(upload, splits))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from fedtune.api.party import Party
@@ -72,8 +73,8 @@ def upload_shards(
         known = ", ".join(p.key for p in parties)
         raise ValueError(f"shard(s) for unknown part(y/ies) {', '.join(stray)}; parties: {known}")
 
-    summaries: dict[str, dict] = {}
-    for shard_key, party, bucket, train, ev in plan:
+    def upload(item) -> dict[str, Any]:
+        _, party, bucket, train, ev = item
         bucket.ensure(create=create_buckets)
         summary: dict[str, Any] = {"party": party.key, "bucket": party.spec.storage.bucket}
         data = party.spec.data
@@ -89,5 +90,9 @@ def upload_shards(
                 "sha256": bucket.put_bytes(key, body),
                 "labels": label_histogram(records, label_key, labels),
             }
-        summaries[shard_key] = summary
-    return summaries
+        return summary
+
+    # One thread per party: each bucket's first write waits for the server to allocate storage.
+    with ThreadPoolExecutor(max_workers=min(8, len(plan) or 1)) as pool:
+        done = list(pool.map(upload, plan))
+    return {item[0]: summary for item, summary in zip(plan, done)}

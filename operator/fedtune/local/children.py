@@ -1,10 +1,20 @@
-"""Pods of local mode: trainer and aggregator subprocesses, restarted with bounded backoff."""
+"""Pods of local mode: trainer and aggregator processes, restarted with bounded backoff.
+
+Pods are forked by a warm-start process (`python -m fedtune_trainer zygote`) that imported torch,
+transformers and peft once, so no pod pays seconds of imports; where it is not running (it
+failed to start, or died), a pod is started as a plain subprocess instead. This module talks
+to it through pipes and never imports the trainer.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,39 +22,153 @@ from pathlib import Path
 from fedtune.lifeline import die_with_parent
 
 MAX_RESTARTS = 3
+ZYGOTE_READY_SECONDS = 300  # importing torch on a loaded machine can be slow; pods fall back after this
+
+
+class Zygote:
+    """The runner's side of the warm-start process (see fedtune_trainer.zygote for the protocol)."""
+
+    def __init__(
+        self, env: dict[str, str], log_path: Path, model_source: str | None = None, config: Path | None = None
+    ):
+        argv = [sys.executable, "-m", "fedtune_trainer", "zygote"]
+        if model_source:
+            argv += ["--model-source", model_source]
+        if config:
+            argv += ["--config", str(config)]
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # and its children die with it
+            )
+        self.exits: dict[int, int] = {}
+        self._answers: queue.Queue[dict | None] = queue.Queue()
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, name="zygote-reader", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if "exited" in doc:
+                self.exits[doc["exited"]] = doc["code"]
+            elif doc.get("ready"):
+                self._ready.set()
+            else:
+                self._answers.put(doc)
+        self._ready.set()  # end of output: the zygote is gone
+        self._answers.put(None)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> int | None:
+        """Fork a pod running `python -m fedtune_trainer ARGS`; its pid, or None if the zygote cannot."""
+        if not self._ready.wait(ZYGOTE_READY_SECONDS) or not self.alive:
+            return None
+        req = {"name": name, "argv": args, "env": env, "log": str(log_path)}
+        with self._lock:
+            try:
+                self.proc.stdin.write((json.dumps(req) + "\n").encode())
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError):
+                return None
+            try:
+                answer = self._answers.get(timeout=60)
+            except queue.Empty:
+                return None
+        return answer["pid"] if answer else None
+
+    def exit_code(self, pid: int) -> int | None:
+        """The pod's exit code once it ended; None while it runs."""
+        if pid in self.exits:
+            return self.exits[pid]
+        if not self.alive:  # its children died with it (PR_SET_PDEATHSIG)
+            return self.exits.get(pid, -signal.SIGKILL)
+        return None
+
+    def close(self) -> None:
+        """Let the zygote exit (it stops on end of input), SIGKILL after a grace period."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass
 class Pod:
-    """One child process standing in for a Kubernetes pod."""
+    """One child process standing in for a Kubernetes pod: `python -m fedtune_trainer ARGS`."""
 
     name: str
-    argv: list[str]
+    args: list[str]
     env: dict[str, str]
     log_path: Path
+    zygote: Zygote | None = None
     proc: subprocess.Popen | None = None
+    pid: int | None = None
     restarts: int = 0
     next_start: float = 0.0
     gave_up: bool = False
     exits: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        # Own session: a Ctrl-C in the terminal reaches the runner only, which then stops the pods in order.
-        self.proc = subprocess.Popen(
-            self.argv,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent,  # pods never outlive a crashed or SIGKILLed runner
-        )
-        log.close()
+        self.proc = None
+        self.pid = self.zygote.spawn(self.name, self.args, self.env, self.log_path) if self.zygote else None
+        if self.pid is not None:
+            return
+        with open(self.log_path, "ab") as log:
+            # Own session: a Ctrl-C in the terminal reaches the runner only, which then stops the pods in order.
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fedtune_trainer", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # pods never outlive a crashed or SIGKILLed runner
+            )
+        self.pid = self.proc.pid
+
+    @property
+    def started(self) -> bool:
+        return self.pid is not None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code once the process ended; None while it runs (or before it started)."""
+        if self.proc is not None:
+            return self.proc.poll()
+        if self.pid is None or self.zygote is None:
+            return None
+        return self.zygote.exit_code(self.pid)
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.started and self.returncode is None
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the pod's process group (its own session), or to the pod if it has none yet."""
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
 
 
 class Pods:
@@ -52,9 +176,17 @@ class Pods:
 
     def __init__(self) -> None:
         self.pods: dict[str, Pod] = {}
+        self.zygote: Zygote | None = None
         self.finishing = False  # once exit tickets are out, a pod that exits is done, not dead
 
+    def warm_up(
+        self, env: dict[str, str], log_path: Path, model_source: str | None = None, config: Path | None = None
+    ) -> None:
+        """Start the zygote now: it imports the libraries (and loads the model) while the run prepares."""
+        self.zygote = Zygote(env, log_path, model_source, config)
+
     def start(self, pod: Pod) -> None:
+        pod.zygote = self.zygote
         self.pods[pod.name] = pod
         pod.start()
 
@@ -63,10 +195,10 @@ class Pods:
         now = time.monotonic() if now is None else now
         notes = []
         for pod in self.pods.values():
-            if pod.alive or pod.gave_up or pod.proc is None or self.finishing:
+            if pod.alive or pod.gave_up or not pod.started or self.finishing:
                 continue
             if pod.next_start == 0.0:
-                code = pod.proc.returncode
+                code = pod.returncode
                 pod.exits.append(code)
                 if pod.restarts >= MAX_RESTARTS:
                     pod.gave_up = True
@@ -91,17 +223,16 @@ class Pods:
         while time.monotonic() < end:
             if not any(p.alive for p in self.pods.values()):
                 return True
-            time.sleep(0.1)
+            time.sleep(0.02)
         return False
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM every pod's process group, then SIGKILL what is left."""
+        """SIGTERM every pod's process group, then SIGKILL what is left; then the zygote."""
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pod in self.pods.values():
                 if pod.alive:
-                    try:
-                        os.killpg(pod.proc.pid, sig)
-                    except ProcessLookupError:
-                        pass
+                    pod.signal(sig)
             if self.wait(grace):
-                return
+                break
+        if self.zygote is not None:
+            self.zygote.close()

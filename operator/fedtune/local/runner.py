@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,9 +20,10 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
+from fedtune.api import cpu_slots
 from fedtune.api.errors import SpecError
 from fedtune.api.job import FederatedJob
-from fedtune.api.mailbox import POLL_SECONDS, RECEIPT, TICKET, FileMailbox, ticket_id
+from fedtune.api.mailbox import RECEIPT, TICKET, FileMailbox, Waiter, ticket_id
 from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
@@ -37,6 +39,7 @@ from fedtune.rounds.intents import (
     aggregator_intent,
     build_aggregator_ticket,
     build_trainer_ticket,
+    trainer_config,
     trainer_intents,
 )
 from fedtune.rounds.machine import Observation, advance, new_status, resumed
@@ -84,6 +87,18 @@ class _PeftVerdict(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
+
+
+def _cpu_slots(parties: int, cores: int, threads: int) -> int:
+    """How many training parties may compute at once (fedtune.api.cpu_slots), or 0 for no limit.
+
+    With more parties than cores' worth of threads they would time-slice one another; taking turns
+    is faster when they fill every turn (6 parties on 2 cores: 3 turns of 2). Otherwise a last,
+    half-empty turn would leave cores idle (3 parties on 2 cores: 2 turns against 1.5), so all
+    of them run at once.
+    """
+    slots = max(1, cores // max(1, threads))
+    return slots if parties > slots and parties % slots == 0 else 0
 
 
 def _shown(path: Path) -> Path:
@@ -187,9 +202,16 @@ class LocalRun:
         server.start()
         stack.callback(server.stop)
         for owner, bucket in owners.items():
-            b = Bucket(StorageSpec(endpoint=server.endpoint, bucket=bucket), creds[owner])
-            b.ensure(create=True)
-            self.buckets[owner] = b
+            self.buckets[owner] = Bucket(StorageSpec(endpoint=server.endpoint, bucket=bucket), creds[owner])
+
+        def create(owner: str) -> None:
+            self.buckets[owner].ensure(create=True)
+            if owner == COORDINATOR:  # the job as it ran, beside what it produces
+                spec = self.job.model_dump_json(by_alias=True, exclude_none=True, indent=1).encode()
+                self.buckets[owner].put_bytes(layout.job_key(self.job.metadata.uid), spec)
+
+        with ThreadPoolExecutor(max_workers=len(owners)) as pool:  # each first write waits on the server
+            list(pool.map(create, owners))
         self.progress.say(
             f"S3 at {server.endpoint}: {len(owners)} buckets, one identity each "
             f"(data under {_shown(self.workdir / 's3')})"
@@ -267,40 +289,62 @@ class LocalRun:
             labels = s["eval" if key == test_party else "train"]["labels"]
             self._say_data(key, s["train"]["records"], s["eval"]["records"], labels)
 
+    @property
+    def _threads_per_party(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // len(self.parties))
+
+    def _pod_env(self) -> dict[str, str]:
+        """The environment of every pod: this one without credentials, plus thread and hub settings."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # pods hold no credentials
+        threads = str(self._threads_per_party)
+        env.update(
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS=threads,
+            MKL_NUM_THREADS=threads,
+            TOKENIZERS_PARALLELISM="false",
+            HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
+        )
+        return env
+
+    def _warm_up(self) -> None:
+        """Start the process the pods are forked from: it imports the libraries and loads the base model
+        while storage and data get ready. No pod is forked before the verdict on the job."""
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        config = logs / "zygote-config.json"  # what decides the model's weights; no URLs, no credentials
+        config.write_text(trainer_config(self.job, self.parties[0]).model_dump_json(by_alias=True))
+        # One thread in the zygote (a fork copies only the calling thread); each pod sets its own count.
+        env = dict(self._pod_env(), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        self.pods.warm_up(env, logs / "zygote.log", self.job.spec.model.source, config)
+
     def _start_pods(self) -> None:
-        n = len(self.parties)
         for stale in (self.workdir / "mailboxes").glob(f"*/{TICKET}"):
             # A resumed run's old tickets carry URLs signed with the last run's credentials: the loop
             # writes them anew. Receipts stay: an answered ticket is not worked again.
             stale.unlink()
-        threads = self.threads or max(1, (os.cpu_count() or 1) // n)
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # pods hold no credentials
-        base_env.update(
-            PYTHONUNBUFFERED="1",
-            OMP_NUM_THREADS=str(threads),
-            MKL_NUM_THREADS=str(threads),
-            TOKENIZERS_PARALLELISM="false",
-            HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
-        )
-        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        base_env = self._pod_env()
+        slots = _cpu_slots(len(self.parties), len(os.sched_getaffinity(0)), self._threads_per_party)
+        slot_dir = str(cpu_slots.make_slots(self.workdir / "cpu-slots", slots)) if slots else None
         pods = [(p.key, "party") for p in self.members] + [("aggregator", "aggregator")]
         for name, role in pods:
             box = self.workdir / "mailboxes" / _dirname(name)
             self.mailboxes[name] = FileMailbox(box)
             env = dict(base_env, FEDTUNE_NAME=name.split("/")[-1])
+            if slot_dir and name in {p.key for p in self.parties}:  # the evaluator's short evals do not queue
+                env[cpu_slots.ENV] = slot_dir
             if role == "aggregator":
                 env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
             self.pods.start(
                 Pod(
                     name=name,
-                    argv=[sys.executable, "-m", "fedtune_trainer", role, "--mailbox", str(box)],
+                    args=[role, "--mailbox", str(box)],
                     env=env,
                     log_path=self.workdir / "logs" / f"{_dirname(name)}.log",
                 )
             )
         self.progress.say(
-            f"started {n} party trainers ({threads} thread(s) each){', the evaluator' if self.evaluator else ''} "
-            f"and the aggregator; logs in {_shown(self.workdir / 'logs')}"
+            f"started {len(self.parties)} party trainers ({self._threads_per_party} thread(s) each)"
+            f"{', the evaluator' if self.evaluator else ''} and the aggregator; logs in {_shown(self.workdir / 'logs')}"
         )
 
     # -- control loop ----------------------------------------------------------------------------
@@ -360,15 +404,23 @@ class LocalRun:
         else:
             st = resumed(self.job, self.start_status, utcnow())
             self.progress.say(f"resuming: {st.stage}, round {st.current_round}/{self.job.spec.rounds}")
+        # Sleeps until a pod writes a receipt (inotify), so hand-offs take no polling delay and an
+        # idle loop no CPU from the training parties.
+        waiter = Waiter([box.dir for box in self.mailboxes.values()], [RECEIPT])
+        try:
+            return self._run_loop(st, signer, waiter)
+        finally:
+            waiter.close()
+
+    def _run_loop(self, st: FederatedJobStatus, signer: BucketSigner, waiter: Waiter) -> FederatedJobStatus:
         status_path, written = self.workdir / STATUS_FILE, ""
         stamp, full_at = None, 0.0
         while True:
             # A full pass (parse receipts, advance, sign, check pods) only when a receipt changed, or
-            # every FULL_PASS_SECONDS for deadlines and dead pods: the loop then costs a few stat()
-            # calls per poll instead of milliseconds of CPU taken from the training parties.
+            # every FULL_PASS_SECONDS for deadlines and dead pods.
             now_stamp = self._receipt_stamp()
             if now_stamp == stamp and time.monotonic() - full_at < FULL_PASS_SECONDS:
-                time.sleep(POLL_SECONDS)
+                waiter.wait(FULL_PASS_SECONDS - (time.monotonic() - full_at))
                 continue
             stamp, full_at = now_stamp, time.monotonic()
             st, events = advance(self.job, st, self._observe())
@@ -376,7 +428,7 @@ class LocalRun:
             self._apply(st, signer)
             self.progress.update(st, events)
             doc = st.model_dump_json(by_alias=True, exclude_none=True, indent=1)
-            if doc != written:  # the loop runs every POLL_SECONDS; the file changes a few times a round
+            if doc != written:  # the file changes a few times a round
                 tmp = status_path.with_name(f".{STATUS_FILE}.tmp")
                 tmp.write_text(doc)
                 os.replace(tmp, status_path)  # atomic: a kill mid-write must not lose what a resume needs
@@ -388,7 +440,6 @@ class LocalRun:
                 self.progress.say("! " + note)
             if all(p.gave_up for p in self.pods.pods.values()):
                 raise RuntimeError(f"every pod keeps crashing; see the logs in {_shown(self.workdir / 'logs')}")
-            time.sleep(POLL_SECONDS)
 
     # -- results -----------------------------------------------------------------------------------
 
@@ -427,20 +478,22 @@ class LocalRun:
         own = read_own_data(self.job, self.parties, self.base_dir, self.evaluator)
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
+            # The libraries load into the zygote while S3 starts, the verdict is asked and the data uploaded.
+            self._warm_up()
+            stack.callback(self.pods.stop)
             self._start_storage(stack)
-            peft_verdict.verdict()  # a job the libraries cannot train starts no pod
-            stack.callback(self.pods.stop)  # pods stop before their S3 server does
-            # The pods spend seconds importing torch while the data goes to the buckets.
-            self._start_pods()
             if own:
                 self._upload_own_data(own)
             if self.docs.dataset is not None:
                 self._upload_data()
+            peft_verdict.verdict()  # a job the libraries cannot train starts no pod
+            stack.callback(self.pods.stop)  # pods stop before their S3 server does
+            self._start_pods()
             st = self._loop(BucketSigner(self.buckets))
             self.pods.finishing = True
+            final = self._collect(st)  # while the pods exit
             if not self.pods.wait(timeout=60):
                 self.progress.say("! some pods did not exit in 60 s; stopping them")
-            final = self._collect(st)
         self._print_summary(st, final)
         return st
 

@@ -134,6 +134,11 @@ def build_trainer_ticket(
     if intent.kind == "exit":
         return t
     if intent.kind == "init":
+        # The data too: a party reads and tokenizes it while the others load, and a schema mistake
+        # is an init failure, not a round-1 one. The evaluator's only split is its test set.
+        t.eval_data = Download(url=signer.presign_get(owner, party.spec.data.eval_key, ttl))
+        if party.key != job.evaluator_key:
+            t.train_data = Download(url=signer.presign_get(owner, party.spec.data.train_key, ttl))
         if intent.upload_global0:
             t.update_out = signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl)
             t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)

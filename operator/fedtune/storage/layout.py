@@ -1,7 +1,7 @@
 """Where every object of a job lives. Pure functions; one place to change the layout.
 
 Party bucket:        fedtune/<job>/round-<r>/update.safetensors, …/receipt.json, data/… (its own data)
-Coordinator bucket:  fedtune/<job>/global/<r>.safetensors (+ .json receipt, .state.safetensors),
+Coordinator bucket:  fedtune/<job>/job.json, fedtune/<job>/global/<r>.safetensors (+ .json receipt, .state.safetensors),
                      fedtune/<job>/global/adapter_config.json, fedtune/<job>/final/…
 """
 
@@ -34,6 +34,11 @@ def state_key(job: str, rnd: int) -> str:
 
 def adapter_config_key(job: str) -> str:
     return f"{_job(job)}/global/adapter_config.json"
+
+
+def job_key(job: str) -> str:
+    """The job as it ran (its spec), beside what it produced."""
+    return f"{_job(job)}/job.json"
 
 
 def final_prefix(job: str) -> str:

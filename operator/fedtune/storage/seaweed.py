@@ -185,6 +185,7 @@ class SeaweedServer:
             "-s3",
             f"-s3.config={config}",
             f"-volume.max={self.volume_max}",
+            "-master.peers=none",  # one master: no Raft quorum wait (seconds at every start)
             "-master.volumeSizeLimitMB=16",
             "-master.volumePreallocate=false",
             "-master.telemetry=false",
