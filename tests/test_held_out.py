@@ -19,27 +19,13 @@ from fedtune.local.runner import LocalRun
 from fedtune.rounds.intents import build_trainer_ticket, trainer_intents
 from fedtune.storage import layout
 from test_local_run import job_yaml
-from test_round_machine import T0, Sim
+from test_round_machine import T0, Sim, make_job
 from tiny_models import make_tiny_model
 from toy_data import toy_jsonl
 
 
 def job_with_evaluator(n=2, rounds=3, max_failures=3, timeout=60) -> FederatedJob:
-    return FederatedJob.model_validate(
-        {
-            "metadata": {"name": "j", "uid": "uid-1", "generation": 1},
-            "spec": {
-                "model": {"source": "/m", "task": "sequence-classification"},
-                "data": {"labels": ["neg", "pos"]},
-                "rounds": rounds,
-                "minParties": n,
-                "maxPartyFailures": max_failures,
-                "roundTimeoutSeconds": timeout,
-                "parties": [{"name": p} for p in "abcdefgh"[:n]],
-                "evaluator": {"name": "h"},
-            },
-        }
-    )
+    return make_job(n, rounds, min_parties=n, max_failures=max_failures, timeout=timeout, evaluator="h")
 
 
 # --- the round state machine ----------------------------------------------------------------

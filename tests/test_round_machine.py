@@ -15,22 +15,20 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 FP = "fp-base"
 
 
-def make_job(n=3, rounds=2, min_parties=2, retries=1, max_failures=3, timeout=60) -> FederatedJob:
-    return FederatedJob.model_validate(
-        {
-            "metadata": {"name": "j", "uid": "uid-1", "generation": 1},
-            "spec": {
-                "model": {"source": "/m", "task": "sequence-classification"},
-                "data": {"labels": ["neg", "pos"]},
-                "rounds": rounds,
-                "minParties": min_parties,
-                "maxRoundRetries": retries,
-                "maxPartyFailures": max_failures,
-                "roundTimeoutSeconds": timeout,
-                "parties": [{"name": n} for n in "abcdefgh"[:n]],
-            },
-        }
-    )
+def make_job(n=3, rounds=2, min_parties=2, retries=1, max_failures=3, timeout=60, evaluator=None) -> FederatedJob:
+    spec = {
+        "model": {"source": "/m", "task": "sequence-classification"},
+        "data": {"labels": ["neg", "pos"]},
+        "rounds": rounds,
+        "minParties": min_parties,
+        "maxRoundRetries": retries,
+        "maxPartyFailures": max_failures,
+        "roundTimeoutSeconds": timeout,
+        "parties": [{"name": n} for n in "abcdefgh"[:n]],
+    }
+    if evaluator:
+        spec["evaluator"] = {"name": evaluator}
+    return FederatedJob.model_validate({"metadata": {"name": "j", "uid": "uid-1", "generation": 1}, "spec": spec})
 
 
 class Sim:
