@@ -163,7 +163,8 @@ def test_strategies_and_methods_run(tiny_seq_cls, toy_data, tmp_path, strategy, 
 
 def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_path):
     run = LocalRun(
-        parse_documents(job_yaml(tiny_seq_cls, toy_data, rounds=2, samples=40), "j"),
+        # Tiny-model rounds take a fraction of a second: enough of them that bob dies mid-job.
+        parse_documents(job_yaml(tiny_seq_cls, toy_data, rounds=20, samples=40), "j"),
         tmp_path / "run",
         out=io.StringIO(),
         threads=1,
@@ -174,7 +175,7 @@ def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_pa
     deadline = time.monotonic() + 120
     while "default/bob" not in run.pods.pods or not run.pods.pods["default/bob"].alive:
         assert time.monotonic() < deadline
-        time.sleep(0.2)
+        time.sleep(0.02)
     run.pods.pods["default/bob"].signal(signal.SIGKILL)
     thread.join(timeout=300)
     assert result["st"].phase == "Succeeded"

@@ -16,6 +16,8 @@ from test_local_run import _processes_mentioning, _wait_for_round, job_yaml
 from tiny_models import make_tiny_model
 from toy_data import toy_jsonl
 
+ROUNDS = 30
+
 
 @pytest.fixture(scope="module")
 def tiny_seq_cls(tmp_path_factory):
@@ -44,7 +46,8 @@ def test_a_killed_run_resumes_without_losing_or_repeating_a_round(tiny_seq_cls, 
     data = tmp_path / "toy.jsonl"
     data.write_bytes(toy_jsonl(400))
     job = tmp_path / "job.yaml"
-    job.write_text(job_yaml(tiny_seq_cls, data, rounds=5, samples=40))
+    # Rounds of the tiny model take a fraction of a second: enough of them that the kill lands mid-job.
+    job.write_text(job_yaml(tiny_seq_cls, data, rounds=ROUNDS, samples=40))
     workdir, first_log = tmp_path / "w", tmp_path / "first.txt"
     proc = _run(job, workdir, first_log, tmp_path)
     try:
@@ -64,10 +67,11 @@ def test_a_killed_run_resumes_without_losing_or_repeating_a_round(tiny_seq_cls, 
     again = _run(job, workdir, second_log, tmp_path)
     assert again.wait(timeout=300) == 0, second_log.read_text()
     out = second_log.read_text()
-    assert f"resuming: {before['stage']}, round {before['currentRound']}/5" in out, out
+    assert before["phase"] == "Running", before["phase"]  # killed mid-job, not after it
+    assert f"resuming: {before['stage']}, round {before['currentRound']}/{ROUNDS}" in out, out
     after = json.loads((workdir / "status.json").read_text())
     assert after["phase"] == "Succeeded"
-    assert [h["round"] for h in after["history"]] == [0, 1, 2, 3, 4, 5]
+    assert [h["round"] for h in after["history"]] == list(range(ROUNDS + 1))
     for rnd, record in done_before.items():  # rounds finished before the kill were not run again
         if record.get("finishedAt") and rnd < before["currentRound"]:
             assert after["history"][rnd]["finishedAt"] == record["finishedAt"], rnd

@@ -22,7 +22,7 @@ from pathlib import Path
 from fedtune.lifeline import die_with_parent
 
 MAX_RESTARTS = 3
-ZYGOTE_READY_SECONDS = 300  # importing torch on a loaded machine can be slow; pods fall back after this
+ZYGOTE_READY_SECONDS = 1800  # imports and a large model's load; after this the pods load it themselves
 
 
 class Zygote:
@@ -73,7 +73,10 @@ class Zygote:
 
     def spawn(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> int | None:
         """Fork a pod running `python -m fedtune_trainer ARGS`; its pid, or None if the zygote cannot."""
-        if not self._ready.wait(ZYGOTE_READY_SECONDS) or not self.alive:
+        if not self._ready.wait(ZYGOTE_READY_SECONDS):
+            self.proc.kill()  # still loading: do not let it compete with pods that now load on their own
+            return None
+        if not self.alive:
             return None
         req = {"name": name, "argv": args, "env": env, "log": str(log_path)}
         with self._lock:
