@@ -77,6 +77,12 @@ def preload(model_source: str | None, config_path: str | None = None) -> None:
         torch.set_num_threads(1)  # no OpenMP pool before fork: each pod sizes its own
         hf_logging.disable_progress_bar()  # a progress bar would start tqdm's monitor thread
         try:
+            import tqdm
+
+            tqdm.tqdm.monitor_interval = 0  # and so would the bars GGUF loading draws itself
+        except ImportError:
+            pass
+        try:
             cfg = TrainerConfig.model_validate_json(open(config_path).read())
             rt = party.PartyRuntime()
             rt.ensure(cfg)
