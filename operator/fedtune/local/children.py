@@ -62,7 +62,8 @@ class Zygote:
                 self.exits[doc["exited"]] = doc["code"]
             elif doc.get("ready"):
                 self._ready.set()
-            else:
+            else:  # a new pod: an exit recorded under its pid belongs to an earlier process
+                self.exits.pop(doc.get("pid"), None)
                 self._answers.put(doc)
         self._ready.set()  # end of output: the zygote is gone
         self._answers.put(None)
