@@ -9,13 +9,21 @@ import torch
 from fedtune.api.status import Metrics
 
 from fedtune_trainer.data import IGNORE, batches
+from fedtune_trainer.device import autocast, model_device, to_device
 
 
 def evaluate(
-    model: torch.nn.Module, data: Sequence[dict], task: str, batch_size: int, pad_id: int | None = None
+    model: torch.nn.Module,
+    data: Sequence[dict],
+    task: str,
+    batch_size: int,
+    pad_id: int | None = None,
+    precision: str = "fp32",
 ) -> Metrics:
     """eval_loss (per example for classification, per response token for causal LM), plus
-    eval_accuracy (classification) or eval_perplexity = exp(eval_loss) (causal LM)."""
+    eval_accuracy (classification) or eval_perplexity = exp(eval_loss) (causal LM).
+
+    Batches go to the model's device; `precision` (training.precision) autocasts the forward pass."""
     if not data:
         return Metrics()
     if pad_id is None:
@@ -24,9 +32,12 @@ def evaluate(
     model.eval()
     loss_sum, weight, correct = 0.0, 0, 0
     try:
+        dev = model_device(model)
         with torch.no_grad():
             for batch in batches(data, batch_size, pad_id):
-                out = model(**batch)
+                batch = to_device(batch, dev)
+                with autocast(dev, precision):
+                    out = model(**batch)
                 labels = batch["labels"]
                 if task == "sequence-classification":
                     n = labels.shape[0]

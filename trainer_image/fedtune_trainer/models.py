@@ -147,6 +147,24 @@ def apply_peft(model: torch.nn.Module, peft: PeftSpec, task: str, seed: int) -> 
     return wrapped
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass (training.gradientCheckpointing).
+
+    Non-reentrant checkpointing: it needs no gradient on the inputs (the frozen embeddings of a
+    PEFT model have none) and restores the RNG state, so dropout masks, the loss and the gradients
+    are those of a plain backward pass.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"training.gradientCheckpointing: {type(base).__name__} does not support gradient checkpointing; "
+            "set it to false"
+        )
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(base.config, "use_cache", None):
+        base.config.use_cache = False  # a cache is of no use when training, and conflicts with recomputation
+
+
 def _check_forward(model: torch.nn.Module, method: str, task: str) -> None:
     """One forward pass on a dummy batch: a method the libraries cannot run on this model fails at init.
 

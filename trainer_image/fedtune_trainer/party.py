@@ -37,6 +37,7 @@ class PartyRuntime:
         self.fingerprint: str | None = None
         self.initial: dict | None = None  # the freshly initialised adapter (global 0)
         self._key: str | None = None
+        self._placed = False
         self._data: dict[tuple[str, str, str | None], list[dict]] = {}
 
     @staticmethod
@@ -48,19 +49,27 @@ class PartyRuntime:
             "data": cfg.data.to_wire(),
             "seed": cfg.training.seed,
             "bf16": cfg.deepspeed.enabled and cfg.deepspeed.bf16,
+            "checkpointing": cfg.training.gradient_checkpointing,
             "files": sorted(cfg.model_files),
         }
         return json.dumps(doc, sort_keys=True)
 
-    def ensure(self, cfg: TrainerConfig) -> float:
-        """Load model and adapter unless this config's are already loaded; returns seconds spent."""
+    def ensure(self, cfg: TrainerConfig, place: bool = True) -> float:
+        """Load model and adapter unless this config's are already loaded, and (`place`) put them on
+        the pod's device; returns seconds spent. The zygote loads without placing: a CUDA context
+        does not survive a fork, so each forked pod moves the model itself at its first ticket."""
         from fedtune_trainer.adapters import adapter_state
-        from fedtune_trainer.models import apply_peft, fingerprint, load_base_model
+        from fedtune_trainer.device import pick_device
+        from fedtune_trainer.models import apply_peft, enable_gradient_checkpointing, fingerprint, load_base_model
 
         key = self.model_key(cfg)
-        if key == self._key:
-            return 0.0
         start = time.perf_counter()
+        if key == self._key:
+            if place and not self._placed and not cfg.deepspeed.enabled:  # preloaded by the zygote
+                self.model.to(pick_device())
+                self._placed = True
+                return time.perf_counter() - start
+            return 0.0
         self.model = self.tokenizer = self._key = None
         self._data.clear()  # tokenization may have changed with the config
         # DeepSpeed bf16 casts the whole module; loading the base in bf16 keeps that cast lossless.
@@ -69,6 +78,12 @@ class PartyRuntime:
         base, self.tokenizer = load_base_model(cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype)
         self.fingerprint = fingerprint(base)
         self.model = apply_peft(base, cfg.peft, cfg.model.task, seed)
+        if cfg.training.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self._placed = False
+        if place and not cfg.deepspeed.enabled:  # a DeepSpeed engine places the model itself
+            self.model.to(pick_device())
+            self._placed = True
         self.initial = adapter_state(self.model)
         self._key = key
         return time.perf_counter() - start
@@ -108,7 +123,9 @@ def _evaluate(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) 
         return Metrics()
     data = rt.examples(ticket.job, ticket.eval_data, cfg, receipt)[: cfg.training.max_eval_samples]
     start = time.perf_counter()
-    metrics = evaluate(rt.model, data, cfg.model.task, cfg.training.eval_batch_size, rt.tokenizer.pad_token_id)
+    metrics = evaluate(
+        rt.model, data, cfg.model.task, cfg.training.eval_batch_size, rt.tokenizer.pad_token_id, cfg.training.precision
+    )
     receipt.timings.eval_seconds = time.perf_counter() - start
     receipt.num_eval_samples = len(data)
     return metrics

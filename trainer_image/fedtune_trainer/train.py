@@ -20,6 +20,7 @@ from fedtune.api.protocol import TrainerConfig
 
 from fedtune_trainer.adapters import load_adapter_state
 from fedtune_trainer.data import collate, shuffled
+from fedtune_trainer.device import autocast, model_device, to_device
 from fedtune_trainer.ds_config import deepspeed_config
 
 
@@ -107,22 +108,28 @@ def train_local(
 
 def _run_torch(model, examples, steps, cfg, params, anchors, pad_id) -> tuple[float, int]:
     tr = cfg.training
+    dev = model_device(model)
     trainable = [p for _, p in params]
     optimizer = torch.optim.AdamW(trainable, lr=tr.learning_rate, weight_decay=tr.weight_decay)
+    # fp16's narrow range needs loss scaling; bf16 has float32's range and does not.
+    scaler = torch.amp.GradScaler(dev.type, enabled=tr.precision == "fp16")
     loss_sum, seen = 0.0, 0
     for step in steps:
         optimizer.zero_grad(set_to_none=True)
         for indices in step:
-            batch = collate([examples[i] for i in indices], pad_id)
-            loss = model(**batch).loss
-            total = loss / len(step)
+            batch = to_device(collate([examples[i] for i in indices], pad_id), dev)
+            with autocast(dev, tr.precision):
+                loss = model(**batch).loss
+            total = loss.float() / len(step)
             if anchors:
                 total = total + _prox(params, anchors, cfg.prox_mu) / len(step)
-            total.backward()
+            scaler.scale(total).backward()
             loss_sum += float(loss.detach()) * len(indices)
             seen += len(indices)
+        scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(trainable, tr.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when fp16 overflowed; the scale then shrinks
+        scaler.update()
     return loss_sum, seen
 
 

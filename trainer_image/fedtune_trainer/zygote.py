@@ -85,7 +85,7 @@ def preload(model_source: str | None, config_path: str | None = None) -> None:
         try:
             cfg = TrainerConfig.model_validate_json(open(config_path).read())
             rt = party.PartyRuntime()
-            rt.ensure(cfg)
+            rt.ensure(cfg, place=False)  # on the CPU: each pod moves it to its device after the fork
         except Exception as exc:  # noqa: BLE001 - the pods load it themselves and report what fails
             print(f"zygote: not preloading the model: {exc}", file=sys.stderr)
             return

@@ -83,6 +83,15 @@ class TrainingSpec(ApiModel):
     max_train_samples: int | None = Field(None, ge=1, description="Cap on local training examples per round.")
     max_eval_samples: int | None = Field(None, ge=1, description="Cap on local evaluation examples.")
     seed: int = Field(0, description="Seeds the adapter initialisation and data order.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Mixed precision of the plain PyTorch path: fp32 (none), bf16 (autocast) or fp16 (autocast "
+        "with loss scaling). The adapter is kept, trained and exchanged in its own dtype (float32) either way. "
+        "With deepspeed.enabled use deepspeed.bf16 instead.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute."
+    )
     update_compression: Literal["none", "bf16", "int8"] = Field(
         "none",
         description="How parties upload their update: none (as trained), bf16 (floats cast to bfloat16, half the "
@@ -213,6 +222,11 @@ class FederatedJobSpec(ApiModel):
                 )
         if ds.bf16 and self.model.dtype == "float32" and not ds.enabled:
             out.append("deepspeed.bf16 needs deepspeed.enabled: true (or set model.dtype: bfloat16)")
+        if self.deepspeed.enabled and self.training.precision != "fp32":
+            out.append(
+                f"training.precision ({self.training.precision}) is for the plain PyTorch path; with "
+                "deepspeed.enabled set deepspeed.bf16 instead (and leave precision at fp32)"
+            )
         if self.strategy.name == "fedprox" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
             out.append("fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2")
         return out
