@@ -48,6 +48,33 @@ def test_every_global_adapter_is_evaluated_on_the_held_out_set_and_the_evaluator
     assert [e.reason for e in sim.events].count("HeldOutEvaluated") == 4
 
 
+class Signer:
+    def presign_get(self, owner, key, expires_s):
+        return f"get:{owner}:{key}"
+
+    def presign_put(self, owner, key, expires_s):
+        return f"put:{owner}:{key}"
+
+
+def party_doc(name: str) -> Party:
+    return Party.model_validate({"metadata": {"name": name}, "spec": {"storage": {"bucket": f"{name}-data"}}})
+
+
+def test_init_tickets_carry_the_data_a_party_reads_while_the_others_load():
+    job = job_with_evaluator(rounds=2)
+    st = Sim(job).st
+    intents = trainer_intents(job, st)
+    assert {i.kind for i in intents.values()} == {"init"}
+    trainer = build_trainer_ticket(job, intents["default/a"], party_doc("a"), st, Signer(), T0)
+    assert (trainer.train_data.url, trainer.eval_data.url) == (
+        "get:default/a:data/train.jsonl",
+        "get:default/a:data/eval.jsonl",
+    )
+    evaluator = build_trainer_ticket(job, intents["default/h"], party_doc("h"), st, Signer(), T0)
+    assert evaluator.train_data is None and evaluator.eval_data.url == "get:default/h:data/eval.jsonl"
+    assert evaluator.update_out is None  # the evaluator never initialises the global adapter
+
+
 def test_the_evaluator_is_asked_for_the_previous_global_while_a_round_trains():
     job = job_with_evaluator(rounds=2)
     sim = Sim(job, silent={"h"})
@@ -56,16 +83,7 @@ def test_the_evaluator_is_asked_for_the_previous_global_while_a_round_trains():
     intents = trainer_intents(job, sim.st)
     assert (intents["default/h"].kind, intents["default/h"].round) == ("eval", 0)
     assert (intents["default/a"].kind, intents["default/a"].round) == ("train", 1)
-
-    class Signer:
-        def presign_get(self, owner, key, expires_s):
-            return f"get:{owner}:{key}"
-
-        def presign_put(self, owner, key, expires_s):
-            return f"put:{owner}:{key}"
-
-    party = Party.model_validate({"metadata": {"name": "h"}, "spec": {"storage": {"bucket": "h-data"}}})
-    t = build_trainer_ticket(job, intents["default/h"], party, sim.st, Signer(), T0)
+    t = build_trainer_ticket(job, intents["default/h"], party_doc("h"), sim.st, Signer(), T0)
     assert t.eval_data.url == "get:default/h:data/eval.jsonl"  # its own bucket's test set
     assert t.global_in.url == f"get:coordinator:{layout.global_key('uid-1', 0)}"
     assert t.train_data is None and t.update_out is None and t.receipt_out is None
@@ -88,7 +106,9 @@ def test_a_failing_evaluator_is_reported_and_the_rounds_go_on():
     sim = Sim(job_with_evaluator(rounds=2), fail={"h"})
     st = sim.run()
     assert st.phase == "Succeeded"
-    assert "held-out evaluation of round 0 failed: boom" in " ".join(e.message for e in sim.events)
+    said = " ".join(e.message for e in sim.events)
+    assert "default/h: could not start: boom" in said  # its init failure is said, not only round 1's
+    assert "held-out evaluation of round 0 failed: boom" in said
     assert [len(h.participants) for h in st.history[1:]] == [2, 2]
 
 
@@ -130,8 +150,14 @@ def test_job_file_mistakes_about_the_evaluator_are_clear(tiny_seq_cls, tmp_path)
         parse_documents(with_evaluator(base, eval_path="test.jsonl"), "j")
     docs = list(yaml.safe_load_all(base))
     docs[-1]["spec"]["testSamples"] = 10
-    with pytest.raises(SpecError, match="the job names no evaluator to hold it"):
+    for require_parties in (True, False):  # fedtune run, and fedtune validate of a file without Parties
+        with pytest.raises(SpecError, match="the job names no evaluator to hold it"):
+            parse_documents(yaml.safe_dump_all(docs), "j", require_parties=require_parties)
+    docs = list(yaml.safe_load_all(with_evaluator(base)))
+    del docs[1]  # the evaluator's Party document
+    with pytest.raises(SpecError, match="spec.evaluator names default/referee but no such Party document"):
         parse_documents(yaml.safe_dump_all(docs), "j")
+    parse_documents(yaml.safe_dump_all(docs), "j", require_parties=False)  # on Kubernetes it lives in its namespace
 
 
 def test_an_evaluator_brings_its_own_test_file_and_never_a_training_split(tiny_seq_cls, tmp_path):
@@ -190,3 +216,12 @@ def test_local_run_reports_the_held_out_test_set_every_round(tiny_seq_cls, tmp_p
     share = max(sum(r["label"] == lab for r in held) for lab in ("negative", "positive")) / len(held)
     assert doc["testMajorityBaseline"] == pytest.approx(share)
     assert f"majority-class baseline on the held-out test set: {share:.3f}" in log
+
+
+def test_a_receipt_missing_some_metrics_is_still_shown():
+    from fedtune.api.status import Metrics
+    from fedtune.rounds.machine import _shown
+
+    assert _shown(Metrics(eval_accuracy=0.5)) == "acc 0.500"  # another organisation's pod may omit the loss
+    assert _shown(Metrics(eval_perplexity=4.0, eval_loss=1.386)) == "ppl 4.00, loss 1.3860"
+    assert _shown(Metrics()) == "no metrics"

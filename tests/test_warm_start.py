@@ -56,7 +56,7 @@ def test_a_forked_pod_starts_with_the_model_the_zygote_loaded(tiny, tmp_path):
     cfg = config(tiny[CLS], CLS)
     cfg_file = tmp_path / "config.json"
     cfg_file.write_text(cfg.model_dump_json(by_alias=True))
-    zygote = Zygote(pod_env(), tmp_path / "zygote.log", f"file://{tiny[CLS]}", cfg_file)
+    zygote = Zygote(pod_env(), tmp_path / "zygote.log", cfg_file)
     box = FileMailbox(tmp_path / "box")
     pod = Pod("default/alice", ["party", "--mailbox", str(box.dir)], pod_env(), tmp_path / "alice.log", zygote=zygote)
     hidden = tiny[CLS].with_name(tiny[CLS].name + "-moved")

@@ -91,9 +91,17 @@ def _cmd_partition(args: argparse.Namespace) -> int:
             )
         storage = p.spec.storage.model_copy(update={"endpoint": args.endpoint or p.spec.storage.endpoint})
         buckets[p.key] = Bucket(storage, S3Credentials(c["accessKeyId"], c["secretAccessKey"]))
-    shards = plan_shards(load_source(docs.dataset.spec.source), docs.dataset, docs.job.party_keys, test_party)
+    try:
+        shards = plan_shards(load_source(docs.dataset.spec.source), docs.dataset, docs.job.party_keys, test_party)
+    except ValueError as exc:
+        raise SpecError(f"Dataset {docs.dataset.metadata.name}: {exc}") from None
     summary = upload_shards(
-        shards, parties, buckets, labels=docs.job.spec.data.labels or None, create_buckets=args.create_buckets
+        shards,
+        parties,
+        buckets,
+        labels=docs.job.spec.data.labels or None,
+        create_buckets=args.create_buckets,
+        test_party=test_party,
     )
     for key, s in summary.items():
         if key == test_party:

@@ -97,19 +97,22 @@ def parse_documents(text: str, source: str = "<input>", require_parties: bool = 
         problems.append(f"{source}: expected exactly one FederatedJob, found {len(jobs)}")
     if not problems and len(datasets) > 1:
         problems.append(f"{source}: at most one Dataset document, found {len(datasets)}")
-    if not problems and require_parties:
+    if not problems:
         job = jobs[0]
         missing = [k for k in job.party_keys if k not in parties]
-        if missing:
+        if missing and require_parties:
             problems.append(
                 f"{source}: spec.parties names {', '.join(missing)} but no such Party document is in the file"
             )
-        if job.evaluator_key is not None and job.evaluator_key not in parties:
+        evaluator_missing = job.evaluator_key is not None and job.evaluator_key not in parties
+        if evaluator_missing and require_parties:
             problems.append(
                 f"{source}: spec.evaluator names {job.evaluator_key} but no such Party document is in the file"
             )
-        elif (problem := _test_set_problem(job, parties, datasets[0] if datasets else None)) is not None:
-            problems.append(f"{source}: {problem}")
+        # Where the test set comes from needs the evaluator's Party only when the job names one.
+        if not evaluator_missing:
+            if (problem := _test_set_problem(job, parties, datasets[0] if datasets else None)) is not None:
+                problems.append(f"{source}: {problem}")
     if problems:
         raise SpecError("\n".join(problems))
     return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None)

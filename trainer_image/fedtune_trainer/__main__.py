@@ -1,6 +1,6 @@
 """Entry point of trainer and aggregator pods: `python -m fedtune_trainer party|aggregator --mailbox URI`.
 
-`python -m fedtune_trainer zygote [--model-source SRC]` is local mode's warm start (fedtune_trainer.zygote).
+`python -m fedtune_trainer zygote [--config FILE]` is local mode's warm start (fedtune_trainer.zygote).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["zygote"]:
         zp = argparse.ArgumentParser(prog="fedtune_trainer zygote")
-        zp.add_argument("--model-source", default=None, help="the job's model source: its modeling code is preloaded")
         zp.add_argument("--config", default=None, help="a trainer config (JSON): its model is loaded before forking")
         zargs = zp.parse_args(argv[1:])
         from fedtune_trainer.zygote import serve as serve_zygote
 
-        return serve_zygote(zargs.model_source, zargs.config)
+        return serve_zygote(zargs.config)
     parser = argparse.ArgumentParser(prog="fedtune_trainer", description=__doc__)
     parser.add_argument("role", choices=["party", "aggregator"], help="what this pod does")
     parser.add_argument(

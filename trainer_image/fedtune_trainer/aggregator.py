@@ -63,19 +63,12 @@ def _collect_updates(
         seen.add(upd.party)
         updates.append(upd)
 
-    def fetch(upd) -> bytes | transfer.TransferError:
-        try:
-            return transfer.get(upd.url)
-        except transfer.TransferError as exc:
-            return exc
-
     with ThreadPoolExecutor(max_workers=min(8, len(updates) or 1)) as pool:  # downloads overlap; checks do not
-        fetched = list(pool.map(fetch, updates))
-    for upd, data in zip(updates, fetched):
+        downloads = [pool.submit(transfer.get, upd.url) for upd in updates]
+    for upd, download in zip(updates, downloads):
         try:
-            if isinstance(data, transfer.TransferError):
-                raise data
-            receipt.bytes_down += len(data)
+            data = download.result()
+            receipt.bytes_down += len(data)  # counted here, in one thread
             tensors.append(load_verified(data, upd.sha256, global_prev, source=f"update from {upd.party}"))
         except UpdateRejected as exc:
             reason = str(exc)

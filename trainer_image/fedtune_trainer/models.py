@@ -132,8 +132,12 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def apply_peft(model: torch.nn.Module, peft: PeftSpec, task: str, seed: int) -> torch.nn.Module:
-    """Wrap the base model with the job's PEFT method; the adapter init is drawn from `seed`."""
+def apply_peft(
+    model: torch.nn.Module, peft: PeftSpec, task: str, seed: int, device: torch.device | None = None
+) -> torch.nn.Module:
+    """Wrap the base model with the job's PEFT method; the adapter init is drawn from `seed`.
+
+    With `device` the wrapped model moves there before its one-batch check runs (on the GPU, not the CPU)."""
     from peft import get_peft_model
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -142,6 +146,8 @@ def apply_peft(model: torch.nn.Module, peft: PeftSpec, task: str, seed: int) -> 
     config = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_METHODS[peft.method]](task_type=TASK_TYPES[task], **peft.config)
     torch.manual_seed(seed)
     wrapped = get_peft_model(model, config)
+    if device is not None:
+        wrapped.to(device)
     _check_state_covers_trainable(wrapped, peft.method)
     _check_forward(wrapped, peft.method, task)
     return wrapped

@@ -64,29 +64,28 @@ class PartyRuntime:
 
         key = self.model_key(cfg)
         start = time.perf_counter()
-        if key == self._key:
-            if place and not self._placed and not cfg.deepspeed.enabled:  # preloaded by the zygote
-                self.model.to(pick_device())
-                self._placed = True
-                return time.perf_counter() - start
-            return 0.0
-        self.model = self.tokenizer = self._key = None
-        self._data.clear()  # tokenization may have changed with the config
-        # DeepSpeed bf16 casts the whole module; loading the base in bf16 keeps that cast lossless.
-        dtype = "bfloat16" if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else None
-        seed = cfg.training.seed
-        base, self.tokenizer = load_base_model(cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype)
-        self.fingerprint = fingerprint(base)
-        self.model = apply_peft(base, cfg.peft, cfg.model.task, seed)
-        if cfg.training.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
-        self._placed = False
-        if place and not cfg.deepspeed.enabled:  # a DeepSpeed engine places the model itself
+        loaded = key != self._key
+        if loaded:
+            self.model = self.tokenizer = self._key = None
+            self._data.clear()  # tokenization may have changed with the config
+            # DeepSpeed bf16 casts the whole module; loading the base in bf16 keeps that cast lossless.
+            dtype = "bfloat16" if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else None
+            seed = cfg.training.seed
+            base, self.tokenizer = load_base_model(cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype)
+            self.fingerprint = fingerprint(base)
+            # Placed before its check forward pass; a DeepSpeed engine places the model itself.
+            device = pick_device() if place and not cfg.deepspeed.enabled else None
+            self.model = apply_peft(base, cfg.peft, cfg.model.task, seed, device)
+            if cfg.training.gradient_checkpointing:
+                enable_gradient_checkpointing(self.model)
+            self.initial = adapter_state(self.model)
+            self._key, self._placed = key, device is not None
+        # A model the zygote loaded (place=False) is placed at this pod's first ticket.
+        placing = place and not self._placed and not cfg.deepspeed.enabled
+        if placing:
             self.model.to(pick_device())
             self._placed = True
-        self.initial = adapter_state(self.model)
-        self._key = key
-        return time.perf_counter() - start
+        return time.perf_counter() - start if loaded or placing else 0.0
 
     def examples(self, job: str, source: Download, cfg: TrainerConfig, receipt: TrainerReceipt) -> list[dict]:
         """A data file's examples, downloaded and parsed once per job (keyed by URL path, not signature)."""

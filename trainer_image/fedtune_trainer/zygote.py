@@ -34,8 +34,8 @@ from typing import Any
 from fedtune.lifeline import die_with_parent
 
 
-def preload(model_source: str | None, config_path: str | None = None) -> None:
-    """Import what every pod imports, and the modeling code of the job's architecture if it can be found.
+def preload(config_path: str | None = None) -> None:
+    """Import what every pod imports.
 
     With the job's trainer config, also load the base model and the initial adapter the way a
     party does (fedtune_trainer.party.PRELOADED): every forked party then starts with them, and
@@ -43,7 +43,7 @@ def preload(model_source: str | None, config_path: str | None = None) -> None:
     Best effort: whatever fails here, a pod does again and reports in its receipt.
     """
     import peft  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import transformers  # noqa: F401
 
     import fedtune_trainer.adapters
@@ -55,20 +55,7 @@ def preload(model_source: str | None, config_path: str | None = None) -> None:
     import fedtune_trainer.party
     import fedtune_trainer.train  # noqa: F401
 
-    if model_source:
-        try:  # best effort: a pod imports it anyway when it loads the model
-            from fedtune.api.support import local_model_dir
-            from transformers import AutoConfig
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
-
-            config = AutoConfig.from_pretrained(local_model_dir(model_source))
-            for mapping in (MODEL_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING):
-                if type(config) in mapping:
-                    mapping[type(config)]  # imports transformers.models.<type>.modeling_<type>
-        except Exception:  # noqa: BLE001 - hub ids, s3:// sources, unknown architectures
-            pass
     if config_path:
-        import torch
         from fedtune.api.protocol import TrainerConfig
         from transformers.utils import logging as hf_logging
 
@@ -99,12 +86,14 @@ def _threads() -> int:
         return threading.active_count()
 
 
-def _become_pod(req: dict[str, Any], keep: tuple[int, ...]) -> None:
+def _become_pod(req: dict[str, Any], keep: tuple[int, ...], zygote: int) -> None:
     """In the forked child: turn into the requested pod, run it, exit. Never returns."""
     code = 1
     try:
         os.setsid()
         die_with_parent()
+        if os.getppid() != zygote:  # the zygote died before the lifeline was set: nobody to answer to
+            os._exit(1)
         for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
@@ -144,15 +133,17 @@ def _say(out, doc: dict[str, Any]) -> None:
     out.flush()
 
 
-def serve(model_source: str | None = None, config_path: str | None = None) -> int:
+def serve(config_path: str | None = None) -> int:
     """Preload, then fork pods on request until stdin closes; returns 0."""
-    preload(model_source, config_path)
+    # The protocol gets a descriptor of its own; whatever a library prints goes to the log instead.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    preload(config_path)
     import torch
 
     if _threads() > 1 or torch.cuda.is_initialized():  # a fork copies one thread and no CUDA context
         print(f"zygote: {_threads()} threads (or CUDA) after preloading: forking would be unsafe", file=sys.stderr)
         return 3
-    out = sys.stdout
     _say(out, {"ready": True})
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -170,7 +161,6 @@ def serve(model_source: str | None = None, config_path: str | None = None) -> in
                 continue
             chunk = os.read(sys.stdin.fileno(), 65536)
             if not chunk:  # the runner closed the pipe: it is done (or gone); skip the slow interpreter teardown
-                sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(0)
             buf += chunk
@@ -179,11 +169,11 @@ def serve(model_source: str | None = None, config_path: str | None = None) -> in
                 req = json.loads(line)
                 sys.stdout.flush()
                 sys.stderr.flush()
+                me = os.getpid()
                 pid = os.fork()
                 if pid == 0:
-                    _become_pod(req, keep=(wake_r, wake_w))
+                    _become_pod(req, keep=(wake_r, wake_w, out.fileno()), zygote=me)
                 _say(out, {"name": req["name"], "pid": pid})
-        _reap(out)
 
 
 def _reap(out) -> None:

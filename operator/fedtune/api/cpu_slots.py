@@ -55,8 +55,10 @@ def hold(directory: str | os.PathLike[str] | None = None) -> Iterator[None]:
 def make_slots(directory: Path, n: int) -> Path:
     """Create `n` slot files in `directory` (existing ones are reused); returns the directory."""
     directory.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        (directory / f"slot-{i}").touch()
-    for extra in sorted(directory.glob("slot-*"))[n:]:
-        extra.unlink()
+    wanted = {f"slot-{i}" for i in range(n)}
+    for name in wanted:
+        (directory / name).touch()
+    for extra in directory.glob("slot-*"):
+        if extra.name not in wanted:
+            extra.unlink()
     return directory

@@ -46,7 +46,7 @@ class Waiter:
         try:
             self._inotify = INotify()
             for d in dirs:
-                self._inotify.add_watch(os.fspath(d), flags.MOVED_TO | flags.CLOSE_WRITE)
+                self._inotify.add_watch(os.fspath(d), flags.MOVED_TO)
         except OSError:  # e.g. the per-user watch limit: polling still works
             self.close()
 

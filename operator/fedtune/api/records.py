@@ -24,7 +24,8 @@ def parse_jsonl(data: bytes, source: str = "data") -> list[tuple[int, dict[str, 
     except UnicodeDecodeError as exc:
         raise DataError(f"{source}: not UTF-8 text ({exc})") from None
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also cut at U+2028 and friends, legal inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

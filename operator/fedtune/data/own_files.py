@@ -77,17 +77,17 @@ def read_own_data(
     for p in parties:
         if p.spec.data.train_path is None and p.spec.data.eval_path is not None:
             raise SpecError(f"Party {p.key}: spec.data.evalPath without trainPath: a party that trains needs both")
+    if evaluator is not None and evaluator.spec.data.train_path is not None:
+        raise SpecError(
+            f"Party {evaluator.key} is the job's evaluator (spec.evaluator) and never trains: remove its "
+            "spec.data.trainPath and give its held-out test set as evalPath"
+        )
     out: dict[str, tuple[OwnSplit | None, OwnSplit]] = {}
     for p in own:
         d = p.spec.data
         out[p.key] = (
             read_split(p, d.train_path, d.train_key, job, base_dir),
             read_split(p, d.eval_path, d.eval_key, job, base_dir),
-        )
-    if evaluator is not None and evaluator.spec.data.train_path is not None:
-        raise SpecError(
-            f"Party {evaluator.key} is the job's evaluator (spec.evaluator) and never trains: remove its "
-            "spec.data.trainPath and give its held-out test set as evalPath"
         )
     if evaluator is not None and evaluator.spec.data.eval_path is not None:
         d = evaluator.spec.data

@@ -42,6 +42,7 @@ def upload_shards(
     label_key: str = "label",
     labels: Sequence[str] | None = None,
     create_buckets: bool = False,
+    test_party: str | None = None,
 ) -> dict[str, dict]:
     """Upload every party's (train, eval) shard to its own bucket; return a summary per party.
 
@@ -57,7 +58,8 @@ def upload_shards(
                    "labels": {"negative": 210, "positive": 190}},
          "eval":  {…same fields…}}
 
-    ``labels`` orders the label histograms (e.g. the job's ``data.labels``).
+    ``labels`` orders the label histograms (e.g. the job's ``data.labels``). ``test_party`` (the
+    job's evaluator) gets its eval split only: its shard is a held-out test set.
     """
     plan = []
     used: set[str] = set()
@@ -79,7 +81,7 @@ def upload_shards(
         summary: dict[str, Any] = {"party": party.key, "bucket": party.spec.storage.bucket}
         data = party.spec.data
         for split, records, key in (("train", train, data.train_key), ("eval", ev, data.eval_key)):
-            if not records and split == "train":  # an evaluator's shard: a test set and nothing to train on
+            if split == "train" and party.key == test_party:  # a test set and nothing to train on
                 summary[split] = {"key": None, "records": 0, "bytes": 0, "sha256": None, "labels": {}}
                 continue
             body = shard_to_jsonl(records)

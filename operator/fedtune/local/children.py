@@ -28,12 +28,8 @@ ZYGOTE_READY_SECONDS = 1800  # imports and a large model's load; after this the 
 class Zygote:
     """The runner's side of the warm-start process (see fedtune_trainer.zygote for the protocol)."""
 
-    def __init__(
-        self, env: dict[str, str], log_path: Path, model_source: str | None = None, config: Path | None = None
-    ):
+    def __init__(self, env: dict[str, str], log_path: Path, config: Path | None = None):
         argv = [sys.executable, "-m", "fedtune_trainer", "zygote"]
-        if model_source:
-            argv += ["--model-source", model_source]
         if config:
             argv += ["--config", str(config)]
         with open(log_path, "ab") as log:
@@ -48,8 +44,7 @@ class Zygote:
             )
         self.exits: dict[int, int] = {}
         self._answers: queue.Queue[dict | None] = queue.Queue()
-        self._ready = threading.Event()
-        self._lock = threading.Lock()
+        self._ready = threading.Event()  # spawn() is called from the runner's thread only
         threading.Thread(target=self._read, name="zygote-reader", daemon=True).start()
 
     def _read(self) -> None:
@@ -72,6 +67,11 @@ class Zygote:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    @property
+    def ready(self) -> bool:
+        """It has imported the libraries (and loaded the model): pods fork at once."""
+        return self._ready.is_set()
+
     def spawn(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> int | None:
         """Fork a pod running `python -m fedtune_trainer ARGS`; its pid, or None if the zygote cannot."""
         if not self._ready.wait(ZYGOTE_READY_SECONDS):
@@ -80,17 +80,17 @@ class Zygote:
         if not self.alive:
             return None
         req = {"name": name, "argv": args, "env": env, "log": str(log_path)}
-        with self._lock:
-            try:
-                self.proc.stdin.write((json.dumps(req) + "\n").encode())
-                self.proc.stdin.flush()
-            except (BrokenPipeError, ValueError):
-                return None
-            try:
-                answer = self._answers.get(timeout=60)
-            except queue.Empty:
-                return None
-        return answer["pid"] if answer else None
+        try:
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
+            self.proc.stdin.flush()
+            answer = self._answers.get(timeout=60)
+        except (BrokenPipeError, ValueError, queue.Empty):
+            answer = None
+        if answer is None or answer.get("name") != name:
+            # A zygote that does not answer in order cannot be trusted with the next pod either.
+            self.proc.kill()
+            return None
+        return answer["pid"]
 
     def exit_code(self, pid: int) -> int | None:
         """The pod's exit code once it ended; None while it runs."""
@@ -183,11 +183,9 @@ class Pods:
         self.zygote: Zygote | None = None
         self.finishing = False  # once exit tickets are out, a pod that exits is done, not dead
 
-    def warm_up(
-        self, env: dict[str, str], log_path: Path, model_source: str | None = None, config: Path | None = None
-    ) -> None:
+    def warm_up(self, env: dict[str, str], log_path: Path, config: Path | None = None) -> None:
         """Start the zygote now: it imports the libraries (and loads the model) while the run prepares."""
-        self.zygote = Zygote(env, log_path, model_source, config)
+        self.zygote = Zygote(env, log_path, config)
 
     def start(self, pod: Pod) -> None:
         pod.zygote = self.zygote

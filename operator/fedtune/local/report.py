@@ -42,8 +42,14 @@ def round_table(st: FederatedJobStatus) -> str:
     return "\n".join(lines)
 
 
-def _held_out_points(st: FederatedJobStatus, key: str) -> list[tuple[int, float]]:
-    return [(h.round, v) for h in st.history if h.held_out and (v := getattr(h.held_out, key)) is not None]
+def _points(st: FederatedJobStatus, key: str, held_out: bool = False) -> list[tuple[int, float]]:
+    """(round, metric) of every round that has it: the parties' own metrics, or the held-out test set's."""
+    out = []
+    for h in st.history:
+        metrics = h.held_out if held_out else h.metrics
+        if metrics is not None and (v := getattr(metrics, key)) is not None:
+            out.append((h.round, v))
+    return out
 
 
 def metrics_document(job: FederatedJob, st: FederatedJobStatus, extra: dict | None = None) -> dict:
@@ -85,10 +91,10 @@ def plot(
     rounds = [h.round for h in st.history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train_loss", "train loss (local)"), ("eval_loss", "eval loss (global)")):
-        pts = [(h.round, getattr(h.metrics, key)) for h in st.history if getattr(h.metrics, key) is not None]
+        pts = _points(st, key)
         if pts:
             ax1.plot(*zip(*pts), marker="o", label=label)
-    pts = _held_out_points(st, "eval_loss")
+    pts = _points(st, "eval_loss", held_out=True)
     if pts:
         ax1.plot(*zip(*pts), marker="s", label="held-out test loss (global)")
     ax1.set(xlabel="round", ylabel="loss", title="loss")
@@ -98,10 +104,10 @@ def plot(
         if any(h.metrics.eval_accuracy is not None for h in st.history)
         else ("eval_perplexity", "perplexity")
     )
-    pts = [(h.round, getattr(h.metrics, key)) for h in st.history if getattr(h.metrics, key) is not None]
+    pts = _points(st, key)
     if pts:
         ax2.plot(*zip(*pts), marker="o", color="tab:green", label=f"global {label}, parties' eval splits")
-    pts = _held_out_points(st, key)
+    pts = _points(st, key, held_out=True)
     if pts:
         ax2.plot(*zip(*pts), marker="s", color="tab:purple", label=f"global {label}, held-out test set")
     if baseline is not None and key == "eval_accuracy":

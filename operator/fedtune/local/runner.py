@@ -15,6 +15,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import TextIO
 
@@ -87,6 +88,17 @@ class _PeftVerdict(threading.Thread):
         self.join()
         if self.error is not None:
             raise self.error
+
+
+def _cores() -> int:
+    """Cores this process may run on (its affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _cpu_slots(parties: int, cores: int, threads: int) -> int:
@@ -207,8 +219,7 @@ class LocalRun:
         def create(owner: str) -> None:
             self.buckets[owner].ensure(create=True)
             if owner == COORDINATOR:  # the job as it ran, beside what it produces
-                spec = self.job.model_dump_json(by_alias=True, exclude_none=True, indent=1).encode()
-                self.buckets[owner].put_bytes(layout.job_key(self.job.metadata.uid), spec)
+                self.buckets[owner].put_bytes(layout.job_key(self.job.metadata.uid), self._job_json.encode())
 
         with ThreadPoolExecutor(max_workers=len(owners)) as pool:  # each first write waits on the server
             list(pool.map(create, owners))
@@ -284,14 +295,20 @@ class LocalRun:
             {p.key: self.buckets[p.key] for p in dealt},
             label_key=label_key,
             labels=schema.labels or None,
+            test_party=test_party,
         )
         for key, s in summary.items():
             labels = s["eval" if key == test_party else "train"]["labels"]
             self._say_data(key, s["train"]["records"], s["eval"]["records"], labels)
 
+    @cached_property
+    def _job_json(self) -> str:
+        """The job as it runs (its uid fixed): written to the work directory and the coordinator bucket."""
+        return self.job.model_dump_json(by_alias=True, exclude_none=True, indent=1)
+
     @property
     def _threads_per_party(self) -> int:
-        return self.threads or max(1, (os.cpu_count() or 1) // len(self.parties))
+        return self.threads or max(1, _cores() // len(self.parties))
 
     def _pod_env(self) -> dict[str, str]:
         """The environment of every pod: this one without credentials, plus thread and hub settings."""
@@ -315,15 +332,18 @@ class LocalRun:
         config.write_text(trainer_config(self.job, self.parties[0]).model_dump_json(by_alias=True))
         # One thread in the zygote (a fork copies only the calling thread); each pod sets its own count.
         env = dict(self._pod_env(), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.pods.warm_up(env, logs / "zygote.log", self.job.spec.model.source, config)
+        self.pods.warm_up(env, logs / "zygote.log", config)
 
     def _start_pods(self) -> None:
         for stale in (self.workdir / "mailboxes").glob(f"*/{TICKET}"):
             # A resumed run's old tickets carry URLs signed with the last run's credentials: the loop
             # writes them anew. Receipts stay: an answered ticket is not worked again.
             stale.unlink()
+        zygote = self.pods.zygote
+        if zygote is not None and zygote.alive and not zygote.ready:
+            self.progress.say("waiting for the libraries and the base model to load (the pods fork once they have) …")
         base_env = self._pod_env()
-        slots = _cpu_slots(len(self.parties), len(os.sched_getaffinity(0)), self._threads_per_party)
+        slots = _cpu_slots(len(self.parties), _cores(), self._threads_per_party)
         slot_dir = str(cpu_slots.make_slots(self.workdir / "cpu-slots", slots)) if slots else None
         pods = [(p.key, "party") for p in self.members] + [("aggregator", "aggregator")]
         for name, role in pods:
@@ -429,9 +449,7 @@ class LocalRun:
             self.progress.update(st, events)
             doc = st.model_dump_json(by_alias=True, exclude_none=True, indent=1)
             if doc != written:  # the file changes a few times a round
-                tmp = status_path.with_name(f".{STATUS_FILE}.tmp")
-                tmp.write_text(doc)
-                os.replace(tmp, status_path)  # atomic: a kill mid-write must not lose what a resume needs
+                _write_atomic(status_path, doc)  # a kill mid-write must not lose what a resume needs
                 written = doc
                 stamp = None  # the state moved: pass again at once until it settles
             if st.phase in ("Succeeded", "Failed"):
@@ -465,7 +483,7 @@ class LocalRun:
     def run(self) -> FederatedJobStatus:
         """Run the job to the end; Ctrl-C stops every child and the S3 server, keeping what was written."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / JOB_FILE).write_text(self.job.model_dump_json(by_alias=True, exclude_none=True, indent=1))
+        _write_atomic(self.workdir / JOB_FILE, self._job_json)
         spec = self.job.spec
         self.progress.say(
             f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties"

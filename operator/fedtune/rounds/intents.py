@@ -133,12 +133,12 @@ def build_trainer_ticket(
     )
     if intent.kind == "exit":
         return t
+    # Init tickets carry the data too: a party reads and tokenizes it while the others load, and a
+    # schema mistake is an init failure, not a round-1 one. The evaluator's only split is its test set.
+    t.eval_data = Download(url=signer.presign_get(owner, party.spec.data.eval_key, ttl))
+    if intent.kind in ("init", "train") and party.key != job.evaluator_key:
+        t.train_data = Download(url=signer.presign_get(owner, party.spec.data.train_key, ttl))
     if intent.kind == "init":
-        # The data too: a party reads and tokenizes it while the others load, and a schema mistake
-        # is an init failure, not a round-1 one. The evaluator's only split is its test set.
-        t.eval_data = Download(url=signer.presign_get(owner, party.spec.data.eval_key, ttl))
-        if party.key != job.evaluator_key:
-            t.train_data = Download(url=signer.presign_get(owner, party.spec.data.train_key, ttl))
         if intent.upload_global0:
             t.update_out = signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl)
             t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)
@@ -146,12 +146,10 @@ def build_trainer_ticket(
     # A train ticket of round r starts from global r-1; an eval ticket reads the global of its round
     # (the evaluator's: r-1 while round r trains; everyone's at the end: the last).
     global_round = intent.round - 1 if intent.kind == "train" else intent.round
-    t.eval_data = Download(url=signer.presign_get(owner, party.spec.data.eval_key, ttl))
     t.global_in = Download(
         url=signer.presign_get(COORDINATOR, layout.global_key(uid, global_round), ttl), sha256=st.global_sha256
     )
     if intent.kind == "train":
-        t.train_data = Download(url=signer.presign_get(owner, party.spec.data.train_key, ttl))
         t.update_out = signer.presign_put(owner, layout.update_key(uid, intent.round), ttl)
         t.receipt_out = signer.presign_put(owner, layout.party_receipt_key(uid, intent.round), ttl)
     return t

@@ -280,11 +280,15 @@ def _evaluating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, eve
 def _held_out(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: list[Event]) -> None:
     """Take the evaluator's answer to its current task, if it gave one."""
     ev, task = st.evaluator, evaluator_task(st)
-    if ev is None or task is None or task[0] == "init" or ev.state not in (*WAITING, "Straggler"):
+    if ev is None or task is None or ev.state not in (*WAITING, "Straggler"):
         return
     kind, rnd = task
     r = obs.receipts.get(ev.name)
     if not _answers(r, kind, job.metadata.uid, rnd, 0):
+        return
+    if kind == "init":  # nobody waits for it; a failure (its test set unreadable, say) is said at once
+        if not r.ok:
+            _party_failed(ev, f"could not start: {r.error}", events)
         return
     if not r.ok:
         _party_failed(ev, f"held-out evaluation of round {rnd} failed: {r.error}", events)
@@ -313,11 +317,17 @@ def _evaluator_late(st: FederatedJobStatus, events: list[Event]) -> None:
 
 
 def _shown(m: Metrics) -> str:
-    if m.eval_accuracy is not None:
-        return f"acc {m.eval_accuracy:.3f}, loss {m.eval_loss:.4f}"
-    if m.eval_perplexity is not None:
-        return f"ppl {m.eval_perplexity:.2f}, loss {m.eval_loss:.4f}"
-    return f"loss {m.eval_loss:.4f}" if m.eval_loss is not None else "no metrics"
+    """A receipt's metrics in a line; any of them may be missing (receipts come from other organisations)."""
+    parts = [
+        f"{name} {format(v, fmt)}"
+        for name, v, fmt in (
+            ("acc", m.eval_accuracy, ".3f"),
+            ("ppl", m.eval_perplexity, ".2f"),
+            ("loss", m.eval_loss, ".4f"),
+        )
+        if v is not None
+    ]
+    return ", ".join(parts) or "no metrics"
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -341,6 +351,8 @@ def _party_failed(
 
 def _start_round(spec: FederatedJobSpec, st: FederatedJobStatus, rnd: int, now: datetime, events: list[Event]) -> None:
     st.current_round, st.attempt, st.stage = rnd, 0, "training"
+    if (ev := st.evaluator) is not None and ev.state != "Dropped":  # asked once per round, whatever the retries
+        ev.state = "Training"
     _reset_round(spec, st, now)
     events.append(Event("Normal", "RoundStarted", f"round {rnd}/{spec.rounds} started with {len(active(st))} parties"))
 
@@ -349,9 +361,6 @@ def _reset_round(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime) 
     st.round_started_at = now
     st.round_deadline = now + timedelta(seconds=spec.round_timeout_seconds)
     waiting = "Pending" if st.stage == "init" else "Training"
-    ev = st.evaluator
-    if ev is not None and ev.state != "Dropped" and st.attempt == 0:  # asked once per round, whatever the retries
-        ev.state = "Pending" if st.stage == "init" else "Training"
     for p in active(st):
         p.state = waiting
         p.update_sha256, p.num_eval_samples = None, None
