@@ -140,3 +140,12 @@ def test_schedule_is_deterministic_per_round_and_caps_samples():
     assert len(used) == 6 and used != set(_flat(schedule(50, capped, 0, 2)))
     with pytest.raises(ValueError, match="no training examples"):
         schedule(0, cfg, 0, 1)
+
+
+def test_a_line_ends_at_a_newline_only():
+    from fedtune.api.records import parse_jsonl
+
+    # U+2028 and friends are legal unescaped inside JSON strings; str.splitlines would cut there.
+    text = '{"text": "a\u2028b\u0085c", "label": "x"}\r\n\n{"text": "d", "label": "y"}\n'
+    assert [n for n, _ in parse_jsonl(text.encode())] == [1, 3]
+    assert parse_jsonl(text.encode())[0][1]["text"] == "a\u2028b\u0085c"
