@@ -34,7 +34,7 @@ EXAMPLES="^($(sed -e 's/#.*//' requirements/examples.in | awk 'NF {print $1}' | 
 # The previous lock is the starting point (-o), so versions move only when asked (--upgrade…).
 [ -f "$LOCK" ] && grep -v -E "$EXAMPLES" "$LOCK" >"$main" || true
 "$UV" pip compile "${COMMON[@]}" "$@" -o "$main" \
-  pyproject.toml --extra trainer --extra local --extra deepspeed --extra operator --extra dev --extra bench \
+  pyproject.toml --extra trainer --extra local --extra deepspeed --extra qlora --extra operator --extra dev --extra bench \
   requirements/lock.in
 [ -f "$LOCK" ] && grep -E "$EXAMPLES" "$LOCK" >"$examples" || true
 "$UV" pip compile "${COMMON[@]}" --no-deps "$@" -o "$examples" requirements/examples.in

@@ -19,7 +19,7 @@ TORCH=$(grep -E '^torch==' "$LOCK" | cut -d' ' -f1)
 echo "fedtune setup: $TORCH"
 "${PIP[@]}" -c "$LOCK" "$TORCH"
 # 2. everything else at exactly the locked versions. --no-deps: the lock is the whole set.
-echo "fedtune setup: $(grep -c '==' "$LOCK") locked packages (trainer, local mode, DeepSpeed, operator, tests, models, data)"
+echo "fedtune setup: $(grep -c '==' "$LOCK") locked packages (trainer, local mode, DeepSpeed, bitsandbytes, operator, tests, models, data)"
 "${PIP[@]}" --no-deps -r "$LOCK"
 # 3. fedtune itself, editable, built with the locked setuptools.
 "${PIP[@]}" --no-deps --no-build-isolation -e .

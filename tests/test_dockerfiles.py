@@ -189,8 +189,9 @@ def test_images_install_the_extras_their_commands_need():
     trainer = project_extras(pip_installs(read_dockerfile("Dockerfile.trainer").stage("builder"))[-1])
     operator = project_extras(pip_installs(read_dockerfile("Dockerfile.operator").stage("builder"))[-1])
     # pods run fedtune_trainer (trainer extra: torch, transformers, peft, …) and train with
-    # DeepSpeed when a job asks for it; the operator runs kopf + the kubernetes client.
-    assert trainer == {"trainer", "deepspeed"}
+    # DeepSpeed or a quantised base model (bitsandbytes) when a job asks for it; the operator runs
+    # kopf + the kubernetes client.
+    assert trainer == {"trainer", "deepspeed", "qlora"}
     assert operator == {"operator"}
     assert trainer | operator <= extras & setup_extras(), "images install only extras the tests run with"
 

@@ -20,7 +20,10 @@ from fedtune.api.support import UNSUPPORTED, cannot_train, first_forward, local_
 
 from fedtune_trainer import transfer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Classification heads stay unquantised: they are new, trained and federated (peft's modules_to_save);
+# transformers would quantise some (BERT's classifier) like any other linear layer.
+_HEADS = ["classifier", "score", "pre_classifier"]
 _SAMPLE_ELEMENTS = 1024  # per tensor: enough to tell checkpoints apart, cheap on billions of weights
 
 
@@ -63,15 +66,25 @@ def _download_model(src: str, files: dict[str, str]) -> Path:
 
 
 def load_base_model(
-    model: ModelSpec, data: DataSchema, seed: int, model_files: dict[str, str] | None = None, dtype: str | None = None
+    model: ModelSpec,
+    data: DataSchema,
+    seed: int,
+    model_files: dict[str, str] | None = None,
+    dtype: str | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load (model, tokenizer) for the job's task; `dtype` overrides model.dtype (e.g. DeepSpeed bf16)."""
+    """Load (model, tokenizer) for the job's task; `dtype` overrides model.dtype (e.g. DeepSpeed bf16).
+
+    A quantised model (model.quantization) is quantised while it loads, onto `device` (default: CPU),
+    and must not move afterwards."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_source(model, model_files)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype or model.dtype]}
     if model.gguf_file:
         kwargs["gguf_file"] = model.gguf_file
+    if model.quantization is not None:
+        kwargs.update(_quantized(model, device or torch.device("cpu")))
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": model.gguf_file} if model.gguf_file else {}))
         # Seed before building: a freshly initialised head must be the same on every party.
@@ -103,6 +116,31 @@ def load_base_model(
         tokenizer.pad_token = tokenizer.eos_token
     net.config.pad_token_id = tokenizer.pad_token_id
     return net, tokenizer
+
+
+def _quantized(model: ModelSpec, device: torch.device) -> dict[str, Any]:
+    """from_pretrained arguments that quantise the base model onto `device` (refused where bitsandbytes cannot)."""
+    from fedtune.api.quantization import cannot_run
+    from transformers import BitsAndBytesConfig
+
+    problem = cannot_run(device.type)
+    if problem:
+        raise ValueError(problem)
+    options = model.quantization.bnb_kwargs()
+    if "bnb_4bit_compute_dtype" in options:
+        options["bnb_4bit_compute_dtype"] = DTYPES[options["bnb_4bit_compute_dtype"]]
+    if model.task == "sequence-classification":
+        # Only for classifiers: the list replaces transformers' own, which keeps a causal LM's
+        # (often tied) output embeddings unquantised.
+        options["llm_int8_skip_modules"] = list(_HEADS)
+    config = BitsAndBytesConfig(**options)
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether bitsandbytes holds the (base) model's weights: it must not be moved or cast."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None))
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -144,9 +182,17 @@ def apply_peft(
     if peft.method not in PEFT_METHODS:
         raise ValueError(f"unknown PEFT method {peft.method!r}; choose one of: {', '.join(sorted(PEFT_METHODS))}")
     config = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_METHODS[peft.method]](task_type=TASK_TYPES[task], **peft.config)
+    quantized = is_quantized(model)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base, casts its unquantised weights (norms, embeddings) to float32 for stable
+        # training, and lets gradients reach the adapter through frozen inputs. Checkpointing is
+        # switched on (non-reentrant) by enable_gradient_checkpointing when the job asks for it.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(seed)
     wrapped = get_peft_model(model, config)
-    if device is not None:
+    if device is not None and not quantized:  # a quantised model was loaded onto its device
         wrapped.to(device)
     _check_state_covers_trainable(wrapped, peft.method)
     _check_forward(wrapped, peft.method, task)

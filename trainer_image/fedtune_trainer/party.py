@@ -66,15 +66,20 @@ class PartyRuntime:
         start = time.perf_counter()
         loaded = key != self._key
         if loaded:
+            quantized = cfg.model.quantization is not None
+            if quantized and not place:
+                return 0.0  # bitsandbytes quantises onto the device while loading: the pod loads it there
             self.model = self.tokenizer = self._key = None
             self._data.clear()  # tokenization may have changed with the config
             # DeepSpeed bf16 casts the whole module; loading the base in bf16 keeps that cast lossless.
             dtype = "bfloat16" if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else None
             seed = cfg.training.seed
-            base, self.tokenizer = load_base_model(cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype)
-            self.fingerprint = fingerprint(base)
             # Placed before its check forward pass; a DeepSpeed engine places the model itself.
             device = pick_device() if place and not cfg.deepspeed.enabled else None
+            base, self.tokenizer = load_base_model(
+                cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype, device=device if quantized else None
+            )
+            self.fingerprint = fingerprint(base)
             self.model = apply_peft(base, cfg.peft, cfg.model.task, seed, device)
             if cfg.training.gradient_checkpointing:
                 enable_gradient_checkpointing(self.model)

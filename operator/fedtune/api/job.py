@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
 from fedtune.api.methods import TASK_TYPES, check_peft_config, strategy_params
 from fedtune.api.party import StorageSpec
+from fedtune.api.quantization import QuantizationSpec
 from fedtune.api.status import FederatedJobStatus
 
 Task = Literal["sequence-classification", "causal-lm"]
@@ -25,6 +26,11 @@ class ModelSpec(ApiModel):
     task: Task = Field(description="sequence-classification or causal-lm.")
     gguf_file: str | None = Field(None, description="GGUF file name inside the source, for GGUF-packed models.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Base model weight dtype.")
+    quantization: QuantizationSpec | None = Field(
+        None,
+        description="Load the frozen base model quantised by bitsandbytes (4-bit: QLoRA). Only the adapter "
+        "trains and travels. Needs a GPU, or bitsandbytes' CPU backend.",
+    )
 
     @field_validator("source")
     @classmethod
@@ -227,6 +233,17 @@ class FederatedJobSpec(ApiModel):
                 f"training.precision ({self.training.precision}) is for the plain PyTorch path; with "
                 "deepspeed.enabled set deepspeed.bf16 instead (and leave precision at fp32)"
             )
+        if self.model.quantization is not None:
+            if self.deepspeed.enabled:
+                out.append(
+                    "model.quantization trains on the plain PyTorch path (DDP across a pod's GPUs), not through "
+                    "DeepSpeed: set deepspeed.enabled: false, or remove model.quantization"
+                )
+            if self.model.gguf_file:
+                out.append(
+                    "model.quantization: a GGUF file is already quantised and is dequantised on loading; "
+                    "remove model.ggufFile or model.quantization"
+                )
         if self.strategy.name == "fedprox" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
             out.append("fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2")
         return out

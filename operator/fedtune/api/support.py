@@ -148,5 +148,13 @@ def verdict(
         return None, f"{model.source} is not on this machine: the model's architecture was not checked here"
     if importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None:
         return None, "transformers and peft are not installed here: the model's architecture was not checked"
+    if model.quantization is not None:
+        from fedtune.api.quantization import cannot_run_here
+
+        unable = cannot_run_here()
+        if unable and model_here:
+            return f"spec.{unable}", None
+        if unable:  # `validate` runs where the document is, not where the parties train
+            return None, f"{unable} (this machine only: each party's trainer checks its own at start)"
     problem = probe(model, method, data, where)
     return (f"spec.peft: {problem}" if problem else None), None

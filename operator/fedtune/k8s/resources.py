@@ -19,6 +19,11 @@ memory                request = limit = compute.memory + shm + offload extras be
  + offloadParams      + 1.5 x modelParams x (2 bytes bf16, 4 bytes fp32) when the model size is
                       known (the whole base model lives in host memory, +50% staging), else +8Gi.
                       Offload extras count only when deepspeed.enabled (otherwise ignored).
+ + base model         CPU pods, model size known: + modelParams x bytes per weight (fp32 4,
+                      bf16 2; model.quantization: 8-bit ~1, 4-bit ~0.52 with double
+                      quantisation, scales included): there the frozen model lives in host
+                      memory (unless offloadParams counted it). GPU pods hold it on the GPU (a
+                      quantised one is quantised there while it loads): compute.memory only.
 world size            spec.world_size(gpusPerPod): GPUs with DeepSpeed, else 1.
 global batch          spec.global_batch(gpusPerPod) = micro x accumulation x world; its
                       ValueError (trainBatchSize mismatch) propagates unchanged.
@@ -43,6 +48,7 @@ from typing import Any
 
 from fedtune.api.job import AggregatorSpec, FederatedJobSpec
 from fedtune.api.party import ComputeSpec
+from fedtune.api.quantization import weight_bytes
 
 GPU = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -143,6 +149,9 @@ def trainer_resources(spec: FederatedJobSpec, compute: ComputeSpec, *, model_par
     global_batch = spec.global_batch(gpus)
     shm = SHM_PER_GPU * max(1, gpus)
     memory = parse_quantity(compute.memory) + shm + _offload_bytes(spec, world, model_params)
+    offloaded = spec.deepspeed.enabled and spec.deepspeed.offload_params  # already counted the model
+    if not gpus and model_params is not None and not offloaded:
+        memory += Decimal(model_params) * Decimal(weight_bytes(spec.model.dtype, spec.model.quantization))
     requests = {"cpu": compute.cpu, "memory": format_memory(memory)}
     limits = {"memory": requests["memory"]}
     node_selector = dict(compute.node_selector)
