@@ -72,3 +72,16 @@ def test_operator_scale_smoke(tmp_path):
     assert all(float(r[5]) > 0 and int(r[9]) > 0 and float(r[13]) > 0 for r in rows)  # p50, Buckets, RSS
     assert [r[11] for r in rows] == ["3", "3"]  # one S3 client per credentials (2 parties + hub), not per Bucket
     assert (tmp_path / "operator_scale.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_bench_smoke(tmp_path):
+    """bench/gpu.py's tiny config on CPU: both methods, with and without checkpointing, and one round."""
+    text = run_smoke("gpu.py", tmp_path)
+    assert "SMOKE RUN" in text and "bitsandbytes: " in text
+    header, rows = table(text, "size")
+    assert header[:6] == ["size", "method", "grad ckpt", "plain tok/s", "fedtune tok/s", "ratio"]
+    assert [(r[1], r[2]) for r in rows] == [(m, c) for m in ("LoRA bf16", "QLoRA 4-bit") for c in ("off", "on")]
+    for r in rows:  # every variant was measured (bitsandbytes' CPU backend runs QLoRA here)
+        plain, fedtune, ratio = float(r[3]), float(r[4]), float(r[5])
+        assert plain > 0 and fedtune > 0 and ratio > 0, r
+    assert "Federated round in local mode: tiny, 2 parties, 1 round" in text and "Succeeded" in text
