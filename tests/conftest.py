@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,3 +87,20 @@ def fresh_s3(tmp_path: Path) -> Iterator[Callable[[list[Identity]], SeaweedServe
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(params=["in memory", "from a file"])
+def load_update(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., dict]:
+    """`verify.load_verified`, or the same bytes written to disk and opened with `verify.open_verified`
+    (the aggregator's way, a TensorFile read back into a dict), so every check is tested both ways."""
+    from fedtune_trainer.verify import load_verified, open_verified
+
+    if request.param == "in memory":
+        return load_verified
+
+    def from_file(data: bytes, expected_sha256: str | None, reference: dict | None, **kw) -> dict:
+        path = tmp_path / f"update-{uuid.uuid4().hex}.safetensors"
+        path.write_bytes(data)
+        return dict(open_verified(path, hashlib.sha256(data).hexdigest(), expected_sha256, reference, **kw))
+
+    return from_file

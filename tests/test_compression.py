@@ -91,15 +91,30 @@ def test_sizes():
     assert 0.25 < int8 / fp32 < 0.26
 
 
-def verify(data: bytes, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return load_verified(data, hashlib.sha256(data).hexdigest(), reference, source="update from alice")
+@pytest.fixture
+def verify(load_update):
+    """Verification as the aggregator runs it, in memory and from a downloaded file (conftest.load_update)."""
+
+    def run(data: bytes, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return load_update(data, hashlib.sha256(data).hexdigest(), reference, source="update from alice")
+
+    return run
 
 
-def test_verification_sees_decoded_tensors():
+def test_verification_sees_decoded_tensors(verify):
     ref = adapter(1)
     for mode in ("bf16", "int8"):
         got = verify(encode(adapter(), mode), ref)
         assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in ref.items()}
+
+
+def test_updates_decode_alike_in_memory_and_from_a_file(load_update):
+    ref = adapter(1)
+    for mode in ("bf16", "int8"):
+        data = encode(adapter(), mode)
+        got = load_update(data, None, ref)
+        want = load_verified(data, None, ref)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def with_scale(name: str, scale: torch.Tensor) -> bytes:
@@ -109,7 +124,7 @@ def with_scale(name: str, scale: torch.Tensor) -> bytes:
     return save(stored, metadata={METADATA_KEY: "int8"})
 
 
-def test_nan_scale_or_values_after_decoding_are_rejected():
+def test_nan_scale_or_values_after_decoding_are_rejected(verify):
     with pytest.raises(UpdateRejected, match=f"update from alice: tensor {A} holds 2048 NaN"):
         verify(with_scale(A, torch.full((8, 1), float("nan"))), adapter())
     with pytest.raises(UpdateRejected, match=f"tensor {HEAD} holds 3 Inf"):  # 127 x 1e38 overflows float32
@@ -129,7 +144,7 @@ def test_nan_scale_or_values_after_decoding_are_rejected():
         ({"metadata": "zstd"}, "unknown compression 'zstd'"),
     ],
 )
-def test_malformed_encodings_are_rejected_with_a_reason(change, message):
+def test_malformed_encodings_are_rejected_with_a_reason(verify, change, message):
     stored = load(encode(adapter(), "int8"))
     meta = {METADATA_KEY: change.get("metadata", "int8")}
     if "scale_shape" in change:
@@ -142,7 +157,7 @@ def test_malformed_encodings_are_rejected_with_a_reason(change, message):
         verify(save(stored, metadata=meta), adapter())
 
 
-def test_scale_on_a_float_tensor_and_wrong_shapes_keep_verify_messages():
+def test_scale_on_a_float_tensor_and_wrong_shapes_keep_verify_messages(verify):
     stored = load(encode(adapter(), "int8"))
     stored[A] = stored[A].float()  # a scale beside a float tensor is not int8 coding
     with pytest.raises(UpdateRejected, match="has an int8 scale but dtype float32"):

@@ -133,6 +133,28 @@ def test_federated_run_end_to_end(tiny_seq_cls, toy_data, tmp_path):
     assert not _processes_mentioning(str(tmp_path / "run"))
 
 
+def test_multipart_uploads_run_end_to_end(tiny_seq_cls, toy_data, tmp_path, monkeypatch):
+    """With the threshold at 0, every update, global adapter and server state goes up in parts."""
+    from fedtune.rounds import intents
+    from fedtune.storage.s3 import Bucket
+
+    started, start = [], Bucket.start_multipart
+    monkeypatch.setattr(intents, "MULTIPART_THRESHOLD", 0)
+    monkeypatch.setattr(Bucket, "start_multipart", lambda self, key, *a: started.append(key) or start(self, key, *a))
+    st, out = run_local(job_yaml(tiny_seq_cls, toy_data, strategy={"name": "fedadam"}), tmp_path / "run")
+    assert st.phase == "Succeeded", out
+    assert st.adapter_bytes > 0 and st.server_state_sha256
+    objects = sorted(key.split("/", 2)[2] for key in started)  # fedtune/<job>/<object>
+    assert objects == [
+        "global/1.safetensors",
+        "global/1.state.safetensors",
+        "global/2.safetensors",
+        "global/2.state.safetensors",
+        *["round-1/update.safetensors"] * 2,
+        *["round-2/update.safetensors"] * 2,
+    ]
+
+
 @pytest.mark.parametrize(
     "strategy,lora_mode,peft",
     [

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 from fedtune.api.job import ModelSpec
 from fedtune.api.mailbox import FileMailbox
-from fedtune.api.protocol import Download, TrainerReceipt, TrainerTicket
+from fedtune.api.protocol import Download, TrainerReceipt, TrainerTicket, Upload
 from fedtune.api.status import utcnow
 from fedtune_trainer.adapters import from_bytes
 from fedtune_trainer.models import fingerprint, load_base_model
@@ -71,7 +71,7 @@ def test_init_train_eval_rounds(s3world, tiny, caplog):
     init = handle(w.ticket("init", 0, adapter_config_out=config_out), rt)
     assert init.ok, init.error
     global0 = w.bucket.get_bytes(w.key(0, "update.safetensors"))
-    assert init.sha256 == hashlib.sha256(global0).hexdigest()
+    assert init.sha256 == hashlib.sha256(global0).hexdigest() and init.update_bytes == len(global0)
     assert init.base_model_fingerprint == rt.fingerprint and len(rt.fingerprint) == 64
     assert (init.num_samples, init.num_eval_samples) == (48, 16)
     adapter_config = json.loads(w.bucket.get_bytes(f"{w.job}/adapter_config.json"))
@@ -82,14 +82,17 @@ def test_init_train_eval_rounds(s3world, tiny, caplog):
     first = handle(w.ticket("train", 1, w.key(0, "update.safetensors")), rt)
     assert first.ok, first.error
     update1 = w.bucket.get_bytes(w.key(1, "update.safetensors"))
-    assert first.sha256 == hashlib.sha256(update1).hexdigest() and first.bytes_up == len(update1)
+    assert first.sha256 == hashlib.sha256(update1).hexdigest() and first.bytes_up == first.update_bytes == len(update1)
     assert first.bytes_down == len(global0), "data was read at init and must come from the cache"
     assert first.num_samples == 48 and first.num_eval_samples == 16
     assert first.metrics.train_loss is not None and first.timings.train_seconds > 0
     assert set(from_bytes(update1)) == set(from_bytes(global0)) and update1 != global0
 
-    second = handle(w.ticket("train", 2, w.key(1, "update.safetensors")), rt)
+    # A multipart upload (what the control plane mints for large adapters): this small one fits one part.
+    parts = w.bucket.start_multipart(w.key(2, "update.safetensors"), 2, 5 * 1024 * 1024, TTL)
+    second = handle(w.ticket("train", 2, w.key(1, "update.safetensors"), update_out=Upload(multipart=parts)), rt)
     assert second.ok, second.error
+    assert second.sha256 == hashlib.sha256(w.bucket.get_bytes(w.key(2, "update.safetensors"))).hexdigest()
     # Round 2's eval metrics describe the adapter received (round 1's update): it learnt the task.
     assert second.metrics.eval_loss < first.metrics.eval_loss
     assert second.metrics.eval_accuracy > first.metrics.eval_accuracy

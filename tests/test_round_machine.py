@@ -66,6 +66,7 @@ class Sim:
                 num_samples=10 * (1 + "abcdefgh".index(short)),
                 num_eval_samples=10,
                 sha256=f"sha-{short}-{it.round}" if it.kind in ("train", "init") else None,
+                update_bytes=90 if it.kind in ("train", "init") else None,
                 base_model_fingerprint=self.fingerprint.get(short, FP),
                 metrics=Metrics(train_loss=1.0 / (it.round + 1), eval_accuracy=acc, eval_loss=1 - acc),
                 bytes_up=100,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedtune.api.methods import STRATEGIES
+from fedtune.api.methods import SERVER_STATE_COPIES, STRATEGIES
 from fedtune_trainer.strategies import REGISTRY, aggregate_round, make_strategy, weighted_mean
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -18,6 +18,8 @@ def test_registry_matches_methods_table():
     assert set(REGISTRY) == set(STRATEGIES)
     for name, cls in REGISTRY.items():
         assert cls.name == name
+        # the control plane sizes the server state's upload from this table
+        assert SERVER_STATE_COPIES.get(name, 0) == len(cls.state_prefixes), name
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))

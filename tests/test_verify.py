@@ -1,13 +1,15 @@
-"""Verification of untrusted update bytes before aggregation."""
+"""Verification of untrusted update bytes before aggregation, in memory and as downloaded files."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import pickle
 
 import pytest
 import torch
+from fedtune_trainer.tensorfile import Spec, TensorFile
 from fedtune_trainer.verify import UpdateRejected, load_verified
 from safetensors.torch import save
 
@@ -25,24 +27,24 @@ def blob(tensors: dict[str, torch.Tensor]) -> tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()
 
 
-def check(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def check(load, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     data, sha = blob(tensors)
-    return load_verified(data, sha, reference(), source="update from alice")
+    return load(data, sha, reference(), source="update from alice")
 
 
-def test_a_good_update_loads():
+def test_a_good_update_loads(load_update):
     good = {k: torch.randn(v.shape) for k, v in reference().items()}
-    got = check(good)
+    got = check(load_update, good)
     assert set(got) == set(good)
     assert all(torch.equal(got[k], good[k]) for k in good)
 
 
-def test_tampered_bytes_fail_the_hash():
+def test_tampered_bytes_fail_the_hash(load_update):
     data, sha = blob(reference())
     tampered = bytearray(data)
     tampered[-1] ^= 0x01
     with pytest.raises(UpdateRejected, match=f"update from alice: sha256 mismatch: expected {sha[:12]}"):
-        load_verified(bytes(tampered), sha, reference(), source="update from alice")
+        load_update(bytes(tampered), sha, reference(), source="update from alice")
 
 
 def with_value(value: float, count: int = 1) -> dict[str, torch.Tensor]:
@@ -78,19 +80,19 @@ def with_value(value: float, count: int = 1) -> dict[str, torch.Tensor]:
     ],
     ids=["nan", "inf", "-inf", "shape", "dtype", "missing", "extra", "foreign"],
 )
-def test_bad_contents_are_named(tensors, message):
+def test_bad_contents_are_named(load_update, tensors, message):
     if not message.startswith("3 tensor"):
         message = message.replace("(", r"\(").replace(")", r"\)")
     with pytest.raises(UpdateRejected, match=message):
-        check(tensors)
+        check(load_update, tensors)
 
 
-def test_empty_updates_are_refused():
+def test_empty_updates_are_refused(load_update):
     with pytest.raises(UpdateRejected, match="empty"):
-        load_verified(b"", None, None)
+        load_update(b"", None, None)
     data, sha = blob({})
     with pytest.raises(UpdateRejected, match="holds no tensors"):
-        load_verified(data, sha, None)
+        load_update(data, sha, None)
 
 
 GARBAGE = [
@@ -101,9 +103,9 @@ GARBAGE = [
 
 
 @pytest.mark.parametrize("garbage", GARBAGE)
-def test_garbage_is_not_safetensors(garbage):
+def test_garbage_is_not_safetensors(load_update, garbage):
     with pytest.raises(UpdateRejected, match="update from bob: not a valid safetensors file"):
-        load_verified(garbage, hashlib.sha256(garbage).hexdigest(), reference(), source="update from bob")
+        load_update(garbage, hashlib.sha256(garbage).hexdigest(), reference(), source="update from bob")
 
 
 class _Bomb:
@@ -117,7 +119,7 @@ class _Bomb:
 
 
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
-def test_pickle_payload_is_refused_and_never_executed(tmp_path, protocol):
+def test_pickle_payload_is_refused_and_never_executed(load_update, tmp_path, protocol):
     marker = tmp_path / "pwned"
     payload = pickle.dumps({A: _Bomb(str(marker))}, protocol=protocol)
     # Sanity: the payload really is armed.
@@ -126,25 +128,47 @@ def test_pickle_payload_is_refused_and_never_executed(tmp_path, protocol):
     os.remove(marker)
 
     with pytest.raises(UpdateRejected, match="not a valid safetensors file"):
-        load_verified(payload, hashlib.sha256(payload).hexdigest(), reference(), source="update from mallory")
+        load_update(payload, hashlib.sha256(payload).hexdigest(), reference(), source="update from mallory")
     assert not marker.exists()
 
 
-def test_torch_save_zip_is_refused(tmp_path):
+def test_torch_save_zip_is_refused(load_update, tmp_path):
     # torch.save's format is pickle inside a zip: it must not be accepted either.
     path = tmp_path / "update.pt"
     torch.save(reference(), path)
     data = path.read_bytes()
     with pytest.raises(UpdateRejected, match="not a valid safetensors file"):
-        load_verified(data, hashlib.sha256(data).hexdigest(), reference())
+        load_update(data, hashlib.sha256(data).hexdigest(), reference())
 
 
-def test_without_reference_only_integrity_and_finiteness_are_checked():
+def test_without_reference_only_integrity_and_finiteness_are_checked(load_update):
     data, sha = blob({"anything": torch.ones(2)})
-    assert set(load_verified(data, sha, None)) == {"anything"}
+    assert set(load_update(data, sha, None)) == {"anything"}
     data, sha = blob({"anything": torch.tensor([1.0, float("nan")])})
     with pytest.raises(UpdateRejected, match="global adapter: tensor anything holds 1 NaN"):
-        load_verified(data, sha, None, source="global adapter")
+        load_update(data, sha, None, source="global adapter")
+
+
+def _mapped(path) -> bool:
+    with open("/proc/self/maps") as maps:
+        return any(line.rstrip().endswith(str(path)) for line in maps)
+
+
+def test_a_tensor_file_knows_its_tensors_from_the_header_and_maps_the_file_only_while_a_tensor_lives(tmp_path):
+    data, _ = blob({A: torch.randn(8, 32), HEAD: torch.arange(3, dtype=torch.int64)})
+    path = tmp_path / "update.safetensors"
+    path.write_bytes(data)
+    tensors = TensorFile(path)
+    assert tensors.specs == {A: Spec((8, 32), torch.float32), HEAD: Spec((3,), torch.int64)}
+    assert set(tensors) == {A, HEAD} and len(tensors) == 2 and B not in tensors
+    assert not _mapped(path)  # reading the header leaves nothing mapped
+    value = tensors[A]
+    assert torch.equal(value, load_verified(data, None, None)[A])
+    del value
+    gc.collect()
+    assert not _mapped(path)  # so P open updates do not pile up in memory
+    with pytest.raises(KeyError):
+        tensors[B]
 
 
 def test_rejection_is_a_value_error():

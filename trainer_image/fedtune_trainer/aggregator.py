@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import logging
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
 from fedtune.api.mailbox import POLL_SECONDS, ticket_id
-from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket
+from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket, Download
 from fedtune.api.status import utcnow
 from pydantic import ValidationError
 from safetensors.torch import save as save_safetensors
 
 from fedtune_trainer import transfer
 from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox
-from fedtune_trainer.strategies import aggregate_round, make_strategy
-from fedtune_trainer.verify import UpdateRejected, load_verified
+from fedtune_trainer.strategies import Strategy, aggregate_round, make_strategy
+from fedtune_trainer.tensorfile import TensorFile
+from fedtune_trainer.verify import UpdateRejected, open_verified
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +37,13 @@ def serialise(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
 
 
-def _fetch(url: str, receipt: AggregatorReceipt) -> bytes:
-    # The hash is checked by load_verified, which words a mismatch for the receipt.
-    data = transfer.get(url)
-    receipt.bytes_down += len(data)
-    return data
+def _fetch_verified(
+    download: Download, path: Path, reference: TensorFile | None, receipt: AggregatorReceipt, source: str
+) -> TensorFile:
+    """Stream `download` to `path` and open it verified (open_verified words a hash mismatch for the receipt)."""
+    digest, size = transfer.get_to_file(download.url, path)
+    receipt.bytes_down += size
+    return open_verified(path, digest, download.sha256, reference, source=source)
 
 
 def _describe(exc: Exception) -> str:
@@ -49,10 +54,14 @@ def _describe(exc: Exception) -> str:
 
 
 def _collect_updates(
-    ticket: AggregatorTicket, global_prev: dict[str, torch.Tensor], receipt: AggregatorReceipt
-) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
-    """Download and verify each update; refusals go to receipt.rejected, the round goes on."""
-    tensors: list[dict[str, torch.Tensor]] = []
+    ticket: AggregatorTicket, global_prev: TensorFile, workdir: Path, receipt: AggregatorReceipt
+) -> tuple[list[TensorFile], list[float]]:
+    """Download each update to `workdir` and verify it; refusals go to receipt.rejected, the round goes on.
+
+    Accepted updates stay on disk and are read one tensor at a time by the strategies, so memory
+    does not grow with the number of parties.
+    """
+    tensors: list[TensorFile] = []
     weights: list[float] = []
     seen: set[str] = set()
     updates = []
@@ -63,13 +72,14 @@ def _collect_updates(
         seen.add(upd.party)
         updates.append(upd)
 
+    paths = [workdir / f"update-{i}.safetensors" for i in range(len(updates))]  # party names hold "/"
     with ThreadPoolExecutor(max_workers=min(8, len(updates) or 1)) as pool:  # downloads overlap; checks do not
-        downloads = [pool.submit(transfer.get, upd.url) for upd in updates]
-    for upd, download in zip(updates, downloads):
+        downloads = [pool.submit(transfer.get_to_file, upd.url, path) for upd, path in zip(updates, paths)]
+    for upd, path, download in zip(updates, paths, downloads):
         try:
-            data = download.result()
-            receipt.bytes_down += len(data)  # counted here, in one thread
-            tensors.append(load_verified(data, upd.sha256, global_prev, source=f"update from {upd.party}"))
+            digest, size = download.result()
+            receipt.bytes_down += size  # counted here, in one thread
+            tensors.append(open_verified(path, digest, upd.sha256, global_prev, source=f"update from {upd.party}"))
         except UpdateRejected as exc:
             reason = str(exc)
         except transfer.TransferError as exc:
@@ -90,17 +100,20 @@ def _aggregate(ticket: AggregatorTicket, receipt: AggregatorReceipt) -> None:
         raise ValueError("aggregate ticket has no globalIn: there is no previous global adapter to start from")
     if ticket.global_out is None:
         raise ValueError("aggregate ticket has no globalOut: nowhere to upload the new global adapter")
+    # Every object goes to disk and is read a tensor at a time; the directory goes with the round.
+    with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
+        _aggregate_in(ticket, strategy, Path(tmp), receipt)
 
-    global_prev = load_verified(
-        _fetch(ticket.global_in.url, receipt), ticket.global_in.sha256, None, source="global adapter (globalIn)"
+
+def _aggregate_in(ticket: AggregatorTicket, strategy: Strategy, workdir: Path, receipt: AggregatorReceipt) -> None:
+    global_prev = _fetch_verified(
+        ticket.global_in, workdir / "global.safetensors", None, receipt, "global adapter (globalIn)"
     )
     if ticket.state_in is not None:
-        state = load_verified(
-            _fetch(ticket.state_in.url, receipt), ticket.state_in.sha256, None, source="server state (stateIn)"
-        )
+        state = _fetch_verified(ticket.state_in, workdir / "state.safetensors", None, receipt, "server state (stateIn)")
         strategy.load_state_dict(state)
 
-    updates, weights = _collect_updates(ticket, global_prev, receipt)
+    updates, weights = _collect_updates(ticket, global_prev, workdir, receipt)
     needed = max(1, ticket.min_updates)
     if len(updates) < needed:
         why = f"; rejected: {'; '.join(receipt.rejected.values())}" if receipt.rejected else ""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Container, Iterable, Mapping
 
 import torch
 from safetensors.torch import save as save_safetensors
@@ -95,6 +95,55 @@ def mode_of(metadata: Mapping[str, str]) -> str:
     return mode
 
 
+def payload_names(names: Iterable[str], mode: str) -> list[str]:
+    """The tensor names a file compressed with `mode` decodes to: int8 scales fold into their tensors.
+
+    Raises CompressionError for a scale without its quantised tensor.
+    """
+    names = list(names)
+    if mode != "int8":
+        return names
+    scaled = {n[: -len(SCALE_SUFFIX)] for n in names if n.endswith(SCALE_SUFFIX)}
+    orphans = sorted(scaled - set(names))
+    if orphans:
+        raise CompressionError(f"int8 scale {orphans[0]}{SCALE_SUFFIX} has no quantised tensor {orphans[0]}")
+    return [n for n in names if not n.endswith(SCALE_SUFFIX)]
+
+
+def _target(name: str, dtypes: Mapping[str, torch.dtype] | None) -> torch.dtype:
+    # The global adapter's dtype; float32 for names it lacks (which verification then refuses anyway).
+    want = (dtypes or {}).get(name, torch.float32)
+    return want if want.is_floating_point else torch.float32
+
+
+def decoded_dtype(
+    name: str, stored: torch.dtype, names: Container[str], mode: str, dtypes: Mapping[str, torch.dtype] | None
+) -> torch.dtype:
+    """The dtype `decode_tensor` gives tensor `name`, stored as `stored` among `names` (no data read)."""
+    if mode == "none":
+        return stored
+    if stored.is_floating_point or (mode == "int8" and name + SCALE_SUFFIX in names):
+        return _target(name, dtypes)
+    return stored
+
+
+def decode_tensor(
+    name: str, stored: Mapping[str, torch.Tensor], mode: str, dtypes: Mapping[str, torch.dtype] | None = None
+) -> torch.Tensor:
+    """Full-precision tensor `name` of a file compressed with `mode`, whose tensors `stored` holds.
+
+    Reads `name` (and its int8 scale) only, so a lazily loaded file is decoded one tensor at a time.
+    """
+    t = stored[name]
+    if mode == "none":
+        return t
+    if mode == "int8" and name + SCALE_SUFFIX in stored:
+        return _dequantize(name, t, stored[name + SCALE_SUFFIX]).to(_target(name, dtypes))
+    if t.is_floating_point():
+        return t.to(_target(name, dtypes))
+    return t  # integer tensors travel as they are
+
+
 def decode(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
@@ -107,29 +156,7 @@ def decode(
     are returned unchanged. Raises CompressionError for an inconsistent int8 encoding.
     """
     mode = mode_of(metadata)
-    if mode == "none":
-        return dict(tensors)
-    dtypes = dtypes or {}
-
-    def target(name: str) -> torch.dtype:
-        want = dtypes.get(name, torch.float32)
-        return want if want.is_floating_point else torch.float32
-
-    out: dict[str, torch.Tensor] = {}
-    scales = {k[: -len(SCALE_SUFFIX)]: v for k, v in tensors.items() if mode == "int8" and k.endswith(SCALE_SUFFIX)}
-    for name, t in tensors.items():
-        if name.endswith(SCALE_SUFFIX) and mode == "int8":
-            continue
-        if name in scales:
-            out[name] = _dequantize(name, t, scales[name]).to(target(name))
-        elif t.is_floating_point():
-            out[name] = t.to(target(name))
-        else:
-            out[name] = t  # integer tensors travel as they are
-    orphans = sorted(set(scales) - set(tensors))
-    if orphans:
-        raise CompressionError(f"int8 scale {orphans[0]}{SCALE_SUFFIX} has no quantised tensor {orphans[0]}")
-    return out
+    return {name: decode_tensor(name, tensors, mode, dtypes) for name in payload_names(tensors, mode)}
 
 
 def _dequantize(name: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

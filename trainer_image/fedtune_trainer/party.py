@@ -16,7 +16,7 @@ from typing import Any
 
 from fedtune.api import cpu_slots
 from fedtune.api.mailbox import POLL_SECONDS, ticket_id
-from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket
+from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket, Upload
 from fedtune.api.status import Metrics, utcnow
 from pydantic import ValidationError
 
@@ -135,9 +135,9 @@ def _evaluate(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) 
     return metrics
 
 
-def _upload(url: str, data: bytes, receipt: TrainerReceipt) -> str:
+def _upload(target: str | Upload, data: bytes, receipt: TrainerReceipt) -> str:
     start = time.perf_counter()
-    digest = transfer.put(url, data)
+    digest = transfer.put(target, data)  # in parts when the control plane made it a multipart upload
     receipt.bytes_up += len(data)
     receipt.timings.upload_seconds += time.perf_counter() - start
     return digest
@@ -152,7 +152,8 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> N
     if ticket.eval_data is not None:
         receipt.num_eval_samples = len(rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt))
     if ticket.update_out:
-        receipt.sha256 = _upload(ticket.update_out, to_bytes(rt.initial), receipt)
+        initial = to_bytes(rt.initial)
+        receipt.sha256, receipt.update_bytes = _upload(ticket.update_out, initial, receipt), len(initial)
     if ticket.adapter_config_out:
         _upload(ticket.adapter_config_out, adapter_config_json(rt.model, ticket.config.model.portable_name), receipt)
     log.info("[%s] initialised: base model %s", ticket.party, rt.fingerprint[:12])
@@ -175,7 +176,7 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> 
     metrics.train_loss = result.train_loss
     receipt.metrics, receipt.num_samples = metrics, result.num_samples
     receipt.timings.train_seconds = result.seconds
-    receipt.sha256 = _upload(ticket.update_out, update, receipt)
+    receipt.sha256, receipt.update_bytes = _upload(ticket.update_out, update, receipt), len(update)
     log.info(
         "[%s] round %d: global eval_loss=%s accuracy=%s | local train_loss=%.4f on %d examples in %.1fs",
         ticket.party,

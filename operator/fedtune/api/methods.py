@@ -97,6 +97,10 @@ STRATEGIES: dict[str, dict[str, Param]] = {
     },
 }
 
+# How many adapter-sized tensors of server state each strategy keeps between rounds (FedOpt's m
+# and v, FedAvgM's momentum); the control plane sizes the state upload from it. Unlisted: none.
+SERVER_STATE_COPIES: dict[str, int] = {"fedadam": 2, "fedyogi": 2, "fedadagrad": 1, "fedavgm": 1}
+
 
 def strategy_params(name: str, given: dict[str, float]) -> dict[str, float]:
     """All parameters of strategy `name` with defaults filled in. Raises ValueError on bad input."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from fedtune.api.base import ApiModel
 from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
@@ -26,6 +26,46 @@ class Download(ApiModel):
 
     url: str
     sha256: str | None = None
+
+
+class Multipart(ApiModel):
+    """An S3 multipart upload the control plane started: a presigned URL per part, one to complete it.
+
+    The pod PUTs part n (1-based) of its data to part_urls[n-1], collects the ETags and POSTs them
+    to complete_url. Parts are part_size bytes, the last shorter; a pod with more data than
+    part_size × len(part_urls) uses larger parts (presigned part URLs do not sign the body size).
+    """
+
+    upload_id: str = Field(description="The upload's id (already in every URL; for logs and errors).")
+    part_size: int = Field(ge=5 * 1024 * 1024, description="Bytes per part; S3 refuses smaller parts but the last.")
+    part_urls: list[str] = Field(min_length=1, max_length=10_000, description="Presigned UploadPart URLs, part 1 on.")
+    complete_url: str = Field(description="Presigned CompleteMultipartUpload URL (POST).")
+
+
+class Upload(ApiModel):
+    """Where a pod uploads one object: a single presigned PUT, or a multipart upload for large ones.
+
+    A single PUT travels as a plain URL string, as tickets always carried it, so old and new
+    tickets read the same; a multipart upload travels as {"multipart": {...}}.
+    """
+
+    url: str | None = Field(None, description="Presigned PUT URL (single request).")
+    multipart: Multipart | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, data: object) -> object:
+        return {"url": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Upload:
+        if (self.url is None) == (self.multipart is None):
+            raise ValueError("an upload has either a url or a multipart upload, not both or neither")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_url(self, handler: SerializerFunctionWrapHandler) -> object:
+        return self.url if self.multipart is None else handler(self)
 
 
 class TrainerConfig(ApiModel):
@@ -56,7 +96,7 @@ class TrainerTicket(ApiModel):
     train_data: Download | None = None
     eval_data: Download | None = None
     global_in: Download | None = Field(None, description="Global adapter of the previous round.")
-    update_out: str | None = Field(None, description="PUT URL for this party's update (or global 0 on init).")
+    update_out: Upload | None = Field(None, description="Where this party's update goes (or global 0 on init).")
     adapter_config_out: str | None = Field(None, description="PUT URL for adapter_config.json (init only).")
     receipt_out: str | None = Field(None, description="PUT URL for a copy of the receipt in the party bucket.")
 
@@ -90,6 +130,7 @@ class TrainerReceipt(ApiModel):
         description="eval* of the received global adapter (before local training); trainLoss of local training.",
     )
     sha256: str | None = Field(None, description="sha256 of the uploaded update (or of global 0 on init).")
+    update_bytes: int | None = Field(None, description="Size of the uploaded update (or of global 0 on init).")
     bytes_up: int = 0
     bytes_down: int = 0
     base_model_fingerprint: str | None = None
@@ -129,8 +170,8 @@ class AggregatorTicket(ApiModel):
     global_in: Download | None = None
     state_in: Download | None = Field(None, description="Server optimiser state of the previous round.")
     updates: list[UpdateIn] = Field(default_factory=list)
-    global_out: str | None = None
-    state_out: str | None = None
+    global_out: Upload | None = None
+    state_out: Upload | None = None
     receipt_out: str | None = None
 
     @property

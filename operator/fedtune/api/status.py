@@ -104,6 +104,9 @@ class FederatedJobStatus(ApiModel):
     last_metric: str | None = Field(None, description="Last round's evaluation metric, for printer columns.")
     base_model_fingerprint: str | None = Field(None, description="Base-model fingerprint all parties must share.")
     global_sha256: str | None = Field(None, description="sha256 of the current global adapter.")
+    adapter_bytes: int | None = Field(
+        None, description="Size of the global adapter in bytes (from init); large ones travel in parts."
+    )
     final_adapter: str | None = Field(None, description="s3:// URI of the final adapter (PEFT layout).")
     aggregator_restarts: int = Field(0, description="Times the operator recreated the aggregator pod.")
     aggregator_retry_at: datetime | None = Field(None, description="Earliest time a failed aggregator is recreated.")

@@ -1,8 +1,10 @@
 """What every mailbox should hold, derived from the status alone, and the tickets that say it.
 
 `trainer_intents` / `aggregator_intent` are pure. `build_*_ticket` turn an intent into a wire
-ticket with presigned URLs through a `Signer` (presigning is local crypto, no network), so the
-same code serves local mode and the operator. URLs expire shortly after the stage's deadline.
+ticket with presigned URLs through a `Signer`, so the same code serves local mode and the
+operator. Presigning is local crypto, no network; only adapters above MULTIPART_THRESHOLD cost
+requests to the store (starting their multipart uploads). URLs expire shortly after the stage's
+deadline.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ from datetime import datetime
 from typing import Protocol
 
 from fedtune.api.job import FederatedJob
+from fedtune.api.methods import SERVER_STATE_COPIES
 from fedtune.api.party import Party
-from fedtune.api.protocol import AggregatorTicket, Download, TrainerConfig, TrainerTicket, UpdateIn
+from fedtune.api.protocol import AggregatorTicket, Download, Multipart, TrainerConfig, TrainerTicket, UpdateIn, Upload
 from fedtune.api.status import FederatedJobStatus
 from fedtune.rounds.machine import active, designated_initialiser, evaluator_task
 from fedtune.storage import layout
 
 COORDINATOR = "coordinator"
 URL_GRACE_SECONDS = 120  # uploads that start just before the deadline may still finish
+# Objects expected above the threshold go up in parts, each retried alone: a dropped connection
+# costs one part, not the whole adapter. S3 wants parts of at least 5 MiB and at most 10,000 of them.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+PART_SIZE = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class Signer(Protocol):
     def presign_get(self, owner: str, key: str, expires_s: int) -> str: ...
 
     def presign_put(self, owner: str, key: str, expires_s: int) -> str: ...
+
+    def start_multipart(self, owner: str, key: str, parts: int, part_size: int, expires_s: int) -> Multipart: ...
 
 
 def trainer_intents(job: FederatedJob, st: FederatedJobStatus) -> dict[str, TrainerIntent]:
@@ -107,6 +116,18 @@ def url_ttl(deadline: datetime, now: datetime) -> int:
     return max(60, int((deadline - now).total_seconds()) + URL_GRACE_SECONDS)
 
 
+def upload_target(signer: Signer, owner: str, key: str, ttl: int, expected_bytes: int | None) -> Upload:
+    """A single presigned PUT, or a multipart upload when the object is expected above MULTIPART_THRESHOLD.
+
+    The part count has one spare part: an update's header may be a little larger than the global
+    adapter's it was sized from (and a pod with still more data uses larger parts).
+    """
+    if expected_bytes is None or expected_bytes <= MULTIPART_THRESHOLD:
+        return Upload(url=signer.presign_put(owner, key, ttl))
+    parts = -(-expected_bytes // PART_SIZE) + 1
+    return Upload(multipart=signer.start_multipart(owner, key, parts, PART_SIZE, ttl))
+
+
 def build_trainer_ticket(
     job: FederatedJob,
     intent: TrainerIntent,
@@ -139,8 +160,8 @@ def build_trainer_ticket(
     if intent.kind in ("init", "train") and party.key != job.evaluator_key:
         t.train_data = Download(url=signer.presign_get(owner, party.spec.data.train_key, ttl))
     if intent.kind == "init":
-        if intent.upload_global0:
-            t.update_out = signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl)
+        if intent.upload_global0:  # its size is not known yet: a single PUT
+            t.update_out = Upload(url=signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl))
             t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)
         return t
     # A train ticket of round r starts from global r-1; an eval ticket reads the global of its round
@@ -150,7 +171,7 @@ def build_trainer_ticket(
         url=signer.presign_get(COORDINATOR, layout.global_key(uid, global_round), ttl), sha256=st.global_sha256
     )
     if intent.kind == "train":
-        t.update_out = signer.presign_put(owner, layout.update_key(uid, intent.round), ttl)
+        t.update_out = upload_target(signer, owner, layout.update_key(uid, intent.round), ttl, st.adapter_bytes)
         t.receipt_out = signer.presign_put(owner, layout.party_receipt_key(uid, intent.round), ttl)
     return t
 
@@ -177,7 +198,10 @@ def build_aggregator_ticket(
         UpdateIn(party=p, url=signer.presign_get(p, layout.update_key(uid, rnd), ttl), sha256=sha, num_samples=n)
         for p, sha, n in intent.updates
     ]
-    t.global_out = signer.presign_put(COORDINATOR, layout.global_key(uid, rnd), ttl)
-    t.state_out = signer.presign_put(COORDINATOR, layout.state_key(uid, rnd), ttl)
+    size = st.adapter_bytes
+    t.global_out = upload_target(signer, COORDINATOR, layout.global_key(uid, rnd), ttl, size)
+    # Stateless strategies get a single (unused) PUT URL: an unused multipart upload would linger.
+    state_size = size * SERVER_STATE_COPIES.get(spec.strategy.name, 0) if size else None
+    t.state_out = upload_target(signer, COORDINATOR, layout.state_key(uid, rnd), ttl, state_size)
     t.receipt_out = signer.presign_put(COORDINATOR, layout.global_receipt_key(uid, rnd), ttl)
     return t

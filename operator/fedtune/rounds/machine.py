@@ -132,7 +132,7 @@ def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: l
         if r.ok:
             p.state, p.message = "Ready", ""
             if p.name == first:
-                st.global_sha256 = r.sha256
+                st.global_sha256, st.adapter_bytes = r.sha256, r.update_bytes
                 st.base_model_fingerprint = r.base_model_fingerprint
                 p.message = "uploaded the initial adapter"
             p.fingerprint = r.base_model_fingerprint  # compared below once the reference is known

@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from fedtune.api.party import StorageSpec
+from fedtune.api.protocol import Multipart
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +231,45 @@ class Bucket:
         """A URL that lets its holder PUT exactly this object until it expires."""
         return self._presign("put_object", key, expires_s)
 
-    def _presign(self, op: str, key: str, expires_s: int) -> str:
+    def _presign(self, op: str, key: str, expires_s: int, **params: Any) -> str:
         # Signing is local: nothing is sent, so only malformed input can fail here.
         return self._call(
             "presign",
             key,
             lambda: self._client.generate_presigned_url(
-                op, Params={"Bucket": self.name, "Key": key}, ExpiresIn=clamp_expiry(expires_s)
+                op, Params={"Bucket": self.name, "Key": key, **params}, ExpiresIn=clamp_expiry(expires_s)
             ),
         )
+
+    def start_multipart(self, key: str, parts: int, part_size: int, expires_s: int) -> Multipart:
+        """Start a multipart upload of `key` and presign its `parts` part URLs and its completion.
+
+        Uploads of `key` left unfinished by an earlier ticket (a retried round) are aborted first,
+        so their parts stop taking space. Unlike presigning, this talks to the store.
+        """
+        self._abort_unfinished(key)
+        started = self._call(
+            "start a multipart upload of",
+            key,
+            lambda: self._client.create_multipart_upload(Bucket=self.name, Key=key),
+        )
+        upload_id = started["UploadId"]
+        urls = [
+            self._presign("upload_part", key, expires_s, UploadId=upload_id, PartNumber=n) for n in range(1, parts + 1)
+        ]
+        complete = self._presign("complete_multipart_upload", key, expires_s, UploadId=upload_id)
+        return Multipart(upload_id=upload_id, part_size=part_size, part_urls=urls, complete_url=complete)
+
+    def _abort_unfinished(self, key: str) -> None:
+        # Best effort: a store or policy that refuses listing uploads must not stop the round; a
+        # bucket lifecycle rule (AbortIncompleteMultipartUpload) is the backstop (docs/deploy.md).
+        try:
+            listed = self._client.list_multipart_uploads(Bucket=self.name, Prefix=key)
+            for upload in listed.get("Uploads", []):
+                if upload.get("Key") == key:
+                    self._client.abort_multipart_upload(Bucket=self.name, Key=key, UploadId=upload["UploadId"])
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not abort unfinished uploads: %s", self._error(exc, "list uploads of", key))
 
     def put_bytes(self, key: str, data: bytes) -> str:
         """Upload `data` to `key`; returns its sha256 hex digest."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fedtune.api.protocol import Multipart
 from fedtune.storage.s3 import Bucket
 
 
@@ -16,3 +17,6 @@ class BucketSigner:
 
     def presign_put(self, owner: str, key: str, expires_s: int) -> str:
         return self.buckets[owner].presign_put(key, expires_s)
+
+    def start_multipart(self, owner: str, key: str, parts: int, part_size: int, expires_s: int) -> Multipart:
+        return self.buckets[owner].start_multipart(key, parts, part_size, expires_s)

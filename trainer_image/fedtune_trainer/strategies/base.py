@@ -54,7 +54,9 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 
     Floating tensors are accumulated in at least float32 and returned in their own dtype.
     Non-floating tensors (counters and the like) cannot be averaged: they must agree across
-    updates and are passed through.
+    updates and are passed through. Tensors are read key by key and party by party, so updates
+    that load lazily from disk (`tensorfile.TensorFile`) cost one tensor and the running sum
+    in memory, not every update at once.
     """
     if not updates:
         raise ValueError("no updates to average")
@@ -62,21 +64,27 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     first = updates[0]
     for i, upd in enumerate(updates[1:], start=1):
         check_same_keys(first, upd, f"update #{i}")
-    out: Tensors = {}
-    for name, ref in first.items():
-        tensors = [u[name] for u in updates]
-        if any(t.shape != ref.shape for t in tensors):
-            raise ValueError(f"tensor {name} has different shapes across updates")
-        if not ref.is_floating_point():
-            if not all(torch.equal(t, ref) for t in tensors):
+    return {name: _mean_of(name, updates, norm) for name in first}
+
+
+def _mean_of(name: str, updates: Sequence[Mapping[str, torch.Tensor]], norm: Sequence[float]) -> torch.Tensor:
+    ref = updates[0][name]
+    if not ref.is_floating_point():
+        for upd in updates[1:]:
+            t = upd[name]
+            if t.shape != ref.shape:
+                raise ValueError(f"tensor {name} has different shapes across updates")
+            if not torch.equal(t, ref):
                 raise ValueError(f"tensor {name} ({ref.dtype}) differs across updates and cannot be averaged")
-            out[name] = ref.clone()
-            continue
-        acc = torch.zeros(ref.shape, dtype=work_dtype(ref.dtype))
-        for t, w in zip(tensors, norm):
-            acc = acc + t.to(acc.dtype) * w
-        out[name] = acc.to(ref.dtype)
-    return out
+        return ref.clone()
+    acc = torch.zeros(ref.shape, dtype=work_dtype(ref.dtype))
+    acc += ref.to(acc.dtype) * norm[0]
+    for upd, w in zip(updates[1:], norm[1:]):
+        t = upd[name]
+        if t.shape != ref.shape:
+            raise ValueError(f"tensor {name} has different shapes across updates")
+        acc += t.to(acc.dtype) * w
+    return acc.to(ref.dtype)
 
 
 class Strategy:
