@@ -360,9 +360,9 @@ class LocalRun:
             if slot_dir and name in {p.key for p in self.parties}:  # the evaluator's short evals do not queue
                 env[cpu_slots.ENV] = slot_dir
             world = worlds.get(name, 1)
-            if role == "aggregator" or world > 1:  # a party's ranks share its threads, as on Kubernetes
-                threads = "1" if role == "aggregator" else str(max(1, self._threads_per_party // world))
-                env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            # A party's ranks share its threads, as they share the pod's CPUs on Kubernetes.
+            threads = str(1 if role == "aggregator" else max(1, self._threads_per_party // world))
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
             if world > 1:
                 self.progress.say(
                     f"party {name.split('/')[-1]}: {world} ranks under torchrun (compute.gpusPerPod: {world}; "
