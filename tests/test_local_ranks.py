@@ -3,11 +3,14 @@ here), rank 0 alone reads the mailbox and talks to S3, and a rank that dies fail
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +19,7 @@ import psutil
 import pytest
 import yaml
 from fedtune.api.errors import SpecError
+from fedtune.api.launch import pod_command
 from fedtune.documents import parse_documents
 from fedtune.local.runner import LocalRun
 from test_local_run import _processes_mentioning, job_yaml, tiny_seq_cls, toy_data  # noqa: F401  (fixtures)
@@ -115,3 +119,27 @@ def test_zero3_across_ranks_is_refused_before_anything_starts(tiny_seq_cls, toy_
     docs[0]["spec"]["deepspeed"] = {"enabled": True, "zeroStage": 3}
     with pytest.raises(SpecError, match="Party default/alice: deepspeed.zeroStage 3 across several ranks"):
         LocalRun(parse_documents(yaml.safe_dump_all(docs), "j"), tmp_path / "run", out=io.StringIO())
+
+
+def test_ranks_die_with_a_killed_launcher(tmp_path):
+    # torchrun puts each rank in a session of its own; a SIGKILLed launcher (a crashed runner's
+    # pod) must not leave ranks behind, waiting on a mailbox or in a collective.
+    log = tmp_path / "pod.log"
+    command = pod_command("party", str(tmp_path / "box"), world_size=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEDTUNE_NAME": "alice"}
+    with log.open("wb") as out:
+        launcher = subprocess.Popen([sys.executable, *command[1:]], env=env, stdout=out, stderr=subprocess.STDOUT)
+    ranks: list[psutil.Process] = []
+    try:
+        wait_for(lambda: "rank 1 of 2" in log.read_text() and "rank 0 of 2" in log.read_text(), 120, "both ranks")
+        ranks = psutil.Process(launcher.pid).children()
+        assert len(ranks) == 2
+        launcher.kill()
+        launcher.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, f"ranks outlived their launcher: {alive}"
+    finally:
+        launcher.kill()  # a no-op once it was waited for
+        for rank in ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rank.kill()  # psutil checks the pid was not reused
