@@ -160,11 +160,6 @@ class LocalRun:
         self.parties = [docs.parties[k] for k in self.job.party_keys]  # the trainers
         self.evaluator = docs.parties[self.job.evaluator_key] if self.job.evaluator_key else None
         self.members = self.parties + ([self.evaluator] if self.evaluator else [])
-        for party in self.members:  # as the operator checks each trainer pod's resources
-            try:
-                self.job.spec.global_batch(party.spec.compute.gpus_per_pod)
-            except ValueError as exc:
-                raise SpecError(f"Party {party.key}: {exc}") from None
         self.threads = threads
         self.progress = Progress(out)
         self.baseline: float | None = None
