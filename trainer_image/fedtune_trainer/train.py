@@ -52,11 +52,11 @@ def schedule(n: int, cfg: TrainerConfig, seed: int, rnd: int, world: int = 1) ->
     if tr.max_train_samples is not None and tr.max_train_samples < n:
         pool = sorted(shuffled(n, seed, rnd, -1)[: tr.max_train_samples])
     per_epoch = math.ceil(len(pool) / tr.batch_size)
+    acc = tr.gradient_accumulation * world  # micro-batches of one optimizer step, over all ranks
     if tr.local_steps is not None:
         steps = tr.local_steps
     else:
-        steps = max(1, math.ceil((tr.local_epochs or 1.0) * per_epoch / (tr.gradient_accumulation * world)))
-    acc = tr.gradient_accumulation * world
+        steps = max(1, math.ceil((tr.local_epochs or 1.0) * per_epoch / acc))
     micro: list[list[int]] = []
     epoch = 0
     while len(micro) < steps * acc:
