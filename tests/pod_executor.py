@@ -1,7 +1,8 @@
 """Plays the kubelet for operator tests: runs the pods the operator creates as local processes.
 
-Each pod's container command (`python -m fedtune_trainer … --mailbox k8s://ns/secret`) runs with
-the pod's own environment, pointed at the emulated API server, and its phase is reported back
+Each pod's container command (`python -m fedtune_trainer … --mailbox k8s://ns/secret`, or torchrun
+starting one rank per GPU) runs with the pod's own environment, pointed at the emulated API
+server (ranks of a GPU pod train on the CPU with gloo here), and its phase is reported back
 (Running, then Succeeded or Failed). Deleting a pod kills its process. Cache paths that are
 emptyDirs in a real pod are redirected to a temporary directory.
 """

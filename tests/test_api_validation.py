@@ -111,10 +111,13 @@ def test_quickstart_parses_with_defaults():
 
 
 def test_global_batch_checks_world_size():
-    d = parse_documents(with_job(deepspeed={"enabled": True, "trainBatchSize": 32}), "j")
-    assert d.job.spec.global_batch(2) == 32
+    d = parse_documents(with_job(deepspeed={"enabled": True, "trainBatchSize": 16}), "j")
+    assert d.job.spec.global_batch(0) == d.job.spec.global_batch(1) == 16
     with pytest.raises(ValueError, match=r"16 x 1 x 4 = 64"):
         d.job.spec.global_batch(4)
+    # Each party of the file is checked as it is read: the quickstart's CPU parties run one rank each.
+    with pytest.raises(SpecError, match=r"Party default/alice: deepspeed.trainBatchSize \(32\) .* = 16\)"):
+        parse_documents(with_job(deepspeed={"enabled": True, "trainBatchSize": 32}), "j")
 
 
 def test_cli_validate_reports_errors_without_traceback(tmp_path, capsys):

@@ -180,8 +180,14 @@ def test_trainer_pod_runs_the_trainer_against_its_mailbox():
     spec, c = pod["spec"], container(pod)
     assert pod["metadata"]["namespace"] == "org-a" and pod["metadata"]["labels"] == TRAINER.labels
     assert c["image"] == "registry.example/fedtune/trainer:1.2.3"
+    # Two GPUs: one rank per GPU under torchrun, and a rank that dies ends the pod (no restarts in place).
     assert c["command"] == [
         "python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "--max-restarts=0",
         "-m",
         "fedtune_trainer",
         "party",
@@ -199,6 +205,29 @@ def test_trainer_pod_runs_the_trainer_against_its_mailbox():
     assert (
         env["FEDTUNE_WORLD_SIZE"] == "2" and env["FEDTUNE_CACHE"] == CACHE_DIR and env["FEDTUNE_NAME"] == "hospital-a"
     )
+
+
+@pytest.mark.parametrize("deepspeed", [{}, {"enabled": True, "zeroStage": 2}], ids=["torch", "deepspeed"])
+def test_one_rank_per_gpu_with_or_without_deepspeed(deepspeed):
+    for gpus, ranks in ((0, 1), (1, 1), (2, 2), (4, 4)):
+        ctx = trainer_context(make_job(deepspeed=deepspeed), make_party({"gpusPerPod": gpus, "cpu": "8"}))
+        command = container(build_trainer_pod(ctx))["command"]
+        env = {e["name"]: e["value"] for e in container(build_trainer_pod(ctx))["env"]}
+        assert ctx.resources.world_size == ranks and env["FEDTUNE_WORLD_SIZE"] == str(ranks)
+        assert env["OMP_NUM_THREADS"] == str(8 // ranks), "the pod's CPUs are shared by its ranks"
+        if ranks == 1:
+            assert command == ["python", "-m", "fedtune_trainer", "party", "--mailbox", ctx.names.mailbox_uri]
+        else:
+            assert command[:3] == ["python", "-m", "torch.distributed.run"]
+            assert f"--nproc-per-node={ranks}" in command and "--max-restarts=0" in command
+            assert command[-5:] == ["-m", "fedtune_trainer", "party", "--mailbox", ctx.names.mailbox_uri]
+
+
+def test_zero3_across_ranks_is_refused_when_the_pod_is_built():
+    job = make_job(deepspeed={"enabled": True, "zeroStage": 3})
+    assert trainer_context(job, make_party({"gpusPerPod": 1})).resources.world_size == 1
+    with pytest.raises(ValueError, match="zeroStage 3 across several ranks"):
+        trainer_context(job, make_party({"gpusPerPod": 2}))
 
 
 def test_cpu_trainer_pod_has_no_gpu_placement():

@@ -39,7 +39,7 @@ Z3_BOTH = {"enabled": True, "zeroStage": 3, "offloadOptimizer": True, "offloadPa
 DERIVATION = [
     ("cpu party, no deepspeed", {}, {}, None, "9Gi", "1Gi", 0, 1, 8),
     ("cpu party, zero 0", DS, {"cpu": "4", "memory": "6Gi"}, None, "7Gi", "1Gi", 0, 1, 8),
-    ("gpu without deepspeed: world 1", {}, {"gpusPerPod": 2}, None, "10Gi", "2Gi", 2, 1, 8),
+    ("gpu without deepspeed: one rank per gpu", {}, {"gpusPerPod": 2}, None, "10Gi", "2Gi", 2, 2, 16),
     ("4 gpus zero 0", DS, {"gpusPerPod": 4, "memory": "32Gi"}, None, "36Gi", "4Gi", 4, 4, 32),
     ("zero 1 bf16, no offload", {**DS, "zeroStage": 1, "bf16": True}, {"gpusPerPod": 1}, None, "9Gi", "1Gi", 1, 1, 8),
     ("zero 2 optimizer offload x2 ranks", Z2_OPT, {"gpusPerPod": 2}, None, "14Gi", "2Gi", 2, 2, 16),

@@ -48,6 +48,7 @@ def job_yaml(
     samples=80,
     min_parties=None,
     timeout=120,
+    gpus: dict[str, int] | None = None,
 ) -> str:
     job = {
         "apiVersion": "fedtune.io/v1alpha1",
@@ -71,7 +72,7 @@ def job_yaml(
             "apiVersion": "fedtune.io/v1alpha1",
             "kind": "Party",
             "metadata": {"name": p},
-            "spec": {"storage": {"bucket": f"{p}-data"}},
+            "spec": {"storage": {"bucket": f"{p}-data"}, "compute": {"gpusPerPod": (gpus or {}).get(p, 0)}},
         }
         for p in parties
     ]

@@ -48,11 +48,12 @@ def make_world(
     parties=("alice", "bob"),
     consent=(HUB,),
     gpus=0,
+    node_gpus=0,
     s3_model=False,
     evaluator: str | None = None,
     **job,
 ):
-    """Namespaces, a node, credentials, data in each party's bucket, Parties and a FederatedJob.
+    """Namespaces, a node (with `node_gpus` GPUs), credentials, data in each party's bucket, Parties and a FederatedJob.
 
     `s3_model`: the model files go to the coordinator bucket and the job names them by s3:// URI.
     `evaluator`: one more Party, named as the job's spec.evaluator (its eval split is the held-out set).
@@ -69,7 +70,7 @@ def make_world(
             "apiVersion": "v1",
             "kind": "Node",
             "metadata": {"name": "cpu-1"},
-            "status": {"allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110"}},
+            "status": {"allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": str(node_gpus)}},
         }
     )
     kube.create(_secret(HUB, "hub-s3", s3world.creds("hub")))
@@ -319,3 +320,20 @@ def test_an_evaluator_party_scores_every_global_adapter_on_its_held_out_set(kube
             timeout=30,
             what="the job's children, the evaluator's namespace included, to be deleted",
         )
+
+
+def test_a_two_gpu_party_runs_its_pod_command_as_two_ranks(kube, s3world, tiny_model, tmp_path):
+    # The pod executor runs the container command as it is: torchrun starts two ranks, which train
+    # on the CPU with gloo (no GPU here) exactly as they would on the node's two GPUs.
+    with PodExecutor(kube, tmp_path / "pods"), kube.run_kopf("fedtune.k8s.operator"):
+        make_world(kube, s3world, tiny_model, parties=("alice",), gpus=2, node_gpus=2, rounds=1, minParties=1)
+        kube.wait_for(lambda: status(kube).get("phase") in ("Succeeded", "Failed"), timeout=240, what="the job to end")
+        st = status(kube)
+        (pod,) = kube.list("pods", "org-alice")
+    assert st["phase"] == "Succeeded", st
+    command = pod["spec"]["containers"][0]["command"]
+    assert command[:3] == ["python", "-m", "torch.distributed.run"] and "--nproc-per-node=2" in command
+    log = "".join(p.read_text() for p in (tmp_path / "pods").glob("org-alice--*.log"))
+    assert "alice/rank0 INFO rank 0 of 2" in log and "alice/rank1 INFO rank 1 of 2" in log
+    assert "alice/rank1 INFO [org-alice/alice] rank 1: ticket train-r1-a0 from rank 0" in log
+    assert "rank 1: exit ticket: stopping" in log

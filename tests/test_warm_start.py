@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 from fedtune.api import cpu_slots
+from fedtune.api.launch import pod_command
 from fedtune.api.mailbox import FileMailbox
 from fedtune.api.protocol import TrainerReceipt, TrainerTicket
 from fedtune.api.status import utcnow
@@ -58,7 +59,7 @@ def test_a_forked_pod_starts_with_the_model_the_zygote_loaded(tiny, tmp_path):
     cfg_file.write_text(cfg.model_dump_json(by_alias=True))
     zygote = Zygote(pod_env(), tmp_path / "zygote.log", cfg_file)
     box = FileMailbox(tmp_path / "box")
-    pod = Pod("default/alice", ["party", "--mailbox", str(box.dir)], pod_env(), tmp_path / "alice.log", zygote=zygote)
+    pod = Pod("default/alice", pod_command("party", str(box.dir)), pod_env(), tmp_path / "alice.log", zygote=zygote)
     hidden = tiny[CLS].with_name(tiny[CLS].name + "-moved")
     try:
         pod.start()
@@ -88,7 +89,7 @@ def test_without_a_zygote_a_pod_is_a_plain_process(tmp_path):
     zygote.proc.wait()
     box = FileMailbox(tmp_path / "box")
     box.write_ticket({"kind": "exit", "job": "j1", "party": "default/alice", "round": 0})
-    pod = Pod("default/alice", ["party", "--mailbox", str(box.dir)], pod_env(), tmp_path / "a.log", zygote=zygote)
+    pod = Pod("default/alice", pod_command("party", str(box.dir)), pod_env(), tmp_path / "a.log", zygote=zygote)
     pod.start()
     assert pod.proc is not None  # fell back to its own interpreter
     wait_for(lambda: not pod.alive, what="the pod to exit")

@@ -113,6 +113,12 @@ def parse_documents(text: str, source: str = "<input>", require_parties: bool = 
         if not evaluator_missing:
             if (problem := _test_set_problem(job, parties, datasets[0] if datasets else None)) is not None:
                 problems.append(f"{source}: {problem}")
+        for key in job.member_keys:  # each party's batch and world, as the operator checks its pod's
+            if key in parties:
+                try:
+                    job.spec.global_batch(parties[key].spec.compute.gpus_per_pod)
+                except ValueError as exc:
+                    problems.append(f"{source}: Party {key}: {exc}")
     if problems:
         raise SpecError("\n".join(problems))
     return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None)

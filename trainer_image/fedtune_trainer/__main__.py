@@ -29,9 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--poll", type=float, default=POLL_SECONDS, help="seconds between mailbox checks")
     args = parser.parse_args(argv)
+    name = os.environ.get("FEDTUNE_NAME", args.role)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: every rank writes to the pod's log
+        name += f"/rank{os.environ.get('RANK', '?')}"
     logging.basicConfig(
         level=os.environ.get("FEDTUNE_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s {os.environ.get('FEDTUNE_NAME', args.role)} %(levelname)s %(message)s",
+        format=f"%(asctime)s {name} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     if args.role == "party":

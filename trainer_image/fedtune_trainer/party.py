@@ -2,10 +2,13 @@
 
 The base model is loaded once per job and kept; each train ticket resets the adapter to the
 received global weights, evaluates it on the local eval split, trains, and uploads the update.
+A pod with several ranks (one per GPU, fedtune_trainer.ranks) runs this on each of them: rank 0
+reads the mailbox, downloads, evaluates and uploads; every rank loads the model and trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,13 +18,15 @@ from datetime import UTC
 from typing import Any
 
 from fedtune.api import cpu_slots
+from fedtune.api.job import ZERO3_ACROSS_RANKS
 from fedtune.api.mailbox import POLL_SECONDS, ticket_id
 from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket, Upload
 from fedtune.api.status import Metrics, utcnow
 from pydantic import ValidationError
 
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox
+from fedtune_trainer.mailbox import Mailbox, answers, as_int, deliver, open_mailbox
+from fedtune_trainer.ranks import SOLO, Ranks, from_env
 
 log = logging.getLogger(__name__)
 PRELOADED: PartyRuntime | None = None  # set by the zygote (local mode) before it forks this process
@@ -143,9 +148,11 @@ def _upload(target: str | Upload, data: bytes, receipt: TrainerReceipt) -> str:
     return digest
 
 
-def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
+def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
     from fedtune_trainer.adapters import adapter_config_json, to_bytes
 
+    if not ranks.lead:
+        return  # the model is loaded; the data reaches the other ranks with each train ticket
     # Reading the data now turns a schema mistake into an init failure, not a round-1 failure.
     if ticket.train_data is not None:
         receipt.num_samples = len(rt.examples(ticket.job, ticket.train_data, ticket.config, receipt))
@@ -159,19 +166,38 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> N
     log.info("[%s] initialised: base model %s", ticket.party, rt.fingerprint[:12])
 
 
-def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
+def _fetch_round(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks) -> tuple:
+    """Rank 0: the training examples, and the global adapter loaded (and, for the other ranks, its tensors)."""
     from fedtune_trainer.adapters import adapter_state
+
+    train = rt.examples(ticket.job, ticket.train_data, ticket.config, receipt)
+    _load_global(ticket, rt, receipt)
+    return train, (adapter_state(rt.model) if ranks.world > 1 else None)
+
+
+def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
+    from fedtune_trainer.adapters import adapter_state, load_adapter_state
     from fedtune_trainer.compression import encode
     from fedtune_trainer.train import train_local
 
     cfg = ticket.config
     if ticket.train_data is None or not ticket.update_out:
         raise ValueError("train ticket needs trainData and updateOut")
-    train = rt.examples(ticket.job, ticket.train_data, cfg, receipt)
-    _load_global(ticket, rt, receipt)
-    with cpu_slots.hold():  # local mode: no more parties compute at once than there are cores
-        metrics = _evaluate(ticket, rt, receipt)
-        result = train_local(rt.model, train, cfg, None, cfg.training.seed, ticket.round, rt.tokenizer.pad_token_id)
+    if ranks.world > 1 and cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+        raise ValueError(ZERO3_ACROSS_RANKS)  # the control plane refuses it too
+    train, global_state = ranks.share(lambda: _fetch_round(ticket, rt, receipt, ranks))
+    with ranks.together():
+        if not ranks.lead:
+            load_adapter_state(rt.model, global_state)
+    # Local mode: no more parties compute at once than there are cores; rank 0 queues for its pod.
+    with cpu_slots.hold() if ranks.lead else contextlib.nullcontext():
+        metrics = ranks.share(lambda: _evaluate(ticket, rt, receipt))  # the other ranks wait for it
+        with ranks.lockstep(f"training round {ticket.round}"):
+            result = train_local(
+                rt.model, train, cfg, None, cfg.training.seed, ticket.round, rt.tokenizer.pad_token_id, ranks
+            )
+        if not ranks.lead:
+            return  # every rank holds the same adapter now; rank 0 uploads it
         update = encode(adapter_state(rt.model), cfg.training.update_compression)  # the aggregator decodes it
     metrics.train_loss = result.train_loss
     receipt.metrics, receipt.num_samples = metrics, result.num_samples
@@ -189,7 +215,9 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> 
     )
 
 
-def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
+def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
+    if not ranks.lead:
+        return  # rank 0 evaluates alone
     if ticket.eval_data is None:
         raise ValueError("eval ticket needs evalData")
     rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt)  # download counted before timing eval
@@ -206,6 +234,13 @@ def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> N
     )
 
 
+def _fetch_model(cfg: TrainerConfig) -> None:
+    """Rank 0: download s3:// model files into the pod's cache, where the other ranks then find them."""
+    from fedtune_trainer.models import resolve_source
+
+    resolve_source(cfg.model, cfg.model_files)
+
+
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4f}"
 
@@ -216,19 +251,27 @@ def describe(exc: BaseException) -> str:
     return _URL.sub(lambda m: transfer.redact(m.group(0)), text)
 
 
-def handle(ticket: TrainerTicket, rt: PartyRuntime) -> TrainerReceipt:
-    """Do one ticket's work and say how it went; failures become ok=False receipts, never exceptions."""
+def handle(ticket: TrainerTicket, rt: PartyRuntime, ranks: Ranks = SOLO) -> TrainerReceipt:
+    """Do one ticket's work and say how it went; failures become ok=False receipts, never exceptions.
+
+    With several ranks every rank calls this for the ticket rank 0 handed out, and each rank's
+    receipt but rank 0's is dropped. A failure during training ends the process (Ranks.lockstep).
+    """
     receipt = TrainerReceipt(
         kind=ticket.kind, job=ticket.job, party=ticket.party, round=ticket.round, attempt=ticket.attempt, ok=True
     )
     try:
         if ticket.kind != "exit":
-            deadline = ticket.deadline if ticket.deadline.tzinfo else ticket.deadline.replace(tzinfo=UTC)
-            if utcnow() > deadline:
-                raise TimeoutError(f"ticket {ticket.ticket_id} reached the trainer after its deadline {deadline}")
-            receipt.timings.load_seconds = rt.ensure(ticket.config)
+            with ranks.together():  # every rank fails the ticket, or none: one alone would wait for the others
+                deadline = ticket.deadline if ticket.deadline.tzinfo else ticket.deadline.replace(tzinfo=UTC)
+                if utcnow() > deadline:
+                    raise TimeoutError(f"ticket {ticket.ticket_id} reached the trainer after its deadline {deadline}")
+                if ranks.world > 1 and ranks.lead:
+                    _fetch_model(ticket.config)
+            with ranks.together():
+                receipt.timings.load_seconds = rt.ensure(ticket.config)
             receipt.base_model_fingerprint = rt.fingerprint
-            {"init": _init, "train": _train, "eval": _eval}[ticket.kind](ticket, rt, receipt)
+            {"init": _init, "train": _train, "eval": _eval}[ticket.kind](ticket, rt, receipt, ranks)
     except Exception as exc:  # the control plane decides what a failure means; the pod stays up
         log.error("[%s] %s failed: %s", ticket.party, ticket.ticket_id, describe(exc))
         receipt.ok, receipt.error = False, describe(exc)
@@ -260,7 +303,10 @@ def _configure_threads() -> None:
 
 
 def serve(mailbox_uri: str, poll: float = POLL_SECONDS) -> int:
-    """Answer tickets from the mailbox at `mailbox_uri` until an exit ticket; returns 0."""
+    """Answer tickets from the mailbox at `mailbox_uri` until an exit ticket; returns 0.
+
+    Under torchrun (several ranks) rank 0 does so and the other ranks follow it.
+    """
     _configure_threads()
     try:
         from transformers.utils import logging as hf_logging
@@ -268,13 +314,33 @@ def serve(mailbox_uri: str, poll: float = POLL_SECONDS) -> int:
         hf_logging.disable_progress_bar()  # per-tensor loading bars would drown the round log
     except ImportError:
         pass
-    mailbox, rt = open_mailbox(mailbox_uri), PRELOADED or PartyRuntime()
+    ranks, rt = from_env(), PRELOADED or PartyRuntime()
+    code = _lead(open_mailbox(mailbox_uri), rt, ranks, poll) if ranks.lead else _follow(rt, ranks)
+    ranks.close()
+    return code
+
+
+def _follow(rt: PartyRuntime, ranks: Ranks) -> int:
+    """A rank other than 0: take each ticket rank 0 hands out and do this rank's part, until an exit ticket."""
+    while True:
+        raw = ranks.next_ticket()
+        if raw.get("kind") == "exit":
+            log.info("[%s] rank %d: exit ticket: stopping", raw.get("party", "?"), ranks.rank)
+            return 0
+        ticket = TrainerTicket.model_validate(raw)  # rank 0 validated it already
+        log.info("[%s] rank %d: ticket %s from rank 0", ticket.party, ranks.rank, ticket.ticket_id)
+        handle(ticket, rt, ranks)
+
+
+def _lead(mailbox: Mailbox, rt: PartyRuntime, ranks: Ranks, poll: float) -> int:
+    """Rank 0 (the only rank of a one-process pod): answer tickets from the mailbox until an exit ticket."""
     last: str | None = None
     while True:
         raw = mailbox.wait_ticket(newer_than=last, poll=poll)
         last = ticket_id(raw)
         answered = answers(mailbox.read_receipt(), raw)
         if raw.get("kind") == "exit":
+            ranks.hand_out(raw)
             if not answered:
                 deliver(mailbox, _raw_receipt(raw, ok=True), raw.get("receiptOut"))
             log.info("[%s] exit ticket: stopping", raw.get("party", "?"))
@@ -289,5 +355,6 @@ def serve(mailbox_uri: str, poll: float = POLL_SECONDS) -> int:
             receipt, receipt_out = _raw_receipt(raw, ok=False, error=f"invalid trainer ticket: {problems}"), None
         else:
             log.info("[%s] ticket %s", ticket.party, last)
-            receipt, receipt_out = handle(ticket, rt), ticket.receipt_out
+            ranks.hand_out(raw)
+            receipt, receipt_out = handle(ticket, rt, ranks), ticket.receipt_out
         deliver(mailbox, receipt, receipt_out)

@@ -3,6 +3,11 @@
 Every round starts from the received global adapter with a fresh optimiser: FedAvg and its
 relatives define a round's update relative to the global weights, and optimiser moments from
 an earlier round would drag in state the server never saw.
+
+With several ranks (fedtune_trainer.ranks) an optimizer step's global batch is
+batchSize x gradientAccumulation x world examples: the schedule is the one-process schedule of
+that batch, each rank takes its gradientAccumulation micro-batches of every step, and the summed
+gradients are those of the one-process run over the same global batch.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from fedtune_trainer.adapters import load_adapter_state
 from fedtune_trainer.data import collate, shuffled
 from fedtune_trainer.device import autocast, model_device, to_device
 from fedtune_trainer.ds_config import deepspeed_config
+from fedtune_trainer.ranks import SOLO, Ranks
 
 
 class LocalResult(NamedTuple):
@@ -32,11 +38,12 @@ class LocalResult(NamedTuple):
     seconds: float
 
 
-def schedule(n: int, cfg: TrainerConfig, seed: int, rnd: int) -> list[list[list[int]]]:
+def schedule(n: int, cfg: TrainerConfig, seed: int, rnd: int, world: int = 1) -> list[list[list[int]]]:
     """Optimizer steps of the round, each a list of micro-batches of example indices.
 
-    Steps are always full (gradientAccumulation micro-batches), wrapping into a freshly
-    shuffled epoch when needed, so the torch and DeepSpeed paths see the same batches.
+    Steps are always full (gradientAccumulation x `world` micro-batches), wrapping into a freshly
+    shuffled epoch when needed, so the torch and DeepSpeed paths see the same batches, and `world`
+    ranks the same as one process accumulating `world` times as many micro-batches.
     """
     if n == 0:
         raise ValueError("no training examples")
@@ -45,19 +52,24 @@ def schedule(n: int, cfg: TrainerConfig, seed: int, rnd: int) -> list[list[list[
     if tr.max_train_samples is not None and tr.max_train_samples < n:
         pool = sorted(shuffled(n, seed, rnd, -1)[: tr.max_train_samples])
     per_epoch = math.ceil(len(pool) / tr.batch_size)
+    acc = tr.gradient_accumulation * world  # micro-batches of one optimizer step, over all ranks
     if tr.local_steps is not None:
         steps = tr.local_steps
     else:
-        steps = max(1, math.ceil((tr.local_epochs or 1.0) * per_epoch / tr.gradient_accumulation))
+        steps = max(1, math.ceil((tr.local_epochs or 1.0) * per_epoch / acc))
     micro: list[list[int]] = []
     epoch = 0
-    while len(micro) < steps * tr.gradient_accumulation:
+    while len(micro) < steps * acc:
         order = [pool[i] for i in shuffled(len(pool), seed, rnd, epoch)]
         micro.extend(order[i : i + tr.batch_size] for i in range(0, len(order), tr.batch_size))
         epoch += 1
-    micro = micro[: steps * tr.gradient_accumulation]
-    acc = tr.gradient_accumulation
+    micro = micro[: steps * acc]
     return [micro[i : i + acc] for i in range(0, len(micro), acc)]
+
+
+def shard(steps: list[list[list[int]]], rank: int, world: int) -> list[list[list[int]]]:
+    """Rank `rank`'s micro-batches of each step: its contiguous 1/`world` of the step's global batch."""
+    return [step[rank * len(step) // world : (rank + 1) * len(step) // world] for step in steps]
 
 
 def _prox(params: list[tuple[str, torch.nn.Parameter]], anchors: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
@@ -74,39 +86,71 @@ def train_local(
     seed: int = 0,
     rnd: int = 0,
     pad_id: int | None = None,
+    ranks: Ranks = SOLO,
 ) -> LocalResult:
     """Train the adapter for one round; returns (mean train loss, examples used, seconds).
 
     With `global_tensors` the adapter is first reset to them, so the round starts exactly from
     the global weights whatever the model held before. The loss reported is the task loss
-    (without the FedProx term), averaged over the examples seen.
+    (without the FedProx term), averaged over the examples seen. With several `ranks` every rank
+    calls this with the same examples and trains its shard of each step; all of them end with
+    the same adapter, and the loss and counts are the whole pod's.
     """
     start = time.perf_counter()
+    if ranks.world != max(1, cfg.world_size):
+        raise RuntimeError(
+            f"the job trains this party with world size {cfg.world_size} (compute.gpusPerPod) but this trainer "
+            f"runs {ranks.world} process(es): start the pod with its launcher command (fedtune.api.launch)"
+        )
     if global_tensors is not None:
         load_adapter_state(model, global_tensors)
     if pad_id is None:
         pad_id = getattr(model.config, "pad_token_id", None) or 0
-    steps = schedule(len(examples), cfg, seed, rnd)
+    steps = schedule(len(examples), cfg, seed, rnd, ranks.world)
     used = len({i for step in steps for mb in step for i in mb})
+    steps = shard(steps, ranks.rank, ranks.world)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (was PEFT applied?)")
     anchors = {n: p.detach().float().clone() for n, p in params} if cfg.prox_mu > 0 else {}
-    # Dropout and any other randomness repeat exactly when a round is re-run after a restart.
-    torch.manual_seed((seed * 1_000_003 + rnd) % 2**63)
+    # Dropout and any other randomness repeat exactly when a round is re-run after a restart
+    # (and differ between ranks, whose micro-batches differ too).
+    torch.manual_seed(((seed * 1_000_003 + rnd) * ranks.world + ranks.rank) % 2**63)
     was_training = model.training
     model.train()
     try:
         if cfg.deepspeed.enabled:
             loss_sum, seen = _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id)
         else:
-            loss_sum, seen = _run_torch(model, examples, steps, cfg, params, anchors, pad_id)
+            loss_sum, seen = _run_torch(model, examples, steps, cfg, params, anchors, pad_id, ranks.world)
     finally:
         model.train(was_training)
+    loss_sum, seen = ranks.sum(loss_sum, seen)
     return LocalResult(loss_sum / max(seen, 1), used, time.perf_counter() - start)
 
 
-def _run_torch(model, examples, steps, cfg, params, anchors, pad_id) -> tuple[float, int]:
+def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Add up every rank's gradients in place: one all-reduce of one flat buffer per optimizer step.
+
+    What DistributedDataParallel does, without wrapping the model: the peft model stays the one
+    object that adapter I/O and evaluation use, parameters a step leaves without a gradient need
+    no find_unused_parameters, and no round pays DDP's broadcast of the whole base model.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    # One more element per parameter counts the ranks that gave it a gradient: a parameter no rank
+    # reached keeps grad None, so that AdamW skips it as it would in one process.
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=grads[0].device)
+    flat = torch.cat([g.float().reshape(-1) for g in grads] + [present])  # float32 whatever the adapter's dtypes
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g, reached in zip(params, grads, flat[-len(params) :].tolist()):
+        p.grad = flat[offset : offset + g.numel()].view(g.shape).to(g.dtype) if reached else None
+        offset += g.numel()
+
+
+def _run_torch(model, examples, steps, cfg, params, anchors, pad_id, world=1) -> tuple[float, int]:
+    """AdamW over this rank's share of `steps`; each micro-batch's loss is scaled by 1 / (micro-batches
+    of the whole step), so that the gradients summed over the ranks are the one-process ones."""
     tr = cfg.training
     dev = model_device(model)
     trainable = [p for _, p in params]
@@ -116,16 +160,19 @@ def _run_torch(model, examples, steps, cfg, params, anchors, pad_id) -> tuple[fl
     loss_sum, seen = 0.0, 0
     for step in steps:
         optimizer.zero_grad(set_to_none=True)
+        parts = len(step) * world
         for indices in step:
             batch = to_device(collate([examples[i] for i in indices], pad_id), dev)
             with autocast(dev, tr.precision):
                 loss = model(**batch).loss
-            total = loss.float() / len(step)
+            total = loss.float() / parts
             if anchors:
-                total = total + _prox(params, anchors, cfg.prox_mu) / len(step)
+                total = total + _prox(params, anchors, cfg.prox_mu) / parts
             scaler.scale(total).backward()
             loss_sum += float(loss.detach()) * len(indices)
             seen += len(indices)
+        if world > 1:
+            _sum_gradients(trainable)  # every rank's scale is the same: the scaled sums add up
         scaler.unscale_(optimizer)  # clip the true gradients
         torch.nn.utils.clip_grad_norm_(trainable, tr.max_grad_norm)
         scaler.step(optimizer)  # skipped when fp16 overflowed; the scale then shrinks
@@ -155,11 +202,11 @@ def _free_port() -> int:
 
 
 def init_distributed_once() -> None:
-    """Join (or, alone, form) the process group DeepSpeed needs; a no-op the second time."""
+    """Form the lone process group DeepSpeed needs in a one-process pod; a no-op when one exists
+    (the second time, or under torchrun, whose ranks joined theirs at start: fedtune_trainer.ranks)."""
     deepspeed = import_deepspeed()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    # A launcher (deepspeed/torchrun) sets these for multi-GPU pods; a lone process fills them in.
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
@@ -177,13 +224,7 @@ def _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id) -> tupl
     second for adapter-sized parameter sets.
     """
     deepspeed = import_deepspeed()
-    init_distributed_once()
-    world = torch.distributed.get_world_size()
-    if world != max(1, cfg.world_size):
-        raise RuntimeError(
-            f"the job trains with world size {cfg.world_size} but this trainer's process group has {world}: "
-            "multi-GPU parties must start the trainer with one process per GPU (deepspeed/torchrun launcher)"
-        )
+    init_distributed_once()  # several ranks: their process group exists already (fedtune_trainer.ranks)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for _, p in params], config=deepspeed_config(cfg)
@@ -195,7 +236,7 @@ def _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id) -> tupl
                 batch = {k: v.to(engine.device) for k, v in collate([examples[i] for i in indices], pad_id).items()}
                 loss = engine(**batch).loss
                 total = loss + _prox(params, anchors, cfg.prox_mu) if anchors else loss
-                engine.backward(total)  # the engine divides by gradientAccumulation itself
+                engine.backward(total)  # the engine divides by gradientAccumulation and averages over the ranks
                 engine.step()  # steps the optimiser only at accumulation boundaries
                 loss_sum += float(loss.detach().float()) * len(indices)
                 seen += len(indices)

@@ -68,7 +68,7 @@ class ComputeSpec(ApiModel):
     """The compute this party offers to each trainer pod."""
 
     gpus_per_pod: int = Field(
-        0, ge=0, le=16, description="GPUs per trainer pod (0 = CPU). Sets the DeepSpeed world size."
+        0, ge=0, le=16, description="GPUs per trainer pod (0 = CPU); the pod runs one training process (rank) per GPU."
     )
     gpu_product: str | None = Field(None, description="Required GPU product label (nvidia.com/gpu.product).")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Extra node labels trainer pods require.")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fedtune.api.job import FederatedJob
+from fedtune.api.launch import pod_command
 from fedtune.api.party import Party
 from fedtune.k8s import names
 from fedtune.k8s.resources import PodResources, aggregator_resources, trainer_resources
@@ -195,7 +196,7 @@ def _build_pod(ctx: PodContext, role: PodRole) -> dict[str, Any]:
         "name": "trainer" if role == "party" else "aggregator",
         "image": ctx.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-m", "fedtune_trainer", role, "--mailbox", ctx.names.mailbox_uri],
+        "command": pod_command(role, ctx.names.mailbox_uri, res.world_size),
         "env": _env(ctx),
         "resources": res.container_resources(),
         "volumeMounts": mounts,

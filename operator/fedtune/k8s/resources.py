@@ -6,7 +6,7 @@ Derivation (`trainer_resources`), one row per output:
 output                rule
 ====================  =========================================================================
 nvidia.com/gpu        requests = limits = compute.gpusPerPod (extended resources cannot
-                      overcommit); absent for CPU parties. Without DeepSpeed only one is used.
+                      overcommit); absent for CPU parties.
 cpu                   request = compute.cpu; no limit: CFS throttling of one rank stalls all of
                       them at every collective, and idle node CPU is free to borrow.
 /dev/shm              emptyDir medium Memory, 1Gi per GPU, at least 1Gi (NCCL's shared-memory
@@ -24,7 +24,8 @@ memory                request = limit = compute.memory + shm + offload extras be
                       quantisation, scales included): there the frozen model lives in host
                       memory (unless offloadParams counted it). GPU pods hold it on the GPU (a
                       quantised one is quantised there while it loads): compute.memory only.
-world size            spec.world_size(gpusPerPod): GPUs with DeepSpeed, else 1.
+world size            spec.world_size(gpusPerPod): one rank per GPU (plain PyTorch or DeepSpeed),
+                      1 for CPU parties; the pod's command starts them (fedtune.api.launch).
 global batch          spec.global_batch(gpusPerPod) = micro x accumulation x world; its
                       ValueError (trainBatchSize mismatch) propagates unchanged.
 node selector         compute.nodeSelector + nvidia.com/gpu.product=<gpuProduct> when set.
@@ -35,7 +36,7 @@ tolerations           compute.tolerations, plus nvidia.com/gpu Exists:NoSchedule
 env                   FEDTUNE_WORLD_SIZE, FEDTUNE_GLOBAL_BATCH, OMP_NUM_THREADS (cpu / world,
                       torch otherwise sizes its pool from the node's cores), DS_ACCELERATOR=cpu
                       without GPUs. Not WORLD_SIZE: torch.distributed reads that as the number
-                      of ranks already launched, and a lone process would wait for the others.
+                      of ranks already launched; torchrun sets it (and RANK) for each rank.
 ====================  =========================================================================
 """
 

@@ -1,9 +1,11 @@
 """Pods of local mode: trainer and aggregator processes, restarted with bounded backoff.
 
-Pods are forked by a warm-start process (`python -m fedtune_trainer zygote`) that imported torch,
-transformers and peft once, so no pod pays seconds of imports; where it is not running (it
-failed to start, or died), a pod is started as a plain subprocess instead. This module talks
-to it through pipes and never imports the trainer.
+One-process pods are forked by a warm-start process (`python -m fedtune_trainer zygote`) that
+imported torch, transformers and peft once, so no pod pays seconds of imports; where it is not
+running (it failed to start, or died), a pod is started as a plain subprocess instead. A party
+with several ranks runs its launcher command (fedtune.api.launch) as a plain subprocess: the
+launcher starts its ranks itself. This module talks to the zygote through pipes and never
+imports the trainer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedtune.api.launch import PYTHON, single_process_args
 from fedtune.lifeline import die_with_parent
 
 MAX_RESTARTS = 3
@@ -115,10 +118,10 @@ class Zygote:
 
 @dataclass
 class Pod:
-    """One child process standing in for a Kubernetes pod: `python -m fedtune_trainer ARGS`."""
+    """One child process standing in for a Kubernetes pod, running the pod's command (fedtune.api.launch)."""
 
     name: str
-    args: list[str]
+    command: list[str]
     env: dict[str, str]
     log_path: Path
     zygote: Zygote | None = None
@@ -131,13 +134,16 @@ class Pod:
 
     def start(self) -> None:
         self.proc = None
-        self.pid = self.zygote.spawn(self.name, self.args, self.env, self.log_path) if self.zygote else None
+        args = single_process_args(self.command)
+        forkable = self.zygote is not None and args is not None
+        self.pid = self.zygote.spawn(self.name, args, self.env, self.log_path) if forkable else None
         if self.pid is not None:
             return
+        argv = [sys.executable if self.command[0] == PYTHON else self.command[0], *self.command[1:]]
         with open(self.log_path, "ab") as log:
             # Own session: a Ctrl-C in the terminal reaches the runner only, which then stops the pods in order.
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fedtune_trainer", *self.args],
+                argv,
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

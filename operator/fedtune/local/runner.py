@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from fedtune.api import cpu_slots
 from fedtune.api.errors import SpecError
 from fedtune.api.job import FederatedJob
+from fedtune.api.launch import pod_command
 from fedtune.api.mailbox import RECEIPT, TICKET, FileMailbox, Waiter, ticket_id
 from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
@@ -345,6 +346,7 @@ class LocalRun:
         base_env = self._pod_env()
         slots = _cpu_slots(len(self.parties), _cores(), self._threads_per_party)
         slot_dir = str(cpu_slots.make_slots(self.workdir / "cpu-slots", slots)) if slots else None
+        worlds = {p.key: self.job.spec.world_size(p.spec.compute.gpus_per_pod) for p in self.members}
         pods = [(p.key, "party") for p in self.members] + [("aggregator", "aggregator")]
         for name, role in pods:
             box = self.workdir / "mailboxes" / _dirname(name)
@@ -352,12 +354,19 @@ class LocalRun:
             env = dict(base_env, FEDTUNE_NAME=name.split("/")[-1])
             if slot_dir and name in {p.key for p in self.parties}:  # the evaluator's short evals do not queue
                 env[cpu_slots.ENV] = slot_dir
-            if role == "aggregator":
-                env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+            world = worlds.get(name, 1)
+            # A party's ranks share its threads, as they share the pod's CPUs on Kubernetes.
+            threads = str(1 if role == "aggregator" else max(1, self._threads_per_party // world))
+            env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+            if world > 1:
+                self.progress.say(
+                    f"party {name.split('/')[-1]}: {world} ranks under torchrun (compute.gpusPerPod: {world}; "
+                    "without a GPU each rank is a CPU process and they talk over gloo)"
+                )
             self.pods.start(
                 Pod(
                     name=name,
-                    args=[role, "--mailbox", str(box)],
+                    command=pod_command(role, str(box), world),
                     env=env,
                     log_path=self.workdir / "logs" / f"{_dirname(name)}.log",
                 )
