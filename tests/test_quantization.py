@@ -172,3 +172,25 @@ def test_qlora_job_runs_locally_and_parties_agree_on_the_base(tmp_path_factory, 
     assert [h.round for h in st.history] == [0, 1, 2] and st.history[-1].metrics.eval_loss is not None
     # every party loaded the same quantised base (a mismatch would have dropped it)
     assert st.base_model_fingerprint and {p.fingerprint for p in st.parties} == {st.base_model_fingerprint}
+
+
+def test_the_qlora_example_validates_and_asks_for_one_gpu_per_party():
+    """examples/k8s/qlora-7b.yaml with its party: a one-rank pod on one GPU, memory as the party says."""
+    from pathlib import Path
+
+    from fedtune.api import Party
+    from fedtune.k8s.builders import build_trainer_pod, trainer_context
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "k8s"
+    job = FederatedJob.model_validate(yaml.safe_load((root / "qlora-7b.yaml").read_text()))
+    docs = yaml.safe_load_all((root / "party-hospital-a.yaml").read_text())
+    party = Party.model_validate(next(d for d in docs if d and d["kind"] == "Party"))
+    q = job.spec.model.quantization
+    assert (q.bits, q.quant_type, q.double_quant) == (4, "nf4", True)
+    assert job.spec.training.gradient_checkpointing and job.spec.training.precision == "bf16"
+    job.metadata.uid = "0000"
+    pod = build_trainer_pod(trainer_context(job, party))
+    c = pod["spec"]["containers"][0]
+    assert c["command"][:3] == ["python", "-m", "fedtune_trainer"]  # one GPU: one process, no launcher
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["resources"]["requests"]["memory"] == "33Gi"  # 32Gi + 1Gi /dev/shm: the model lives on the GPU
