@@ -65,6 +65,7 @@ from tiny_models import make_tiny_model
 from trainer_helpers import build, config
 from fedtune.api.job import DeepSpeedSpec
 from fedtune_trainer.adapters import adapter_state, to_bytes
+from fedtune_trainer.engines import forward_engine
 from fedtune_trainer.evaluate import evaluate
 from fedtune_trainer.party import PartyRuntime
 from fedtune_trainer.train import train_local
@@ -75,15 +76,19 @@ CLS = "sequence-classification"
 path = make_tiny_model(tempfile.mkdtemp(), CLS)
 out = {}
 
+def loss(model, examples, cfg):
+    with forward_engine(model, cfg):  # as a party evaluates: a ZeRO-3 model is partitioned after training
+        return evaluate(model, examples, CLS, 16).eval_loss
+
 def run(spec, mu=0.0, steps=40):
     cfg = config(path, CLS, deepspeed=spec, prox_mu=mu, local_steps=steps, learning_rate=3e-2)
     rt = PartyRuntime()
     rt.ensure(cfg)  # loads the base in bf16 when DeepSpeed bf16 is on, like a party does
     examples = load_examples(keyword_jsonl(), cfg.data, CLS, rt.tokenizer)
     start = adapter_state(rt.model)
-    before = evaluate(rt.model, examples, CLS, 16).eval_loss
+    before = loss(rt.model, examples, cfg)
     result = train_local(rt.model, examples, cfg, start, seed=0, rnd=1)
-    after = evaluate(rt.model, examples, CLS, 16).eval_loss
+    after = loss(rt.model, examples, cfg)
     state = adapter_state(rt.model)
     moved = sum(float(((state[k].float() - start[k].float()) ** 2).sum()) for k in state) ** 0.5
     return rt, cfg, examples, start, state, dict(
@@ -102,7 +107,11 @@ torch_state = adapter_state(rt.model)
 out["zero2"]["max_diff_vs_torch"] = max(float((torch_state[k] - state[k]).abs().max()) for k in state)
 out["zero2_prox"] = run(DeepSpeedSpec(enabled=True, zero_stage=2), mu=50.0)[-1]
 out["zero2_bf16"] = run(DeepSpeedSpec(enabled=True, zero_stage=2, bf16=True))[-1]
-out["zero3"] = run(DeepSpeedSpec(enabled=True, zero_stage=3), steps=20)[-1]
+rt, cfg, examples, start, state, out["zero3"] = run(DeepSpeedSpec(enabled=True, zero_stage=3), steps=20)
+train_local(rt.model, examples, cfg, start, seed=0, rnd=1)
+out["zero3"]["rerun_identical"] = to_bytes(adapter_state(rt.model)) == to_bytes(state)
+rt, cfg, examples, start, state, out["zero3_bf16"] = run(DeepSpeedSpec(enabled=True, zero_stage=3, bf16=True), steps=20)
+out["zero3_bf16"]["wire_dtypes"] = sorted({str(v.dtype) for v in adapter_state(rt.model, like=start).values()})
 print("RESULT " + json.dumps(out))
 """
 
@@ -150,3 +159,12 @@ def test_zero2_bf16_keeps_the_adapter_wire_dtype(engine_results):
 def test_zero3_trains(engine_results):
     r = engine_results["zero3"]
     assert r["after"] < r["before"] and r["moved"] > 0
+    assert r["rerun_identical"], "the global adapter must reach the partitions the next engine starts from"
+
+
+@pytest.mark.deepspeed
+def test_zero3_bf16_partitions_in_bf16_and_updates_keep_the_wire_dtypes(engine_results):
+    r = engine_results["zero3_bf16"]
+    assert r["dtypes"] == ["torch.bfloat16"], "ZeRO-3 partitions every weight in bf16, the adapter's too"
+    assert r["start_dtypes"] != r["dtypes"] and r["wire_dtypes"] == r["start_dtypes"], "a party uploads like=global"
+    assert r["after"] < r["before"]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import pytest
 from fedtune.api.job import FederatedJob
+from fedtune.api.launch import pod_command
 from fedtune.api.party import Party
+from fedtune.documents import parse_documents
 from fedtune.k8s import names
 from fedtune.k8s.builders import (
     CACHE_DIR,
@@ -28,6 +31,7 @@ from fedtune.k8s.builders import (
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 UID = "0b7c1f6e-3d2a-4c55-9a1e-7f00c0ffee00"
+ZERO3_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "k8s" / "multi-gpu-zero3.yaml"
 
 
 def make_job(name="sentiment", namespace="coord", deepspeed=None, uid=UID) -> FederatedJob:
@@ -223,11 +227,25 @@ def test_one_rank_per_gpu_with_or_without_deepspeed(deepspeed):
             assert command[-5:] == ["-m", "fedtune_trainer", "party", "--mailbox", ctx.names.mailbox_uri]
 
 
-def test_zero3_across_ranks_is_refused_when_the_pod_is_built():
+def test_zero3_across_ranks_builds_a_pod_of_ranks():
     job = make_job(deepspeed={"enabled": True, "zeroStage": 3})
     assert trainer_context(job, make_party({"gpusPerPod": 1})).resources.world_size == 1
-    with pytest.raises(ValueError, match="zeroStage 3 across several ranks"):
-        trainer_context(job, make_party({"gpusPerPod": 2}))
+    assert trainer_context(job, make_party({"gpusPerPod": 2})).resources.world_size == 2
+
+
+def test_the_zero3_example_runs_its_party_as_four_ranks():
+    # examples/k8s/multi-gpu-zero3.yaml: one party with four GPUs per pod, DeepSpeed ZeRO-3 across them.
+    docs = parse_documents(ZERO3_EXAMPLE.read_text(), ZERO3_EXAMPLE.name)  # as `fedtune validate` reads it
+    job = docs.job.model_copy(update={"metadata": docs.job.metadata.model_copy(update={"uid": UID})})
+    ctx = trainer_context(job, docs.parties["bank-north/bank-north"])
+    assert job.spec.deepspeed.zero_stage == 3 and ctx.resources.world_size == 4
+    assert ctx.resources.global_batch == 32 == job.spec.deepspeed.train_batch_size  # 2 x 4 x 4 GPUs
+    c = container(build_trainer_pod(ctx))
+    assert c["command"] == pod_command("party", ctx.names.mailbox_uri, world_size=4)
+    assert c["command"][:3] == ["python", "-m", "torch.distributed.run"] and "--nproc-per-node=4" in c["command"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["FEDTUNE_WORLD_SIZE"] == "4" and env["FEDTUNE_GLOBAL_BATCH"] == "32"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
 
 
 def test_cpu_trainer_pod_has_no_gpu_placement():

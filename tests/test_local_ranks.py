@@ -1,9 +1,11 @@
 """`fedtune run` with a multi-GPU party: its pod runs two ranks under torchrun (CPU processes with gloo
-here), rank 0 alone reads the mailbox and talks to S3, and a rank that dies fails the pod cleanly."""
+here), rank 0 alone reads the mailbox and talks to S3, DeepSpeed ZeRO-3 spans the ranks, and a rank
+that dies fails the pod cleanly."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -18,7 +20,6 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from fedtune.api.errors import SpecError
 from fedtune.api.launch import pod_command
 from fedtune.documents import parse_documents
 from fedtune.local.runner import LocalRun
@@ -114,11 +115,26 @@ def test_a_dead_rank_fails_its_pod_and_the_restarted_pod_finishes_the_job(tiny_s
     assert not _processes_mentioning(str(workdir))
 
 
-def test_zero3_across_ranks_is_refused_before_anything_starts(tiny_seq_cls, toy_data):  # noqa: F811
-    docs = list(yaml.safe_load_all(job_yaml(tiny_seq_cls, toy_data, gpus={"alice": 2})))
-    docs[0]["spec"]["deepspeed"] = {"enabled": True, "zeroStage": 3}
-    with pytest.raises(SpecError, match="Party default/alice: deepspeed.zeroStage 3 across several ranks"):
-        parse_documents(yaml.safe_dump_all(docs), "j")  # as `fedtune validate` and `fedtune run` read it
+@pytest.mark.deepspeed
+def test_a_party_with_two_gpus_trains_with_zero3_across_its_ranks(tiny_seq_cls, toy_data, tmp_path):  # noqa: F811
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install fedtune[deepspeed])")
+    docs = list(yaml.safe_load_all(job_yaml(tiny_seq_cls, toy_data, rounds=2, samples=40, gpus={"alice": 2})))
+    docs[0]["spec"]["deepspeed"] = {"enabled": True, "zeroStage": 3}  # bob: ZeRO-3 in one process
+    run, result, thread = start_run(yaml.safe_dump_all(docs), tmp_path / "run")
+    thread.join(timeout=400)
+    out = run.progress.out.getvalue()
+    st = result["st"]
+    assert st.phase == "Succeeded", out
+    assert all(h.participants == ["default/alice", "default/bob"] for h in st.history[1:])
+    assert run.pods.pods["default/alice"].returncode == 0 and not run.pods.pods["default/alice"].exits
+    lines = rank_lines((tmp_path / "run" / "logs" / "default--alice.log").read_text(), "alice")
+    lead, follower = "\n".join(lines["alice/rank0"]), "\n".join(lines["alice/rank1"])
+    # Rank 1 evaluated its share and trained in step with rank 0 (ZeRO-3 gathers from every rank);
+    # rank 0 alone reported, after the final evaluation of global 2 on both ranks.
+    assert "round 2: global eval_loss=0." in lead and "eval of global 2: loss=0." in lead
+    assert "ticket eval-r2-a0 from rank 0" in follower and "eval of global" not in follower
+    assert not _processes_mentioning(str(tmp_path / "run"))
 
 
 def test_ranks_die_with_a_killed_launcher(tmp_path):

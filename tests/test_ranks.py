@@ -1,4 +1,4 @@
-"""Multi-GPU parties on CPU: two ranks under torchrun with gloo train what one process trains.
+"""Multi-GPU parties on CPU: two ranks under torchrun with gloo train and evaluate what one process does.
 
 The runs start `tests/ranks_child.py` under the same launcher command a pod runs
 (fedtune.api.launch), so DeepSpeed's and torch.distributed's process-wide state never touches
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from fedtune.api.launch import torchrun
-from fedtune_trainer.adapters import adapter_state, from_bytes
+from fedtune_trainer.adapters import adapter_state, from_bytes, load_adapter_state
+from fedtune_trainer.evaluate import evaluate
 from fedtune_trainer.train import schedule, shard, train_local
-from ranks_child import ACCUMULATION, recording_grad_norms, run_config
+from ranks_child import ACCUMULATION, EVAL_BATCH, LM, recording_grad_norms, run_config
 from tiny_models import make_tiny_model
 from trainer_helpers import build, config
 
@@ -75,7 +76,21 @@ def assert_same_update(ranks: list[dict], single: dict, result) -> None:
     for key, value in single.items():
         torch.testing.assert_close(ranks[0]["adapter"][key], value, rtol=1e-3, atol=2e-4)
     assert ranks[0]["num_samples"] == result.num_samples
+    assert ranks[0]["hooks_left"] == ranks[1]["hooks_left"] == 0, "engines must take their hooks with them"
     assert ranks[0]["train_loss"] == pytest.approx(result.train_loss, rel=1e-5)
+
+
+def assert_same_evaluations(ranks: list[dict], model: Path) -> None:
+    """Each rank evaluated its share of the batches; the pod's metrics are one process's on all of them."""
+    cfg = run_config(str(model), "torch", world=1, accumulation=ACCUMULATION)
+    net, _, examples = build(cfg)  # the global adapter the ranks started from (same seed)
+    for when, adapter in (("eval_before", None), ("eval_after", ranks[0]["adapter"])):
+        if adapter is not None:
+            load_adapter_state(net, adapter)
+        alone = evaluate(net, examples, LM, EVAL_BATCH).model_dump(exclude_none=True)
+        assert ranks[0][when] == ranks[1][when], f"ranks disagree on {when}"
+        # Only the order of the sums differs: float64 sums of float32 losses.
+        assert ranks[0][when] == pytest.approx(alone, rel=1e-6), when
 
 
 def test_schedule_of_two_ranks_is_the_one_process_schedule_split():
@@ -97,6 +112,8 @@ def test_two_ranks_train_the_one_process_update(tiny_lm, tmp_path, monkeypatch):
     # Adam does not see a constant factor on every gradient; the norms do (a loss averaged per
     # rank and then summed, not averaged, over the ranks would double them).
     assert ranks[0]["grad_norms"] == ranks[1]["grad_norms"] == pytest.approx(norms, rel=1e-4)
+    assert_same_evaluations(ranks, tiny_lm)
+    assert ranks[0]["rerun_identical"] and ranks[1]["rerun_identical"]
     # A failure of rank 0's shared work, or of one rank's own step, reaches every rank.
     assert ranks[0]["failures"] == {
         "share": "ValueError: no such object",
@@ -116,3 +133,22 @@ def test_two_ranks_with_deepspeed_zero2_train_the_one_process_update(tiny_lm, tm
     # DeepSpeed on two ranks matches plain torch in one process.
     single, result, _ = one_process(tiny_lm, "torch", monkeypatch)
     assert_same_update(ranks, single, result)
+    assert_same_evaluations(ranks, tiny_lm)
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize("mode", ["zero3", "zero3-all"])
+def test_two_ranks_with_deepspeed_zero3_train_and_evaluate_as_one_process(tiny_lm, tmp_path, monkeypatch, mode):
+    # zero3: the weights partitioned across the ranks, the adapter's small tensors kept whole on
+    # every rank (DeepSpeed's persistence threshold); zero3-all: the adapter partitioned too.
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install fedtune[deepspeed])")
+    ranks = two_ranks(tiny_lm, tmp_path / "out", mode)
+    single, result, _ = one_process(tiny_lm, "torch", monkeypatch)
+    assert_same_update(ranks, single, result)
+    # Evaluated on both ranks in step (each forward gathers the partitioned weights), before
+    # training (the model not partitioned yet) and after (partitioned).
+    assert_same_evaluations(ranks, tiny_lm)
+    # The round re-run from the same global adapter (a retried round) gives the same bytes: the
+    # global adapter reached the partitions the next engine's optimiser starts from.
+    assert ranks[0]["rerun_identical"] and ranks[1]["rerun_identical"]

@@ -1,4 +1,8 @@
-"""Adapter state in and out of a PeftModel, and its wire form (safetensors only, never pickle)."""
+"""Adapter state in and out of a PeftModel, and its wire form (safetensors only, never pickle).
+
+Under DeepSpeed ZeRO-3 the adapter's parameters may be partitioned across the pod's ranks
+(fedtune_trainer.engines): reading and loading then gather them, and every rank must call.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,36 @@ from pathlib import Path
 
 import torch
 
+from fedtune_trainer.engines import gathered
 
-def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's saved names, as contiguous CPU copies (safe to keep)."""
+
+def _adapter_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft's saved names -> the model's own tensors (the parameters themselves, ZeRO-3's marks included)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    return get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True))
 
 
-def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Overwrite the adapter with `tensors`; any missing, unexpected or mis-shaped key is an error.
+def adapter_state(model: torch.nn.Module, like: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's saved names, as contiguous CPU copies (safe to keep).
+
+    With `like` (the global adapter) each tensor comes in its dtype there: an update keeps the
+    wire format, which ZeRO-3 with bf16 does not (it partitions every weight in bf16, the
+    adapter's too). Every rank calls this when the adapter may be ZeRO-3-partitioned: the tensors
+    are gathered.
+    """
+    own = _adapter_parameters(model)
+    with gathered(own.values()):
+        return {
+            k: v.detach().to("cpu", like[k].dtype if like else v.dtype, copy=True).contiguous() for k, v in own.items()
+        }
+
+
+def check_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError unless `tensors` has exactly this model's adapter keys and shapes.
 
     A silent partial load would train from a mix of global and stale local weights.
     """
-    from peft import set_peft_model_state_dict
-
     expected = adapter_state_shapes(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -39,15 +58,26 @@ def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
     ]
     if bad:
         raise ValueError(f"adapter shapes do not match this model: {'; '.join(bad[:3])}")
-    with torch.no_grad():
+
+
+def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Overwrite the adapter with `tensors`; any missing, unexpected or mis-shaped key is an error.
+
+    Every rank calls this with the same tensors when the adapter may be ZeRO-3-partitioned: the
+    parameters are gathered, written, and re-partitioned (a write to a partitioned parameter
+    outside that would miss the slices the next engine's optimiser starts from). The check comes
+    first, so every rank fails it alike before any collective.
+    """
+    from peft import set_peft_model_state_dict
+
+    check_adapter_state(model, tensors)
+    with gathered(_adapter_parameters(model).values(), modify=True), torch.no_grad():
         set_peft_model_state_dict(model, tensors)
 
 
 def adapter_state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the adapter state this model saves and accepts."""
-    from peft import get_peft_model_state_dict
-
-    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    """Key -> shape of the adapter state this model saves and accepts (a partitioned tensor's whole shape)."""
+    return {k: tuple(getattr(v, "ds_shape", v.shape)) for k, v in _adapter_parameters(model).items()}
 
 
 def to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:

@@ -7,7 +7,7 @@ or one id per token for causal LM with -100 wherever no loss is wanted: prompt a
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -108,12 +108,6 @@ def collate(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     if labels is None:
         labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def batches(examples: Sequence[dict], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Consecutive padded batches, in order (evaluation)."""
-    for start in range(0, len(examples), batch_size):
-        yield collate(examples[start : start + batch_size], pad_id)
 
 
 def shuffled(n: int, seed: int, rnd: int, epoch: int) -> list[int]:

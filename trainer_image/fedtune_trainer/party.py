@@ -3,7 +3,8 @@
 The base model is loaded once per job and kept; each train ticket resets the adapter to the
 received global weights, evaluates it on the local eval split, trains, and uploads the update.
 A pod with several ranks (one per GPU, fedtune_trainer.ranks) runs this on each of them: rank 0
-reads the mailbox, downloads, evaluates and uploads; every rank loads the model and trains.
+reads the mailbox, downloads and uploads; every rank loads the model, evaluates its share of the
+eval split and trains its share of each step.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from datetime import UTC
 from typing import Any
 
 from fedtune.api import cpu_slots
-from fedtune.api.job import ZERO3_ACROSS_RANKS
 from fedtune.api.mailbox import POLL_SECONDS, ticket_id
 from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket, Upload
 from fedtune.api.status import Metrics, utcnow
@@ -112,8 +112,9 @@ class PartyRuntime:
         return self._data[key]
 
 
-def _load_global(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> None:
-    from fedtune_trainer.adapters import from_bytes, load_adapter_state
+def _download_global(ticket: TrainerTicket, receipt: TrainerReceipt) -> dict:
+    """Rank 0: the tensors of the global adapter the ticket names."""
+    from fedtune_trainer.adapters import from_bytes
 
     if ticket.global_in is None:
         raise ValueError(f"{ticket.kind} ticket carries no globalIn adapter")
@@ -121,20 +122,47 @@ def _load_global(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceip
     raw = transfer.get(ticket.global_in.url, ticket.global_in.sha256)
     receipt.bytes_down += len(raw)
     receipt.timings.download_seconds += time.perf_counter() - start
-    load_adapter_state(rt.model, from_bytes(raw))
+    return from_bytes(raw)
 
 
-def _evaluate(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> Metrics:
+def _load_global(rt: PartyRuntime, tensors: dict, ranks: Ranks) -> None:
+    """Every rank: reset the adapter to the global one (under ZeRO-3 a collective: fedtune_trainer.engines)."""
+    from fedtune_trainer.adapters import check_adapter_state, load_adapter_state
+
+    with ranks.together():
+        check_adapter_state(rt.model, tensors)  # the same verdict on every rank: same model, same tensors
+    with ranks.lockstep("loading the global adapter"):
+        load_adapter_state(rt.model, tensors)
+
+
+def _eval_examples(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> list[dict] | None:
+    """Rank 0: the examples evaluation runs on (None without an eval split)."""
+    if ticket.eval_data is None:
+        return None
+    return rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt)[: ticket.config.training.max_eval_samples]
+
+
+def _evaluate(
+    ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, data: list[dict] | None, ranks: Ranks
+) -> Metrics:
+    """Every rank: the metrics of the loaded adapter on `data`, each rank evaluating its share."""
+    from fedtune_trainer.engines import forward_engine
     from fedtune_trainer.evaluate import evaluate
 
     cfg = ticket.config
-    if ticket.eval_data is None:
+    if data is None:
         return Metrics()
-    data = rt.examples(ticket.job, ticket.eval_data, cfg, receipt)[: cfg.training.max_eval_samples]
     start = time.perf_counter()
-    metrics = evaluate(
-        rt.model, data, cfg.model.task, cfg.training.eval_batch_size, rt.tokenizer.pad_token_id, cfg.training.precision
-    )
+    with ranks.lockstep("evaluating"), forward_engine(rt.model, cfg):
+        metrics = evaluate(
+            rt.model,
+            data,
+            cfg.model.task,
+            cfg.training.eval_batch_size,
+            rt.tokenizer.pad_token_id,
+            cfg.training.precision,
+            ranks,
+        )
     receipt.timings.eval_seconds = time.perf_counter() - start
     receipt.num_eval_samples = len(data)
     return metrics
@@ -166,39 +194,33 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, rank
     log.info("[%s] initialised: base model %s", ticket.party, rt.fingerprint[:12])
 
 
-def _fetch_round(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks) -> tuple:
-    """Rank 0: the training examples, and the global adapter loaded (and, for the other ranks, its tensors)."""
-    from fedtune_trainer.adapters import adapter_state
-
+def _fetch_round(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> tuple:
+    """Rank 0: what every rank needs for a train ticket: training examples, global adapter, eval examples."""
     train = rt.examples(ticket.job, ticket.train_data, ticket.config, receipt)
-    _load_global(ticket, rt, receipt)
-    return train, (adapter_state(rt.model) if ranks.world > 1 else None)
+    return train, _download_global(ticket, receipt), _eval_examples(ticket, rt, receipt)
 
 
 def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
-    from fedtune_trainer.adapters import adapter_state, load_adapter_state
+    from fedtune_trainer.adapters import adapter_state
     from fedtune_trainer.compression import encode
     from fedtune_trainer.train import train_local
 
     cfg = ticket.config
     if ticket.train_data is None or not ticket.update_out:
         raise ValueError("train ticket needs trainData and updateOut")
-    if ranks.world > 1 and cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
-        raise ValueError(ZERO3_ACROSS_RANKS)  # the control plane refuses it too
-    train, global_state = ranks.share(lambda: _fetch_round(ticket, rt, receipt, ranks))
-    with ranks.together():
-        if not ranks.lead:
-            load_adapter_state(rt.model, global_state)
+    train, global_state, evals = ranks.share(lambda: _fetch_round(ticket, rt, receipt))
+    _load_global(rt, global_state, ranks)
     # Local mode: no more parties compute at once than there are cores; rank 0 queues for its pod.
     with cpu_slots.hold() if ranks.lead else contextlib.nullcontext():
-        metrics = ranks.share(lambda: _evaluate(ticket, rt, receipt))  # the other ranks wait for it
+        metrics = _evaluate(ticket, rt, receipt, evals, ranks)
         with ranks.lockstep(f"training round {ticket.round}"):
             result = train_local(
                 rt.model, train, cfg, None, cfg.training.seed, ticket.round, rt.tokenizer.pad_token_id, ranks
             )
+            state = adapter_state(rt.model, like=global_state)  # on every rank: under ZeRO-3 it is gathered
         if not ranks.lead:
             return  # every rank holds the same adapter now; rank 0 uploads it
-        update = encode(adapter_state(rt.model), cfg.training.update_compression)  # the aggregator decodes it
+        update = encode(state, cfg.training.update_compression)  # the aggregator decodes it
     metrics.train_loss = result.train_loss
     receipt.metrics, receipt.num_samples = metrics, result.num_samples
     receipt.timings.train_seconds = result.seconds
@@ -215,23 +237,28 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
     )
 
 
-def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
-    if not ranks.lead:
-        return  # rank 0 evaluates alone
+def _fetch_eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> tuple:
+    """Rank 0: what every rank needs for an eval ticket: eval examples (downloaded first), global adapter."""
     if ticket.eval_data is None:
         raise ValueError("eval ticket needs evalData")
-    rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt)  # download counted before timing eval
-    _load_global(ticket, rt, receipt)
-    with cpu_slots.hold():
-        receipt.metrics = _evaluate(ticket, rt, receipt)
-    log.info(
-        "[%s] eval of global %d: loss=%s accuracy=%s perplexity=%s",
-        ticket.party,
-        ticket.round,
-        _fmt(receipt.metrics.eval_loss),
-        _fmt(receipt.metrics.eval_accuracy),
-        _fmt(receipt.metrics.eval_perplexity),
-    )
+    evals = _eval_examples(ticket, rt, receipt)
+    return evals, _download_global(ticket, receipt)
+
+
+def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
+    evals, global_state = ranks.share(lambda: _fetch_eval(ticket, rt, receipt))
+    _load_global(rt, global_state, ranks)
+    with cpu_slots.hold() if ranks.lead else contextlib.nullcontext():
+        receipt.metrics = _evaluate(ticket, rt, receipt, evals, ranks)
+    if ranks.lead:
+        log.info(
+            "[%s] eval of global %d: loss=%s accuracy=%s perplexity=%s",
+            ticket.party,
+            ticket.round,
+            _fmt(receipt.metrics.eval_loss),
+            _fmt(receipt.metrics.eval_accuracy),
+            _fmt(receipt.metrics.eval_perplexity),
+        )
 
 
 def _fetch_model(cfg: TrainerConfig) -> None:

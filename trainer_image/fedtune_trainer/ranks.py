@@ -1,19 +1,20 @@
 """The ranks of a multi-GPU party pod: one process per GPU, started by torchrun (fedtune.api.launch).
 
 Rank 0 alone reads the mailbox and talks to S3. It hands every ticket it works on to the other
-ranks, and with it whatever they need (the training examples, the global adapter), over a gloo
+ranks, and with it whatever they need (the examples, the global adapter's tensors), over a gloo
 group of its own (`control`), so objects travel on the CPU whatever the training backend is.
 The training loop is an ordinary data-parallel one over the default group (NCCL on GPUs, gloo on
 CPU). Three rules keep the ranks in step:
 
-- `share`: what rank 0 alone does (downloads, evaluation) reaches the others as its result or
-  as its error, so either every rank goes on or every rank fails the ticket;
+- `share`: what rank 0 alone does (downloads) reaches the others as its result or as its error,
+  so either every rank goes on or every rank fails the ticket;
 - `together`: what every rank does on its own (loading the model) is followed by a vote, so one
   rank failing fails the ticket on all of them;
-- `lockstep`: where collectives run (training, and the handing over itself), a rank that fails
-  cannot tell the others, which are waiting in a collective for it: it exits non-zero instead,
-  torchrun (`--max-restarts=0`) ends the other ranks, and the pod's restart and the round state
-  machine take over. So does a collective that fails because a rank died.
+- `lockstep`: where collectives run (loading the global adapter, which ZeRO-3 partitions,
+  evaluation, training, and the handing over itself), a rank that fails cannot tell the others,
+  which are waiting in a collective for it: it exits non-zero instead, torchrun
+  (`--max-restarts=0`) ends the other ranks, and the pod's restart and the round state machine
+  take over. So does a collective that fails because a rank died.
 
 A pod of one process gets `SOLO`, for which all of this is free.
 """
@@ -123,7 +124,7 @@ class Ranks:
             raise SystemExit(1) from exc
 
     def sum(self, *values: float) -> list[float]:
-        """Each value summed over the ranks (metrics of a round)."""
+        """Each value summed over the ranks in float64 (a round's loss and counts, evaluation's sums)."""
         if self.world == 1:
             return list(values)
         total = torch.tensor(values, dtype=torch.float64)

@@ -12,10 +12,7 @@ gradients are those of the one-process run over the same global batch.
 
 from __future__ import annotations
 
-import gc
 import math
-import os
-import socket
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -27,6 +24,7 @@ from fedtune_trainer.adapters import load_adapter_state
 from fedtune_trainer.data import collate, shuffled
 from fedtune_trainer.device import autocast, model_device, to_device
 from fedtune_trainer.ds_config import deepspeed_config
+from fedtune_trainer.engines import build_engine, release_engine
 from fedtune_trainer.ranks import SOLO, Ranks
 
 
@@ -180,55 +178,17 @@ def _run_torch(model, examples, steps, cfg, params, anchors, pad_id, world=1) ->
     return loss_sum, seen
 
 
-def import_deepspeed():
-    """deepspeed, imported for the CPU accelerator when no GPU is present (a clear error if absent)."""
-    if not torch.cuda.is_available():
-        # DeepSpeed picks its accelerator at import time; without this it probes for CUDA and fails.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-    except ImportError as exc:
-        raise RuntimeError(
-            f"deepspeed.enabled is true but DeepSpeed cannot be imported here ({exc}); "
-            "install fedtune[deepspeed] in the trainer image or set deepspeed.enabled: false"
-        ) from None
-    return deepspeed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed_once() -> None:
-    """Form the lone process group DeepSpeed needs in a one-process pod; a no-op when one exists
-    (the second time, or under torchrun, whose ranks joined theirs at start: fedtune_trainer.ranks)."""
-    deepspeed = import_deepspeed()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(var, value)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-
 def _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id) -> tuple[float, int]:
     """The same schedule through a DeepSpeed engine built for this round only.
 
     A new engine per round is the simple way to get a fresh optimiser whose master weights are
     copied from the just-loaded global adapter; an engine kept across rounds would carry its own
     fp32 master copy and moments from the previous round. Building one costs well under a
-    second for adapter-sized parameter sets.
+    second for adapter-sized parameter sets. Under ZeRO-3 the first engine partitions the model
+    and later ones keep it partitioned (fedtune_trainer.engines).
     """
-    deepspeed = import_deepspeed()
-    init_distributed_once()  # several ranks: their process group exists already (fedtune_trainer.ranks)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for _, p in params], config=deepspeed_config(cfg)
-    )
+    engine = build_engine(model, deepspeed_config(cfg), [p for _, p in params])
     loss_sum, seen = 0.0, 0
     try:
         for step in steps:
@@ -241,15 +201,21 @@ def _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id) -> tupl
                 loss_sum += float(loss.detach().float()) * len(indices)
                 seen += len(indices)
     finally:
-        # Drop the engine's hooks on our parameters, or the next round's engine would share them.
-        if hasattr(engine, "destroy"):
-            engine.destroy()
+        release_engine(engine)  # or the next round's engine would share this one's hooks
         del engine
-        gc.collect()
-        # bf16 casts the whole module; give every tensor back its dtype so the adapter's wire
-        # format (and evaluation) does not change with the engine settings.
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if p.dtype != dtypes[n]:
-                    p.data = p.data.to(dtypes[n])
+        _restore_dtypes(model, dtypes)
     return loss_sum, seen
+
+
+def _restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """bf16 casts the whole module; give every tensor back its dtype so the adapter's wire format
+    (and evaluation) does not change with the engine settings.
+
+    ZeRO-3 tensors are left in the dtype their partitions hold (a cast of `data`, their whole
+    copy or an empty placeholder, would not reach the partitions): a party casts the update to
+    the global adapter's dtypes as it reads it (adapters.adapter_state(like=...)).
+    """
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dtype != dtypes[n] and not hasattr(p, "ds_id"):
+                p.data = p.data.to(dtypes[n])

@@ -13,12 +13,6 @@ from fedtune.api.quantization import QuantizationSpec
 from fedtune.api.status import FederatedJobStatus
 
 Task = Literal["sequence-classification", "causal-lm"]
-# Between rounds a ZeRO-3 model stays partitioned: rank 0 alone could neither evaluate it nor reset
-# its adapter without the other ranks (see docs/ARCHITECTURE.md, multi-GPU parties).
-ZERO3_ACROSS_RANKS = (
-    "deepspeed.zeroStage 3 across several ranks (gpusPerPod > 1) is not supported: use zeroStage 2 "
-    "(with offloadOptimizer to save memory) or gpusPerPod: 1"
-)
 MODEL_SCHEMES = ("file://", "pkg://", "hf://", "s3://")
 
 
@@ -264,10 +258,8 @@ class FederatedJobSpec(ApiModel):
 
     def global_batch(self, gpus_per_pod: int) -> int:
         """micro x accumulation x world of a party with `gpus_per_pod` GPUs; ValueError when that party
-        cannot train the job: deepspeed.trainBatchSize differs, or ZeRO-3 would span several ranks."""
+        cannot train the job (deepspeed.trainBatchSize differs)."""
         world = self.world_size(gpus_per_pod)
-        if world > 1 and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
-            raise ValueError(f"{ZERO3_ACROSS_RANKS} (a party has {gpus_per_pod} GPUs per pod)")
         derived = self.training.batch_size * self.training.gradient_accumulation * world
         want = self.deepspeed.train_batch_size
         if want is not None and want != derived:
