@@ -9,7 +9,7 @@ dict the aggregator stores as safetensors, so a restarted aggregator resumes exa
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -49,12 +49,15 @@ def check_same_keys(expected: Mapping[str, torch.Tensor], got: Mapping[str, torc
         raise ValueError(f"{what} has other tensors than expected: {'; '.join(parts)}")
 
 
-def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tensors:
+def weighted_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], names: Iterable[str] | None = None
+) -> Tensors:
     """Weighted average of name -> tensor dicts (weights are normalised to sum to 1).
 
     Floating tensors are accumulated in at least float32 and returned in their own dtype.
     Non-floating tensors (counters and the like) cannot be averaged: they must agree across
-    updates and are passed through.
+    updates and are passed through. `names` limits the average to those tensors (all by
+    default); every update must still hold the same names as the first.
     """
     if not updates:
         raise ValueError("no updates to average")
@@ -63,7 +66,8 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     for i, upd in enumerate(updates[1:], start=1):
         check_same_keys(first, upd, f"update #{i}")
     out: Tensors = {}
-    for name, ref in first.items():
+    for name in first if names is None else names:
+        ref = first[name]
         tensors = [u[name] for u in updates]
         if any(t.shape != ref.shape for t in tensors):
             raise ValueError(f"tensor {name} has different shapes across updates")
