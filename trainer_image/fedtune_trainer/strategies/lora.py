@@ -191,9 +191,9 @@ def refactor_batch(
 
 
 # Float64 scratch for one chunk of modules (every party's stacked factors). It bounds memory when
-# updates are read lazily from disk, and still batches enough modules (8 of a 7B's q,k,v,o at
-# P = 8, r = 16) for the batched kernels to pay off.
-_CHUNK_BYTES = 64 * 2**20
+# updates are read lazily from disk; 4 modules of a 7B's q,k,v,o at P = 8, r = 16 already run
+# as fast as 8 (and 1 a chunk is slower on 2 threads).
+_CHUNK_BYTES = 32 * 2**20
 
 
 def _combine_group(
