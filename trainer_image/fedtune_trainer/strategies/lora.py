@@ -160,7 +160,7 @@ def refactor_batch(
     gives U_c and S². Only the kept components are lifted: U_r = Q_b U_c[:, :r], and
     S_r V_rᵀ = U_rᵀ M = U_c[:, :r]ᵀ R_b a_cat. (An SVD of R_b R_aᵀ would need a second
     Gram eigendecomposition and an SVD: twice the serial LAPACK work, for precision that
-    float64 already gives: kept components agree with a dense SVD of M to ~1e-12.)
+    float64 already gives: the kept components agree with a dense SVD of M to 1e-9 or better.)
     Components past min(out, in) (rank above a layer dimension) are zero in both factors.
     """
     n_out, n_in = b_cat.shape[1], a_cat.shape[2]
