@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Mapping
+
 import pytest
 import torch
-from fedtune_trainer.strategies import aggregate_round, combine, make_strategy
+from fedtune_trainer.strategies import aggregate_round, combine, lora, make_strategy
 from fedtune_trainer.strategies.lora import exact_combine, lora_pairs
 
 A = "base_model.model.layer.0.q.lora_A.weight"
@@ -150,9 +153,12 @@ def test_zero_product_keeps_factors_trainable():
     # Round-0 LoRA: B = 0. The mean product is 0; B' must be 0 and A' rows unit vectors,
     # not A' = 0 too (B = A = 0 has zero gradient in both factors and would never learn).
     updates = [{A: torch.randn(R, N_IN, generator=gen(i)), B: torch.zeros(N_OUT, R)} for i in range(2)]
-    out, residual = combine(updates, [1, 1], "exact")
+    out, residual = combine(updates, [1, 3], "exact")
     assert torch.count_nonzero(out[B]) == 0
-    torch.testing.assert_close(out[A].norm(dim=1), torch.ones(R))
+    torch.testing.assert_close(out[A] @ out[A].T, torch.eye(R))
+    # ... in the directions of the parties' mean A (their init), not arbitrary axes.
+    mean_a = 0.25 * updates[0][A] + 0.75 * updates[1][A]
+    torch.testing.assert_close(out[A] @ torch.linalg.pinv(mean_a) @ mean_a, out[A])
     assert residual == 0.0
 
 
@@ -192,3 +198,190 @@ def test_adalora_and_unknown_modes_are_refused():
         combine([upd], [1], "exact")
     with pytest.raises(ValueError, match="unknown LoRA aggregation mode 'svd'"):
         combine([upd], [1], "svd")
+
+
+# --- the batched Gram route against an explicit dense SVD --------------------------------------
+
+
+def flat_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """B·A in float64 for any peft layout (Linear, Embedding, Conv)."""
+    rank = a.shape[0]
+    return b.double().reshape(b.shape[0], rank) @ a.double().reshape(rank, -1)
+
+
+def dense_reference(updates, weights, key_a, key_b):
+    """Best rank-r approximation of M = Σ wᵢBᵢAᵢ from a float64 SVD of M itself, its kept
+    singular values and the relative residual of the rest."""
+    total = sum(weights)
+    m = sum(w / total * flat_product(u[key_a], u[key_b]) for u, w in zip(updates, weights))
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    keep = min(updates[0][key_a].shape[0], s.numel())
+    norm = float(s.square().sum().sqrt())
+    residual = float(s[keep:].square().sum().sqrt()) / norm if norm > 0 else 0.0
+    return u[:, :keep] * s[:keep] @ vh[:keep], s[:keep], residual
+
+
+def assert_matches_reference(out, residuals, updates, weights, module, key_a, key_b, tol=1e-6):
+    best, s, residual = dense_reference(updates, weights, key_a, key_b)
+    a, b, ref_a, ref_b = out[key_a], out[key_b], updates[0][key_a], updates[0][key_b]
+    assert (a.shape, a.dtype, b.shape, b.dtype) == (ref_a.shape, ref_a.dtype, ref_b.shape, ref_b.dtype)
+    assert float(torch.linalg.norm(flat_product(a, b) - best)) <= tol * float(torch.linalg.norm(best))
+    # Balanced split: column k of B' and row k of A' both have norm √s_k (dead components: A' rows
+    # of norm 1, checked where they occur).
+    alive = int((s > 1e-6 * s.max()).sum()) if s.numel() else 0
+    rank = a.shape[0]
+    b_norms, a_norms = b.double().reshape(-1, rank).square().sum(0), a.double().reshape(rank, -1).square().sum(1)
+    torch.testing.assert_close(b_norms[:alive], s[:alive], rtol=tol * 10, atol=0)
+    torch.testing.assert_close(a_norms[:alive], s[:alive], rtol=tol * 10, atol=0)
+    # Float64 Gram matrices resolve singular values down to ~1e-8·s₁ (rounding of S²), so tails
+    # below that read as 0: a residual resolution of 2e-7, finer than the float32 outputs hold.
+    assert residuals[module] == pytest.approx(residual, rel=1e-6, abs=2e-7)
+
+
+def random_party(shapes: dict[str, tuple], seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = gen(seed)
+    return {k: torch.randn(shape, generator=g).to(dtype) for k, shape in shapes.items()}
+
+
+# Several modules of different shapes in one call: two of one Linear shape (batched together),
+# a wider Linear, a Linear whose P·r exceeds a dimension, an Embedding and a Conv.
+MIXED = {
+    "m.l0.q": ((2, 6), (5, 2)),
+    "m.l1.q": ((2, 6), (5, 2)),
+    "m.l0.up": ((3, 40), (24, 3)),
+    "m.l0.narrow": ((4, 3), (7, 4)),
+    "m.emb": ((2, 10), (6, 2)),
+    "m.conv": ((2, 3, 2, 2), (4, 2, 1, 1)),
+}
+
+
+def mixed_keys(module: str) -> tuple[str, str]:
+    if module == "m.emb":
+        return f"{module}.lora_embedding_A", f"{module}.lora_embedding_B"
+    return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+
+
+def mixed_updates(parties: int, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
+    shapes = {}
+    for module, (shape_a, shape_b) in MIXED.items():
+        key_a, key_b = mixed_keys(module)
+        shapes[key_a], shapes[key_b] = shape_a, shape_b
+    shapes["m.head.weight"] = (3, 4)
+    return [random_party(shapes, seed, dtype) for seed in range(parties)]
+
+
+@pytest.mark.parametrize("parties", [1, 3])
+def test_every_module_matches_a_dense_svd_in_one_call(parties):
+    updates, weights = mixed_updates(parties), [3.0, 1.0, 2.0][:parties]
+    out, residuals = exact_combine(updates, weights)
+    assert list(out) == list(updates[0])  # same names, same order
+    for module in MIXED:
+        assert_matches_reference(out, residuals, updates, weights, module, *mixed_keys(module))
+    if parties > 1:  # P·r > r: the mean product is genuinely lossy somewhere
+        assert max(residuals.values()) > 0.05
+
+
+def test_close_parties_match_the_dense_svd_to_1e6():
+    # What federated rounds look like: every party starts from the same global factors and moves
+    # a little, so the stacked factors are nearly rank r and their Gram matrices ill-conditioned
+    # (condition numbers near 1e9 and 2e10 here). Float32 Gram matrices lose the small directions.
+    g = gen(21)
+    n_out, n_in, rank, parties = 96, 80, 8, 8
+    spectrum = torch.logspace(0, -3, rank)
+    a0 = torch.linalg.qr(torch.randn(n_in, rank, generator=g)).Q.T * spectrum[:, None]
+    b0 = torch.randn(n_out, rank, generator=g) * 0.01
+    updates = [
+        {A: a0 + 1e-4 * torch.randn(rank, n_in, generator=g), B: b0 + 1e-6 * torch.randn(n_out, rank, generator=g)}
+        for _ in range(parties)
+    ]
+    weights = [float(10 + i) for i in range(parties)]
+    out, residuals = exact_combine(updates, weights)
+    assert_matches_reference(out, residuals, updates, weights, "base_model.model.layer.0.q", A, B)
+
+
+@pytest.mark.parametrize("case", ["identical", "all zero", "zero A", "rank above layer size"])
+def test_rank_deficient_inputs(case):
+    a, b = base_factors(8)
+    if case == "identical":  # P copies: the stacked factors have rank r, not P·r
+        updates = [{A: a, B: b}] * 4
+    elif case == "all zero":
+        updates = [{A: torch.zeros_like(a), B: torch.zeros_like(b)}] * 3
+    elif case == "zero A":
+        updates = [{A: torch.zeros_like(a), B: b}, {A: torch.zeros_like(a), B: 2 * b}]
+    else:  # r = 4 > out = 3: only 3 components can exist, the 4th is padding
+        g = gen(9)
+        updates = [{A: torch.randn(4, N_IN, generator=g), B: torch.randn(3, 4, generator=g)} for _ in range(2)]
+    out, residuals = exact_combine(updates, [1.0] * len(updates))
+    assert_matches_reference(out, residuals, updates, [1.0] * len(updates), "base_model.model.layer.0.q", A, B)
+    assert all(torch.isfinite(t).all() for t in out.values())
+    if case == "rank above layer size":
+        assert torch.count_nonzero(out[A][3]) == 0 and torch.count_nonzero(out[B][:, 3]) == 0
+    elif case != "identical":  # M = 0: every component dead, revived as orthonormal A' rows
+        assert torch.count_nonzero(out[B]) == 0
+        torch.testing.assert_close(out[A] @ out[A].T, torch.eye(R))
+
+
+def test_bf16_and_float32_modules_in_one_call():
+    updates = mixed_updates(2)
+    for upd in updates:  # the Linear pair and the Embedding in bf16, the rest float32
+        for module in ("m.l0.q", "m.emb"):
+            for key in mixed_keys(module):
+                upd[key] = upd[key].to(torch.bfloat16)
+    out, residuals = exact_combine(updates, [1.0, 1.0])
+    for module in MIXED:
+        # bf16 outputs hold 8 bits of mantissa; the reference uses the bf16 inputs' exact values.
+        tol = 1e-2 if module in ("m.l0.q", "m.emb") else 1e-6
+        assert_matches_reference(out, residuals, updates, [1.0, 1.0], module, *mixed_keys(module), tol=tol)
+
+
+class LazyUpdate(Mapping):
+    """An update whose tensors are made on access, like one read from disk; it counts reads and
+    how many of the tensors it handed out are alive at once."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], stats: dict[str, int]):
+        self._tensors, self._stats = tensors, stats
+        self.reads: dict[str, int] = {}
+
+    def __getitem__(self, key):
+        tensor = self._tensors[key].clone()
+        self.reads[key] = self.reads.get(key, 0) + 1
+        self._stats["live"] += 1
+        self._stats["peak"] = max(self._stats["peak"], self._stats["live"])
+        weakref.finalize(tensor, self._release)
+        return tensor
+
+    def _release(self):
+        self._stats["live"] -= 1
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+
+@pytest.mark.parametrize("chunk_modules", [1, 2, 3, 100])
+def test_chunks_give_the_same_result_and_read_factors_lazily(monkeypatch, chunk_modules):
+    # 7 modules of one shape: chunks of 2 leave a last chunk of 1, chunks of 100 take all at once.
+    shapes = {}
+    for i in range(7):
+        shapes[A.replace("layer.0", f"layer.{i}")], shapes[B.replace("layer.0", f"layer.{i}")] = (R, N_IN), (N_OUT, R)
+    parties = 3
+    plain = [random_party(shapes, seed) for seed in range(parties)]
+    per_module = 8 * parties * R * (N_IN + N_OUT)  # float64 scratch of one module
+    monkeypatch.setattr(lora, "_CHUNK_BYTES", chunk_modules * per_module)
+    stats = {"live": 0, "peak": 0}
+    lazy = [LazyUpdate(u, stats) for u in plain]
+    out, residuals = exact_combine(lazy, [1.0, 2.0, 3.0])
+    for i in range(7):
+        key_a, key_b = A.replace("layer.0", f"layer.{i}"), B.replace("layer.0", f"layer.{i}")
+        assert_matches_reference(out, residuals, plain, [1.0, 2.0, 3.0], key_a.rsplit(".lora_A", 1)[0], key_a, key_b)
+    # Party 0's factors are read once more for their shapes; no plain mean of the factors.
+    assert set(lazy[0].reads.values()) == {2} and all(set(u.reads.values()) == {1} for u in lazy[1:])
+    assert stats["peak"] <= 2 * parties * min(chunk_modules, 7)  # never every factor of every party
+
+
+def test_factor_shapes_must_agree_across_parties():
+    a, b = base_factors()
+    with pytest.raises(ValueError, match="different shapes across updates"):
+        exact_combine([{A: a, B: b}, {A: a[:1], B: b[:, :1]}], [1, 1])

@@ -36,6 +36,14 @@ def test_weighted_mean_by_hand():
     torch.testing.assert_close(out["b"], t(3.0))
 
 
+def test_weighted_mean_of_some_names_still_checks_all():
+    a = {"w": t(1.0, 2.0), "b": t(0.0)}
+    b = {"w": t(3.0, 6.0), "b": t(4.0)}
+    assert list(weighted_mean([a, b], [1, 3], names=["w"])) == ["w"]
+    with pytest.raises(ValueError, match="missing b"):
+        weighted_mean([a, {"w": t(3.0, 6.0)}], [1, 3], names=["w"])
+
+
 def test_weighted_mean_keeps_dtype_and_sums_in_float32():
     # 100 equal updates of 1.0: summing 0.01-weighted terms in bf16 drifts to ~1.047,
     # a float32 accumulator lands back on 1.0.

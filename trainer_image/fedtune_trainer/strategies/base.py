@@ -9,7 +9,7 @@ dict the aggregator stores as safetensors, so a restarted aggregator resumes exa
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar
 
 import torch
@@ -49,14 +49,17 @@ def check_same_keys(expected: Mapping[str, torch.Tensor], got: Mapping[str, torc
         raise ValueError(f"{what} has other tensors than expected: {'; '.join(parts)}")
 
 
-def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tensors:
+def weighted_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], names: Iterable[str] | None = None
+) -> Tensors:
     """Weighted average of name -> tensor dicts (weights are normalised to sum to 1).
 
     Floating tensors are accumulated in at least float32 and returned in their own dtype.
     Non-floating tensors (counters and the like) cannot be averaged: they must agree across
     updates and are passed through. Tensors are read key by key and party by party, so updates
     that load lazily from disk (`tensorfile.TensorFile`) cost one tensor and the running sum
-    in memory, not every update at once.
+    in memory, not every update at once. `names` limits the average to those tensors (all by
+    default); every update must still hold the same names as the first.
     """
     if not updates:
         raise ValueError("no updates to average")
@@ -64,7 +67,7 @@ def weighted_mean(updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
     first = updates[0]
     for i, upd in enumerate(updates[1:], start=1):
         check_same_keys(first, upd, f"update #{i}")
-    return {name: _mean_of(name, updates, norm) for name in first}
+    return {name: _mean_of(name, updates, norm) for name in (first if names is None else names)}
 
 
 def _mean_of(name: str, updates: Sequence[Mapping[str, torch.Tensor]], norm: Sequence[float]) -> torch.Tensor:
