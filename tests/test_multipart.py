@@ -25,6 +25,7 @@ from fedtune.rounds.intents import (
     trainer_intents,
     upload_target,
 )
+from fedtune.storage.s3 import StorageError
 from fedtune.storage.signer import BucketSigner
 from fedtune_trainer import transfer
 from fedtune_trainer.transfer import TransferError
@@ -227,6 +228,28 @@ def test_large_adapters_get_parts_sized_from_the_global_adapter():
     assert len(agg.state_out.multipart.part_urls) == -(-2 * size // PART_SIZE) + 1  # fedadam keeps m and v
     _, stateless = _tickets(size, "fedavg")
     assert stateless.state_out.url is not None  # never used: no multipart upload left hanging
+
+
+class UnreachableStoreSigner(PartSigner):
+    def start_multipart(self, owner, key, parts, part_size, expires_s):
+        raise StorageError("cannot start a multipart upload of k in bucket b at http://s3: endpoint unreachable")
+
+
+def test_a_store_that_cannot_start_a_multipart_upload_gets_a_single_put(caplog):
+    caplog.set_level(logging.WARNING, logger="fedtune.rounds.intents")
+    target = upload_target(UnreachableStoreSigner(), "default/a", "k", TTL, 200 * MiB)
+    assert target.multipart is None and target.url == "put:default/a:k"
+    assert "falling back to a single PUT for k: cannot start a multipart upload" in caplog.text
+    # Ticket building (the operator's reconcile, local mode's runner) goes on with single PUTs.
+    sim = Sim(make_job(n=2))
+    while sim.st.stage != "aggregating":
+        sim.step()
+    sim.st.adapter_bytes = 200 * MiB
+    train = build_trainer_ticket(
+        sim.job, trainer_intents(sim.job, sim.st)["default/a"], party_doc("a"), sim.st, UnreachableStoreSigner(), T0
+    )
+    agg = build_aggregator_ticket(sim.job, aggregator_intent(sim.job, sim.st), sim.st, UnreachableStoreSigner(), T0)
+    assert train.update_out.url and agg.global_out.url
 
 
 def test_the_init_receipt_tells_the_control_plane_the_adapter_size():

@@ -3,12 +3,13 @@
 `trainer_intents` / `aggregator_intent` are pure. `build_*_ticket` turn an intent into a wire
 ticket with presigned URLs through a `Signer`, so the same code serves local mode and the
 operator. Presigning is local crypto, no network; only adapters above MULTIPART_THRESHOLD cost
-requests to the store (starting their multipart uploads). URLs expire shortly after the stage's
-deadline.
+requests to the store (starting their multipart uploads; where that fails, a single PUT instead).
+URLs expire shortly after the stage's deadline.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -20,6 +21,9 @@ from fedtune.api.protocol import AggregatorTicket, Download, Multipart, TrainerC
 from fedtune.api.status import FederatedJobStatus
 from fedtune.rounds.machine import active, designated_initialiser, evaluator_task
 from fedtune.storage import layout
+from fedtune.storage.s3 import StorageError
+
+log = logging.getLogger(__name__)
 
 COORDINATOR = "coordinator"
 URL_GRACE_SECONDS = 120  # uploads that start just before the deadline may still finish
@@ -125,7 +129,14 @@ def upload_target(signer: Signer, owner: str, key: str, ttl: int, expected_bytes
     if expected_bytes is None or expected_bytes <= MULTIPART_THRESHOLD:
         return Upload(url=signer.presign_put(owner, key, ttl))
     parts = -(-expected_bytes // PART_SIZE) + 1
-    return Upload(multipart=signer.start_multipart(owner, key, parts, PART_SIZE, ttl))
+    try:
+        return Upload(multipart=signer.start_multipart(owner, key, parts, PART_SIZE, ttl))
+    except StorageError as exc:
+        # Starting an upload talks to the store; its failure must not abort a reconcile or end a
+        # local run. A single PUT still works (S3 accepts single PUTs of up to 5 GiB), without
+        # per-part retries. StorageError's text names bucket, endpoint and fix, never a signature.
+        log.warning("falling back to a single PUT for %s: %s", key, exc)
+        return Upload(url=signer.presign_put(owner, key, ttl))
 
 
 def build_trainer_ticket(
