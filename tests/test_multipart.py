@@ -17,6 +17,7 @@ import pytest
 import urllib3
 from fedtune.api.protocol import Multipart, Upload
 from fedtune.rounds.intents import (
+    MAX_PARTS,
     MULTIPART_THRESHOLD,
     PART_SIZE,
     aggregator_intent,
@@ -228,6 +229,31 @@ def test_large_adapters_get_parts_sized_from_the_global_adapter():
     assert len(agg.state_out.multipart.part_urls) == -(-2 * size // PART_SIZE) + 1  # fedadam keeps m and v
     _, stateless = _tickets(size, "fedavg")
     assert stateless.state_out.url is not None  # never used: no multipart upload left hanging
+
+
+def test_a_multi_gib_adapter_gets_larger_parts_not_more_part_urls():
+    signer = RecordingSigner()
+    # Each part URL takes ~1 KB of a 1 MiB mailbox Secret; FedAdam's state of a 4 GiB adapter is 8 GiB.
+    for gib in (4, 8, 40, 1000):
+        size = gib * 1024 * MiB + 12345
+        target = upload_target(signer, "alice", "k", TTL, size)
+        (parts, part_size) = signer.started[-1]
+        assert len(target.multipart.part_urls) == parts <= MAX_PARTS + 1
+        assert part_size % MiB == 0 and PART_SIZE <= part_size <= 5 * 1024 * MiB  # S3's largest part
+        assert (parts - 1) * part_size >= size  # the spare part is still spare
+    upload_target(signer, "alice", "k", TTL, 200 * MiB)
+    assert signer.started[-1] == (-(-200 * MiB // PART_SIZE) + 1, PART_SIZE)  # smaller ones keep 16 MiB parts
+
+
+class RecordingSigner(PartSigner):
+    """Records (parts, part size) of every multipart upload started."""
+
+    def __init__(self):
+        self.started: list[tuple[int, int]] = []
+
+    def start_multipart(self, owner, key, parts, part_size, expires_s):
+        self.started.append((parts, part_size))
+        return super().start_multipart(owner, key, parts, part_size, expires_s)
 
 
 class UnreachableStoreSigner(PartSigner):

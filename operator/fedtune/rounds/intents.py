@@ -29,8 +29,12 @@ COORDINATOR = "coordinator"
 URL_GRACE_SECONDS = 120  # uploads that start just before the deadline may still finish
 # Objects expected above the threshold go up in parts, each retried alone: a dropped connection
 # costs one part, not the whole adapter. S3 wants parts of at least 5 MiB and at most 10,000 of them.
+# Every part URL (~0.4-1.2 KB) travels in the ticket, whose mailbox is a Secret (1 MiB at most), so
+# parts grow beyond PART_SIZE to keep an object within MAX_PARTS (+1 spare) whatever its size.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024
+MAX_PARTS = 256
+_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,12 @@ def url_ttl(deadline: datetime, now: datetime) -> int:
     return max(60, int((deadline - now).total_seconds()) + URL_GRACE_SECONDS)
 
 
+def part_size_for(expected_bytes: int) -> int:
+    """PART_SIZE, or larger (whole MiB) so that `expected_bytes` fits in MAX_PARTS parts."""
+    needed = -(-expected_bytes // MAX_PARTS)
+    return max(PART_SIZE, -(-needed // _MIB) * _MIB)
+
+
 def upload_target(signer: Signer, owner: str, key: str, ttl: int, expected_bytes: int | None) -> Upload:
     """A single presigned PUT, or a multipart upload when the object is expected above MULTIPART_THRESHOLD.
 
@@ -128,9 +138,10 @@ def upload_target(signer: Signer, owner: str, key: str, ttl: int, expected_bytes
     """
     if expected_bytes is None or expected_bytes <= MULTIPART_THRESHOLD:
         return Upload(url=signer.presign_put(owner, key, ttl))
-    parts = -(-expected_bytes // PART_SIZE) + 1
+    part_size = part_size_for(expected_bytes)
+    parts = -(-expected_bytes // part_size) + 1
     try:
-        return Upload(multipart=signer.start_multipart(owner, key, parts, PART_SIZE, ttl))
+        return Upload(multipart=signer.start_multipart(owner, key, parts, part_size, ttl))
     except StorageError as exc:
         # Starting an upload talks to the store; its failure must not abort a reconcile or end a
         # local run. A single PUT still works (S3 accepts single PUTs of up to 5 GiB), without
