@@ -161,6 +161,26 @@ def test_a_streamed_download_with_the_wrong_sha256_is_refused_and_leaves_nothing
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("announced", [True, False], ids=["content-length", "streamed"])
+def test_a_download_over_its_limit_is_refused_at_once_and_leaves_nothing(s3world, tmp_path, monkeypatch, announced):
+    bucket, key = s3world.bucket("carol"), _key()
+    bucket.put_bytes(key, os.urandom(3 * MiB))
+
+    def no_length(call, seen, send):  # a chunked answer: the size shows only while streaming
+        real = send()
+        return urllib3.HTTPResponse(body=real, status=200, preload_content=False)
+
+    spy = Spy(monkeypatch, None if announced else no_length)
+    path, url = tmp_path / "obj", bucket.presign_get(key, TTL)
+    with pytest.raises(TransferError) as info:
+        transfer.get_to_file(url, path, max_bytes=2 * MiB, backoff=0.01)
+    assert (
+        str(info.value)
+        == f"GET of {transfer.redact(url)} refused: the object is larger than the limit of {2 * MiB} bytes"
+    )
+    assert spy.count("GET") == 1 and list(tmp_path.iterdir()) == []  # not retried; no .part left
+
+
 def test_a_download_cut_short_starts_again(s3world, tmp_path, monkeypatch):
     bucket, key = s3world.bucket("hub"), _key()
     data = os.urandom(3 * MiB)

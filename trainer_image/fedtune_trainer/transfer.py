@@ -110,26 +110,39 @@ def get(url: str, sha256: str | None = None, attempts: int = 5, backoff: float =
 
 
 def get_to_file(
-    url: str, path: Path, sha256: str | None = None, attempts: int = 5, backoff: float = 0.5
+    url: str,
+    path: Path,
+    sha256: str | None = None,
+    attempts: int = 5,
+    backoff: float = 0.5,
+    max_bytes: int | None = None,
 ) -> tuple[str, int]:
     """Stream an object into `path`, hashing it on the way; returns (sha256, size in bytes).
 
     Memory stays at one chunk whatever the object's size. Bytes land in `<path>.part`, renamed to
     `path` only once complete (and matching `sha256`, when given), so `path` is never half a file.
     A connection lost mid-body restarts the download, within the same retries as a failed request.
+    An object larger than `max_bytes` is refused (not retried) before more than that reaches disk.
     """
     path = Path(path)
     partial = path.with_name(path.name + ".part")
+
+    def too_large() -> TransferError:
+        return TransferError(f"GET of {redact(url)} refused: the object is larger than the limit of {max_bytes} bytes")
 
     def once() -> tuple[str, int]:
         resp = _send("GET", url, stream=True)
         digest, size = hashlib.sha256(), 0
         try:
+            if max_bytes is not None and int(resp.headers.get("Content-Length") or 0) > max_bytes:
+                raise too_large()
             with open(partial, "wb") as out:
                 for chunk in resp.stream(CHUNK):
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise too_large()
                     digest.update(chunk)
                     out.write(chunk)
-                    size += len(chunk)
         except urllib3.exceptions.HTTPError as exc:
             raise _Transient(f"{type(exc).__name__} while reading {redact(url)}") from None
         finally:
