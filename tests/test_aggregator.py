@@ -15,7 +15,7 @@ from fedtune.api.mailbox import FileMailbox
 from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket, Download, UpdateIn
 from fedtune.api.status import utcnow
 from fedtune.storage.s3 import StorageError
-from fedtune_trainer.aggregator import handle, serve
+from fedtune_trainer.aggregator import handle, serve, update_limit
 from fedtune_trainer.compression import encode
 from fedtune_trainer.strategies import aggregate_round, make_strategy
 from fedtune_trainer.verify import load_verified
@@ -124,6 +124,22 @@ def test_below_quorum_fails_the_round_and_uploads_nothing(s3world):
     assert receipt.sha256 is None
     with pytest.raises(StorageError, match="no object"):  # nothing was uploaded
         rnd.new_global()
+
+
+def test_an_update_far_larger_than_the_global_adapter_is_rejected_and_round_goes_on(s3world):
+    rnd = Round(s3world, job_id(), 1)
+    rnd.add_update("alice", upd(1.0, 2.0, 0.0), 1)
+    rnd.add_update("bob", upd(3.0, 6.0, 4.0), 1)
+    rnd.add_update("carol", {}, 1, data=b"\0" * (2 * 1024 * 1024))  # would fill the aggregator's disk
+    global_in = rnd.put_global(GLOBAL0)
+    receipt = handle(rnd.ticket(global_in, min_updates=2))
+
+    assert receipt.ok, receipt.error
+    assert receipt.accepted == ["alice", "bob"]
+    limit = update_limit(len(save(GLOBAL0)))
+    assert receipt.rejected["carol"].startswith("update from carol: GET of http")
+    assert receipt.rejected["carol"].endswith(f"refused: the object is larger than the limit of {limit} bytes")
+    assert "X-Amz-Signature" not in receipt.rejected["carol"]
 
 
 def test_unreachable_update_is_rejected_not_fatal(s3world):

@@ -46,6 +46,16 @@ def _fetch_verified(
     return open_verified(path, digest, download.sha256, reference, source=source)
 
 
+def update_limit(global_bytes: int) -> int:
+    """The most bytes an update may have: a party chooses its update's size, the aggregator's disk is shared.
+
+    An update holds the global adapter's tensors (same names, shapes and dtypes, checked later),
+    and compression only shrinks them; twice the global's size plus 1 MiB leaves room for a
+    larger header and per-row int8 scales, yet stops a huge upload from filling the disk.
+    """
+    return 2 * global_bytes + 1024 * 1024
+
+
 def _describe(exc: Exception) -> str:
     """Expected failures carry their own wording; anything else also names its type."""
     if isinstance(exc, (ValueError, transfer.TransferError)):
@@ -73,8 +83,11 @@ def _collect_updates(
         updates.append(upd)
 
     paths = [workdir / f"update-{i}.safetensors" for i in range(len(updates))]  # party names hold "/"
+    limit = update_limit(global_prev.path.stat().st_size)
     with ThreadPoolExecutor(max_workers=min(8, len(updates) or 1)) as pool:  # downloads overlap; checks do not
-        downloads = [pool.submit(transfer.get_to_file, upd.url, path) for upd, path in zip(updates, paths)]
+        downloads = [
+            pool.submit(transfer.get_to_file, upd.url, path, max_bytes=limit) for upd, path in zip(updates, paths)
+        ]
     for upd, path, download in zip(updates, paths, downloads):
         try:
             digest, size = download.result()
