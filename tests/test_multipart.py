@@ -131,6 +131,22 @@ def test_a_refused_part_fails_at_once_naming_the_part_without_its_signature(s3wo
     assert spy.count("PUT", 2) == 1 and spy.count("POST") == 0  # a 403 is not retried
 
 
+def test_no_such_upload_after_a_lost_completion_answer_says_it_may_have_completed(s3world, monkeypatch):
+    multipart, data, _ = _three_parts(s3world)
+
+    def lose_then_gone(call, seen, send):
+        if call == ("POST", None) and seen == 1:
+            send()  # completed; the answer never arrives
+            raise urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset by peer"))
+        if call == ("POST", None):  # what a store that forgot the completed upload answers
+            return urllib3.HTTPResponse(body=io.BytesIO(b"<Error><Code>NoSuchUpload</Code></Error>"), status=404)
+        return None
+
+    Spy(monkeypatch, lose_then_gone)
+    with pytest.raises(TransferError, match="NoSuchUpload.*the upload may have completed; the round's retry"):
+        transfer.put(Upload(multipart=multipart), data, backoff=0.01)
+
+
 def test_more_data_than_offered_parts_goes_in_larger_parts(s3world, monkeypatch):
     bucket, key = s3world.bucket("carol"), _key()
     multipart = bucket.start_multipart(key, 2, 5 * MiB, TTL)

@@ -192,7 +192,24 @@ def _put_parts(upload: Multipart, data: memoryview, attempts: int, backoff: floa
             raise TransferError(f"{what} failed: {redact(urls[n])} answered without an ETag, needed to complete")
         etags.append(etag)
     what, body = f"completing upload {upload.upload_id}", _completion(etags)
-    _retrying(what, attempts, backoff, lambda: _complete(upload.complete_url, body, what))
+    tries = 0
+
+    def complete() -> None:
+        nonlocal tries
+        tries += 1
+        try:
+            _complete(upload.complete_url, body, what)
+        except TransferError as exc:
+            # On a retry, NoSuchUpload may mean the lost answer of an attempt that did complete it;
+            # the pod has no URL to check, so it still fails, saying so.
+            if tries > 1 and "(NoSuchUpload)" in str(exc):
+                raise TransferError(
+                    f"{exc} (an earlier attempt's answer was lost, so the upload may have completed; "
+                    "the round's retry will send it again)"
+                ) from None
+            raise
+
+    _retrying(what, attempts, backoff, complete)
 
 
 def _completion(etags: list[str]) -> bytes:
