@@ -34,6 +34,7 @@ def with_job(**changes):
     return yaml.safe_dump_all(d)
 
 
+ZERO3 = {"enabled": True, "zeroStage": 3}
 CASES = [
     ({"minParties": 4}, ["spec", "minParties (4) is larger than the number of parties (3)", "lower minParties"]),
     ({"rounds": 0}, ["spec.rounds", "at least 1"]),
@@ -55,6 +56,12 @@ CASES = [
         ["deepspeed.trainBatchSize (20) must be a multiple", "16 x 1 = 16"],
     ),
     ({"deepspeed": {"enabled": True, "zeroStage": 2, "offloadParams": True}}, ["offloadParams needs", "zeroStage: 3"]),
+    (
+        {"peft.method": "prompt_tuning", "peft.config": {"num_virtual_tokens": 8}, "deepspeed": ZERO3},
+        ["prompt_tuning with deepspeed.zeroStage 3 is not supported", "use zeroStage <= 2 or lora"],
+    ),
+    ({"model.quantization": {"bits": 4}, "deepspeed": ZERO3}, ["quantization trains on the plain PyTorch path"]),
+    ({"model.quantization": {"bits": 8, "doubleQuant": True}}, ["doubleQuant applies to 4-bit quantisation only"]),
     ({"training.localSteps": 5}, ["either training.localEpochs or training.localSteps"]),
     ({"training.learningRate": 0}, ["spec.training.learningRate", "greater than 0"]),
     ({"data.labels": ["a"]}, ["data.labels must list at least two classes"]),

@@ -150,3 +150,4 @@ def test_parties_take_turns_only_when_the_turns_are_full(parties, cores, threads
     from fedtune.local.runner import _cpu_slots
 
     assert _cpu_slots(parties, cores, threads) == slots
+    assert _cpu_slots(parties, cores, threads, ranks=2) == 0  # a multi-rank party's ranks never queue

@@ -9,7 +9,6 @@ eval split and trains its share of each step.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -210,8 +209,9 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
         raise ValueError("train ticket needs trainData and updateOut")
     train, global_state, evals = ranks.share(lambda: _fetch_round(ticket, rt, receipt))
     _load_global(rt, global_state, ranks)
-    # Local mode: no more parties compute at once than there are cores; rank 0 queues for its pod.
-    with cpu_slots.hold() if ranks.lead else contextlib.nullcontext():
+    # Local mode: no more parties compute at once than there are cores (one-rank parties only: the
+    # runner sets no slots when a party has several ranks, which must not wait for one another).
+    with cpu_slots.hold():
         metrics = _evaluate(ticket, rt, receipt, evals, ranks)
         with ranks.lockstep(f"training round {ticket.round}"):
             result = train_local(
@@ -248,7 +248,7 @@ def _fetch_eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt
 def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
     evals, global_state = ranks.share(lambda: _fetch_eval(ticket, rt, receipt))
     _load_global(rt, global_state, ranks)
-    with cpu_slots.hold() if ranks.lead else contextlib.nullcontext():
+    with cpu_slots.hold():
         receipt.metrics = _evaluate(ticket, rt, receipt, evals, ranks)
     if ranks.lead:
         log.info(

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
-from fedtune.api.methods import TASK_TYPES, check_peft_config, strategy_params
+from fedtune.api.methods import PROMPT_LEARNING, TASK_TYPES, check_peft_config, strategy_params
 from fedtune.api.party import StorageSpec
 from fedtune.api.quantization import QuantizationSpec
 from fedtune.api.status import FederatedJobStatus
@@ -236,7 +236,7 @@ class FederatedJobSpec(ApiModel):
         if self.model.quantization is not None:
             if self.deepspeed.enabled:
                 out.append(
-                    "model.quantization trains on the plain PyTorch path (DDP across a pod's GPUs), not through "
+                    "model.quantization trains on the plain PyTorch path (one rank per GPU), not through "
                     "DeepSpeed: set deepspeed.enabled: false, or remove model.quantization"
                 )
             if self.model.gguf_file:
@@ -246,6 +246,14 @@ class FederatedJobSpec(ApiModel):
                 )
         if self.strategy.name == "fedprox" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
             out.append("fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2")
+        zero3 = self.deepspeed.enabled and self.deepspeed.zero_stage == 3
+        if zero3 and self.peft.method in PROMPT_LEARNING:
+            # peft saves a prompt as a tensor it computes, not as the parameter ZeRO-3 partitions, so the
+            # global prompt could not be written back into the partitions each rank trains from.
+            out.append(
+                f"peft.method {self.peft.method} with deepspeed.zeroStage 3 is not supported (the prompt "
+                "parameters are partitioned, peft saves a computed copy of them); use zeroStage <= 2 or lora"
+            )
         return out
 
     @property

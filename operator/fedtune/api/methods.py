@@ -32,6 +32,9 @@ PEFT_METHODS: dict[str, str] = {
     "prefix_tuning": "PREFIX_TUNING",
 }
 
+# Prompt-learning methods: peft saves their prompt as a tensor it computes from the trained parameters.
+PROMPT_LEARNING = frozenset({"prompt_tuning", "prefix_tuning"})
+
 # Methods peft has but fedtune refuses, and why.
 UNFEDERATABLE = {
     "p_tuning": "peft saves only the prompt encoder's output, not the encoder it trains, so parties' "

@@ -102,8 +102,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _cpu_slots(parties: int, cores: int, threads: int) -> int:
+def _cpu_slots(parties: int, cores: int, threads: int, ranks: int = 1) -> int:
     """How many training parties may compute at once (fedtune.api.cpu_slots), or 0 for no limit.
+
+    Only when every party is one process (`ranks`: the most ranks of any party): the ranks of a
+    multi-rank party run collectives in lockstep, and one of them queueing for a core would stall
+    the others.
 
     With more parties than cores' worth of threads they would time-slice one another; taking turns
     is faster when they fill every turn (6 parties on 2 cores: 3 turns of 2). Otherwise a last,
@@ -111,7 +115,7 @@ def _cpu_slots(parties: int, cores: int, threads: int) -> int:
     of them run at once.
     """
     slots = max(1, cores // max(1, threads))
-    return slots if parties > slots and parties % slots == 0 else 0
+    return slots if ranks == 1 and parties > slots and parties % slots == 0 else 0
 
 
 def _shown(path: Path) -> Path:
@@ -344,9 +348,9 @@ class LocalRun:
         if zygote is not None and zygote.alive and not zygote.ready:
             self.progress.say("waiting for the libraries and the base model to load (the pods fork once they have) …")
         base_env = self._pod_env()
-        slots = _cpu_slots(len(self.parties), _cores(), self._threads_per_party)
-        slot_dir = str(cpu_slots.make_slots(self.workdir / "cpu-slots", slots)) if slots else None
         worlds = {p.key: self.job.spec.world_size(p.spec.compute.gpus_per_pod) for p in self.members}
+        slots = _cpu_slots(len(self.parties), _cores(), self._threads_per_party, max(worlds.values()))
+        slot_dir = str(cpu_slots.make_slots(self.workdir / "cpu-slots", slots)) if slots else None
         pods = [(p.key, "party") for p in self.members] + [("aggregator", "aggregator")]
         for name, role in pods:
             box = self.workdir / "mailboxes" / _dirname(name)
