@@ -75,8 +75,9 @@ def load_base_model(
 ) -> tuple[torch.nn.Module, Any]:
     """Load (model, tokenizer) for the job's task; `dtype` overrides model.dtype (e.g. DeepSpeed bf16).
 
-    A quantised model (model.quantization) is quantised while it loads, onto `device` (default: CPU),
-    and must not move afterwards."""
+    With a CUDA `device` a causal LM loads straight onto it, so host memory holds one shard at a
+    time rather than the whole model. A quantised model (model.quantization) is quantised while it
+    loads, onto `device` (default: CPU), and must not move afterwards."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_source(model, model_files)
@@ -85,6 +86,10 @@ def load_base_model(
         kwargs["gguf_file"] = model.gguf_file
     if model.quantization is not None:
         kwargs.update(_quantized(model, device or torch.device("cpu")))
+    elif device is not None and device.type == "cuda" and model.task == "causal-lm":
+        # Not for classifiers: their new head is drawn where it is built, and the CPU's seeded draw
+        # is what lets a GPU party and a CPU party agree on it (the base-model fingerprint).
+        kwargs["device_map"] = {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **({"gguf_file": model.gguf_file} if model.gguf_file else {}))
         # Seed before building: a freshly initialised head must be the same on every party.
@@ -186,9 +191,9 @@ def apply_peft(
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        # Freezes the base, casts its unquantised weights (norms, embeddings) to float32 for stable
-        # training, and lets gradients reach the adapter through frozen inputs. Checkpointing is
-        # switched on (non-reentrant) by enable_gradient_checkpointing when the job asks for it.
+        # Freezes the base and casts its unquantised weights (norms, embeddings) to float32 for stable
+        # training. Checkpointing is switched on (non-reentrant, which needs no gradient on the
+        # inputs) by enable_gradient_checkpointing when the job asks for it.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(seed)
     wrapped = get_peft_model(model, config)

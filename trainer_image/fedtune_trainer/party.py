@@ -81,7 +81,7 @@ class PartyRuntime:
             # Placed before its check forward pass; a DeepSpeed engine places the model itself.
             device = pick_device() if place and not cfg.deepspeed.enabled else None
             base, self.tokenizer = load_base_model(
-                cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype, device=device if quantized else None
+                cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype, device=device
             )
             self.fingerprint = fingerprint(base)
             self.model = apply_peft(base, cfg.peft, cfg.model.task, seed, device)

@@ -26,6 +26,13 @@ class ModelSpec(ApiModel):
     task: Task = Field(description="sequence-classification or causal-lm.")
     gguf_file: str | None = Field(None, description="GGUF file name inside the source, for GGUF-packed models.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Base model weight dtype.")
+    parameters: int | None = Field(
+        None,
+        ge=1,
+        description="The base model's parameter count (e.g. 7241732096), when known. It sizes trainer pods' "
+        "memory where the model lives in host memory: CPU parties, and DeepSpeed parameter offload. Left out, "
+        "compute.memory must hold it.",
+    )
     quantization: QuantizationSpec | None = Field(
         None,
         description="Load the frozen base model quantised by bitsandbytes (4-bit: QLoRA). Only the adapter "

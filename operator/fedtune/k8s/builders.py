@@ -44,7 +44,7 @@ class PodContext:
     resources: PodResources
 
 
-def trainer_context(job: FederatedJob, party: Party, *, model_params: int | None = None) -> PodContext:
+def trainer_context(job: FederatedJob, party: Party) -> PodContext:
     """Context of `party`'s trainer pod in `job` (ValueError when the batch does not fit its GPUs)."""
     meta = job.metadata
     return PodContext(
@@ -53,7 +53,7 @@ def trainer_context(job: FederatedJob, party: Party, *, model_params: int | None
         names=names.trainer_names(meta.namespace, meta.name, party.key),
         labels=names.trainer_labels(meta.namespace, meta.name, meta.uid, party.key),
         image=job.spec.trainer_image,
-        resources=trainer_resources(job.spec, party.spec.compute, model_params=model_params),
+        resources=trainer_resources(job.spec, party.spec.compute, model_params=job.spec.model.parameters),
     )
 
 

@@ -16,14 +16,16 @@ memory                request = limit = compute.memory + shm + offload extras be
                       first one the node evicts under memory pressure.
  + offloadOptimizer   + 2Gi per rank: fp32 master weights, Adam moments and gradients of the
                       trainable parameters plus DeepSpeed's pinned transfer buffers, on the host.
- + offloadParams      + 1.5 x modelParams x (2 bytes bf16, 4 bytes fp32) when the model size is
-                      known (the whole base model lives in host memory, +50% staging), else +8Gi.
+ + offloadParams      + 1.5 x parameters x (2 bytes bf16, 4 bytes fp32) when spec.model.parameters is
+                      given (the whole base model lives in host memory, +50% staging), else +8Gi.
                       Offload extras count only when deepspeed.enabled (otherwise ignored).
- + base model         CPU pods, model size known: + modelParams x bytes per weight (fp32 4,
-                      bf16 2; model.quantization: 8-bit ~1, 4-bit ~0.52 with double
-                      quantisation, scales included): there the frozen model lives in host
-                      memory (unless offloadParams counted it). GPU pods hold it on the GPU (a
-                      quantised one is quantised there while it loads): compute.memory only.
+ + base model         CPU parties, spec.model.parameters given: + 1.2 x parameters x bytes per
+                      weight (fp32 4, bf16 2; model.quantization: 8-bit ~1, 4-bit ~0.52 with
+                      double quantisation, scales included; +20% for what stays unquantised,
+                      in float32 after k-bit preparation, and loading): there the frozen model
+                      lives in host memory (unless offloadParams counted it). On a GPU pod's
+                      plain path a causal LM loads straight onto the GPU (a quantised model
+                      too, quantised there), so its host sees one shard at a time.
 world size            spec.world_size(gpusPerPod): one rank per GPU (plain PyTorch or DeepSpeed),
                       1 for CPU parties; the pod's command starts them (fedtune.api.launch).
 global batch          spec.global_batch(gpusPerPod) = micro x accumulation x world; its
@@ -58,6 +60,7 @@ SHM_PER_GPU = 1 * GI
 OFFLOAD_OPTIMIZER_PER_RANK = 2 * GI
 OFFLOAD_PARAMS_UNKNOWN_MODEL = 8 * GI
 OFFLOAD_PARAMS_HEADROOM = Decimal("1.5")
+BASE_MODEL_HEADROOM = Decimal("1.2")
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 
 _SUFFIXES = {
@@ -142,7 +145,8 @@ def _gpu_affinity(product: str) -> dict[str, Any]:
 def trainer_resources(spec: FederatedJobSpec, compute: ComputeSpec, *, model_params: int | None = None) -> PodResources:
     """Resources of a party's trainer pod (see the module docstring for every rule).
 
-    `model_params` is the base model's parameter count when known; it sizes parameter offload.
+    `model_params` is the base model's parameter count when known (spec.model.parameters); it sizes
+    parameter offload and a CPU party's model.
     Raises ValueError when the batch settings do not fit this party's world size.
     """
     gpus = compute.gpus_per_pod
@@ -152,7 +156,7 @@ def trainer_resources(spec: FederatedJobSpec, compute: ComputeSpec, *, model_par
     memory = parse_quantity(compute.memory) + shm + _offload_bytes(spec, world, model_params)
     offloaded = spec.deepspeed.enabled and spec.deepspeed.offload_params  # already counted the model
     if not gpus and model_params is not None and not offloaded:
-        memory += Decimal(model_params) * Decimal(weight_bytes(spec.model.dtype, spec.model.quantization))
+        memory += BASE_MODEL_HEADROOM * model_params * Decimal(weight_bytes(spec.model.dtype, spec.model.quantization))
     requests = {"cpu": compute.cpu, "memory": format_memory(memory)}
     limits = {"memory": requests["memory"]}
     node_selector = dict(compute.node_selector)
