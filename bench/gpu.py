@@ -208,15 +208,7 @@ def federated_round(source: Path, args: argparse.Namespace, workdir: Path) -> di
             "parties": [{"name": n} for n in names],
         },
     }
-    parties = [
-        {
-            "apiVersion": "fedtune.io/v1alpha1",
-            "kind": "Party",
-            "metadata": {"name": n},
-            "spec": {"storage": {"bucket": f"{n}-data"}},
-        }
-        for n in names
-    ]
+    parties = mlbench.party_documents(names)
     dataset = {
         "apiVersion": "fedtune.io/v1alpha1",
         "kind": "Dataset",

@@ -216,15 +216,7 @@ def job_documents(
             "parties": [{"name": n} for n in names],
         },
     }
-    party_docs = [
-        {
-            "apiVersion": "fedtune.io/v1alpha1",
-            "kind": "Party",
-            "metadata": {"name": n},
-            "spec": {"storage": {"bucket": f"{n}-data"}},
-        }
-        for n in names
-    ]
+    party_docs = party_documents(names)
     part: dict = {"method": partition}
     if partition == "dirichlet":
         part["alpha"] = alpha
@@ -243,6 +235,19 @@ def job_documents(
         },
     }
     return [job, *party_docs, dataset]
+
+
+def party_documents(names: Sequence[str]) -> list[dict]:
+    """One Party document per name, each with its own bucket `<name>-data` (local mode)."""
+    return [
+        {
+            "apiVersion": "fedtune.io/v1alpha1",
+            "kind": "Party",
+            "metadata": {"name": n},
+            "spec": {"storage": {"bucket": f"{n}-data"}},
+        }
+        for n in names
+    ]
 
 
 def parse(docs: list[dict]):

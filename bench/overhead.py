@@ -77,15 +77,7 @@ def job_docs(model: Path, data: Path, parties: int, rounds: int, samples: int) -
             "parties": [{"name": n} for n in names],
         },
     }
-    party_docs = [
-        {
-            "apiVersion": "fedtune.io/v1alpha1",
-            "kind": "Party",
-            "metadata": {"name": n},
-            "spec": {"storage": {"bucket": f"{n}-data"}},
-        }
-        for n in names
-    ]
+    party_docs = mlbench.party_documents(names)
     dataset = {
         "source": f"file://{data}",
         "labels": ["negative", "positive"],
