@@ -17,12 +17,14 @@ pairs (heads, biases, IA3 vectors, prompt embeddings, DoRA magnitudes) are avera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 
 from fedtune_trainer.strategies.base import Tensors, normalise_weights, weighted_mean
+from fedtune_trainer.tensorfile import specs_of
 
 LORA_MODES = ("average", "exact")
 
@@ -85,13 +87,18 @@ class _Shape(NamedTuple):
 def _module_groups(
     first: Mapping[str, torch.Tensor], pairs: Mapping[str, tuple[str, str]]
 ) -> dict[_Shape, list[tuple[str, str, str]]]:
-    """LoRA modules (module, A key, B key) grouped by the shapes and dtypes of their factors."""
+    """LoRA modules (module, A key, B key) grouped by the shapes and dtypes of their factors.
+
+    Shapes and dtypes come from `specs_of`: a file-backed update answers from its header, so no
+    factor is read here, only when its chunk is combined."""
+    specs = specs_of(first)
     groups: dict[_Shape, list[tuple[str, str, str]]] = {}
     for module, (key_a, key_b) in pairs.items():
-        a, b = first[key_a], first[key_b]
-        if b.numel() != b.shape[0] * a.shape[0]:
+        a, b = specs[key_a], specs[key_b]
+        if math.prod(b.shape) != b.shape[0] * a.shape[0]:
             raise ValueError(f"lora_B of shape {tuple(b.shape)} does not fit lora_A of shape {tuple(a.shape)}")
-        groups.setdefault(_Shape(a.shape, b.shape, a.dtype, b.dtype), []).append((module, key_a, key_b))
+        shape = _Shape(torch.Size(a.shape), torch.Size(b.shape), a.dtype, b.dtype)
+        groups.setdefault(shape, []).append((module, key_a, key_b))
     return groups
 
 
@@ -232,8 +239,8 @@ def exact_combine(
 
     Returns the combined tensors (in the first update's order) and each LoRA module's
     relative residual. Modules of one shape and dtype are re-factored together, a chunk at a
-    time, and a factor is read from `updates` only when its chunk comes (party 0's also once
-    before, for its shape), so the mappings may load tensors lazily.
+    time, and a factor is read from `updates` only when its chunk comes, so the mappings may
+    load tensors lazily.
     """
     if not updates:
         raise ValueError("no updates to combine")
