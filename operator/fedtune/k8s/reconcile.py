@@ -91,6 +91,9 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
         cond.set_condition(
             st, wait.ctype, "True" if wait.ctype == "Unschedulable" else "False", wait.reason, wait.message, now
         )
+        if wait.ctype == "Unschedulable" and st.condition("PartiesReady") is not None:
+            # the parties were checked before the nodes: an earlier PartiesReady=False is stale now
+            cond.set_condition(st, "PartiesReady", "True", "AllGood", "", now)
         cond.set_condition(st, cond.READY, "False", wait.reason, wait.message, now)
         cond.set_condition(st, cond.RECONCILING, "True", wait.reason, wait.message, now)
         st.message = wait.message
