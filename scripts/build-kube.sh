@@ -3,6 +3,7 @@
 # etcd, kube-apiserver and kube-controller-manager at pinned versions, version-stamped, cached.
 #
 #   bash scripts/build-kube.sh            # prints the bin directory; builds only what is missing
+#   bash scripts/build-kube.sh --where    # prints the bin directory only (the tests ask it this)
 #
 # Binaries go to ${FEDTUNE_KUBE_CACHE:-~/.cache/fedtune/kube}/k8s-<version>-etcd-<version>/bin.
 # `go install k8s.io/kubernetes/cmd/...@version` cannot work: kubernetes' go.mod points its staging
@@ -21,6 +22,10 @@ GO=${GO:-go}
 CACHE=${FEDTUNE_KUBE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fedtune/kube}
 BIN="$CACHE/k8s-$K8S_VERSION-etcd-$ETCD_VERSION/bin"
 WANT=(etcd kube-apiserver kube-controller-manager)
+if [ "${1:-}" = "--where" ]; then
+  echo "$BIN"
+  exit 0
+fi
 
 missing=()
 for b in "${WANT[@]}"; do [ -x "$BIN/$b" ] || missing+=("$b"); done

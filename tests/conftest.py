@@ -1,4 +1,5 @@
-"""Shared fixtures: a real SeaweedFS S3 server (no mocks of S3 anywhere)."""
+"""Shared fixtures: a real SeaweedFS S3 server (no mocks of S3 anywhere), and a real Kubernetes API
+server for the session (`kube`, `kube_session`: tests/kube.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from fedtune.api.party import StorageSpec
 from fedtune.storage.s3 import Bucket, S3Credentials
 from fedtune.storage.seaweed import Identity, SeaweedServer
+from kube import kube_fixture, kube_session  # noqa: F401  (fixtures: `kube`, `kube_session`)
 
 S3WORLD_NAMES = ("alice", "bob", "carol", "hub")
 

@@ -1,176 +1,142 @@
-"""Kubernetes for tests: an emulated API server on a real port, and kopf operators run against it.
+"""Kubernetes for tests: a real API server for the session, a client per identity, kopf against it.
 
-    from kube import KubeEmulator, kube_fixture  # noqa: F401  (the `kube` fixture)
+    from kube import Kube, kube_fixture  # noqa: F401  (the `kube` fixture)
 
     def test_operator(kube):
-        with kube.run_kopf("fedtune.k8s.operator"):           # the real operator module
+        hub = kube.namespace("hub")                        # "hub-<test id>", PodSecurity restricted
+        with kube.run_kopf("fedtune.k8s.operator"):       # as the chart's ServiceAccount
             kube.create({"apiVersion": "fedtune.io/v1alpha1", "kind": "FederatedJob",
-                         "metadata": {"name": "j", "namespace": "hub"}, "spec": {...}})
-            job = kube.wait_for(lambda: (kube.get("federatedjobs", "hub", "j") or {}).get("status"))
+                         "metadata": {"name": "j", "namespace": hub}, "spec": {...}})
+            job = kube.wait_for(lambda: (kube.get("federatedjobs", hub, "j") or {}).get("status"))
 
-The server (tests/kube_emulator.py) runs in its own thread and event loop, so synchronous
-tests, async tests and kopf's own thread all talk to it over HTTP like to a real cluster.
-kopf gets its credentials through a pre-filled vault (no login handler needed, the operator
-module's own login handlers are not consulted); `KUBECONFIG` points at the emulator while
-an operator runs, for operator code that builds its own `kubernetes` client.
+The control plane (tests/kube_cluster.py: etcd, kube-apiserver, kube-controller-manager) starts
+once per session with fedtune's CRDs applied server-side from `crds/` and the operator chart's
+RBAC (ServiceAccount, ClusterRole, ClusterRoleBinding, rendered by `helm template`) installed.
+Each test gets the `kube` fixture: an admin client that names its namespaces uniquely and removes
+what it made at the end. `kube.run_kopf` runs the real operator in a thread, logged in with a
+TokenRequest token of the operator's ServiceAccount, so RBAC applies to it as in a cluster;
+`KUBECONFIG` names the same identity while it runs, for fedtune's own client.
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import contextlib
 import json
 import os
-import shutil
-import tempfile
-import threading
+import subprocess
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp.web
-import kmock
 import pytest
 import urllib3
-from kube_emulator import ApiServer
+import yaml
+from kube_cluster import ROOT, KubeCluster, kube_bin_dir, kubeconfig
 
 if TYPE_CHECKING:
     from kube_kopf import KopfRun
 
-# "group/version/plural" -> (kind, namespaced, subresources, short names). With a "status"
-# subresource the server keeps status apart, as a real one does: set it with
-# `patch(..., subresource="status")` (pods, nodes, fedtune resources) or give it to `create`.
-RESOURCES: dict[str, tuple[str, bool, tuple[str, ...], tuple[str, ...]]] = {
-    "v1/pods": ("Pod", True, ("status",), ("po",)),
-    "v1/secrets": ("Secret", True, (), ()),
-    "v1/configmaps": ("ConfigMap", True, (), ("cm",)),
-    "v1/serviceaccounts": ("ServiceAccount", True, (), ("sa",)),
-    "v1/services": ("Service", True, ("status",), ("svc",)),
-    "v1/events": ("Event", True, (), ("ev",)),
-    "v1/nodes": ("Node", False, ("status",), ("no",)),
-    "v1/namespaces": ("Namespace", False, ("status",), ("ns",)),
-    "rbac.authorization.k8s.io/v1/roles": ("Role", True, (), ()),
-    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, (), ()),
-    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, ("status",), ("crd",)),
-    "fedtune.io/v1alpha1/federatedjobs": ("FederatedJob", True, ("status",), ("fj",)),
-    "fedtune.io/v1alpha1/parties": ("Party", True, ("status",), ()),
+# "group/version/plural" -> (kind, namespaced, short names): the resources the tests name.
+RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
+    "v1/pods": ("Pod", True, ("po",)),
+    "v1/secrets": ("Secret", True, ()),
+    "v1/configmaps": ("ConfigMap", True, ("cm",)),
+    "v1/serviceaccounts": ("ServiceAccount", True, ("sa",)),
+    "v1/services": ("Service", True, ("svc",)),
+    "v1/events": ("Event", True, ("ev",)),
+    "v1/resourcequotas": ("ResourceQuota", True, ("quota",)),
+    "v1/limitranges": ("LimitRange", True, ("limits",)),
+    "v1/nodes": ("Node", False, ("no",)),
+    "v1/namespaces": ("Namespace", False, ("ns",)),
+    "rbac.authorization.k8s.io/v1/roles": ("Role", True, ()),
+    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, ()),
+    "rbac.authorization.k8s.io/v1/clusterroles": ("ClusterRole", False, ()),
+    "rbac.authorization.k8s.io/v1/clusterrolebindings": ("ClusterRoleBinding", False, ()),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, ("netpol",)),
+    "apps/v1/deployments": ("Deployment", True, ("deploy",)),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, ("crd",)),
+    "fedtune.io/v1alpha1/federatedjobs": ("FederatedJob", True, ("fj",)),
+    "fedtune.io/v1alpha1/parties": ("Party", True, ()),
 }
-VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
+WITH_STATUS = {"Pod", "Node", "Namespace", "Service", "Deployment", "FederatedJob", "Party", "ResourceQuota"}
+OPERATOR_NAMESPACE = "fedtune-system"
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
 
 
 class ApiError(Exception):
-    """A non-2xx answer of the emulated API server; `.status` and the `Status` document `.body`."""
+    """A non-2xx answer of the API server; `.status` and the `Status` document `.body`."""
 
     def __init__(self, status: int, body: Any):
         super().__init__(f"HTTP {status}: {body.get('message') if isinstance(body, dict) else body}")
         self.status, self.body = status, body
 
 
-class KubeEmulator:
-    """An emulated API server on 127.0.0.1:<free port> with REST helpers (see the module doc)."""
+def resource_key(spec: str) -> str:
+    """`"fedtune.io/v1alpha1/federatedjobs"`, `"v1/pods"`, or a plural, short name or kind."""
+    if spec in RESOURCES:
+        return spec
+    for key, (kind, _, short) in RESOURCES.items():
+        if spec.lower() in (key.rsplit("/", 1)[1], kind.lower(), *short):
+            return key
+    raise KeyError(f"unknown resource {spec!r} (add it to tests/kube.py RESOURCES)")
 
-    def __init__(self, resources: dict[str, tuple] | None = None, *, tokens: set[str] | None = None):
-        self.resources = dict(RESOURCES if resources is None else resources)
-        self.tokens = tokens
-        self.token = next(iter(sorted(tokens))) if tokens else "kube-emulator"  # what the helpers send
-        self.url = ""
-        self.server: ApiServer  # the kmock handler: .objects, .resources, kmock's DSL (use .call())
+
+def api_path(resource: str, namespace: str | None = None, name: str | None = None, sub: str | None = None) -> str:
+    key = resource_key(resource)
+    group_version, plural = key.rsplit("/", 1)
+    parts = [f"/apis/{group_version}" if "/" in group_version else f"/api/{group_version}"]
+    parts += ["namespaces", namespace] if namespace and RESOURCES[key][1] else []
+    parts += [p for p in (plural, name, sub) if p]
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a client is: the admin's client certificate, or a bearer token (a ServiceAccount's)."""
+
+    name: str
+    cert: tuple[Path, Path] | None = None
+    token: str | None = None
+
+
+class Kube:
+    """REST helpers against the API server, as one identity (plain HTTP calls, as any client makes)."""
+
+    def __init__(self, cluster: KubeCluster, identity: Identity, workdir: Path):
+        self.cluster, self.identity, self.workdir = cluster, identity, workdir
+        self.url = cluster.url
+        cert = {"cert_file": str(identity.cert[0]), "key_file": str(identity.cert[1])} if identity.cert else {}
         # Pod executors and watches call from many threads: keep their connections (urllib3's default is 1).
-        self._http = urllib3.PoolManager(maxsize=16, timeout=urllib3.Timeout(connect=5, read=30), retries=False)
-        self._tmp = Path(tempfile.mkdtemp(prefix="kube-emulator-"))
+        self._http = urllib3.PoolManager(
+            maxsize=16, ca_certs=str(cluster.ca_file), timeout=urllib3.Timeout(connect=5, read=30), retries=False,
+            **cert,
+        )
 
-    # --- lifecycle: the server lives in its own thread and loop ------------------------
+    def as_identity(self, identity: Identity) -> Kube:
+        return Kube(self.cluster, identity, self.workdir)
 
-    def __enter__(self) -> KubeEmulator:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kube-emulator", daemon=True)
-        self._thread.start()
-        self.call(self._astart)
-        return self
+    # --- REST helpers -------------------------------------------------------------------------
 
-    def __exit__(self, *exc: object) -> None:
-        self.call(self._astop)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-        self._http.clear()
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    async def _astart(self) -> None:
-        self.server = ApiServer(tokens=self.tokens)
-        for key, (kind, namespaced, subresources, short) in self.resources.items():
-            self.server.resources[key] = kmock.ResourceInfo(
-                kind=kind,
-                namespaced=namespaced,
-                singular=kind.lower(),
-                verbs=VERBS,
-                subresources=subresources,
-                shortnames=short,
-            )
-        await self.server.__aenter__()
-        # A short shutdown grace: open watches would otherwise hold the exit for a minute.
-        self._runner = aiohttp.web.ServerRunner(aiohttp.web.Server(self.server), shutdown_timeout=0.5)
-        await self._runner.setup()
-        await aiohttp.web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-
-    async def _astop(self) -> None:
-        await self._runner.cleanup()
-        # Watches still open past the grace: end them here rather than leave them to the GC.
-        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        await self.server.__aexit__(None, None, None)
-
-    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 10) -> Any:
-        """Run `fn(*args)` (sync or async) in the server's loop: the safe way to touch `.server`."""
-
-        async def invoke() -> Any:
-            result = fn(*args)
-            return await result if asyncio.iscoroutine(result) else result
-
-        return asyncio.run_coroutine_threadsafe(invoke(), self._loop).result(timeout)
-
-    # --- REST helpers (plain HTTP, as any client would) ----------------------------------
-
-    def resource(self, spec: str) -> kmock.resource:
-        """`"fedtune.io/v1alpha1/federatedjobs"`, `"v1/pods"`, or just a plural/short name/kind."""
-        if "/" in spec:
-            return kmock.resource(spec)
-        for key, (kind, _, _, short) in self.resources.items():
-            if spec.lower() in (key.rsplit("/", 1)[1], kind.lower(), *short):
-                return kmock.resource(key)
-        raise KeyError(f"unknown resource {spec!r}")
-
-    def path(
-        self, resource: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None
-    ) -> str:
-        res = self.resource(resource)
-        parts = [f"/apis/{res.group}/{res.version}" if res.group else f"/api/{res.version}"]
-        parts += ["namespaces", namespace] if namespace else []
-        parts += [p for p in (res.plural, name, subresource) if p]
-        return "/".join(parts)
+    path = staticmethod(api_path)
 
     def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        params: dict[str, Any] | None = None,
+        self, method: str, path: str, body: Any = None, *, params: dict[str, Any] | None = None,
         content_type: str = "application/json",
     ) -> Any:
         """One API call; the decoded JSON answer, or ApiError for a non-2xx status."""
         query = "?" + urllib.parse.urlencode(params) if params else ""
-        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": f"fedtune-tests/{self.identity.name}"}
+        if self.identity.token:
+            headers["Authorization"] = f"Bearer {self.identity.token}"
         if body is not None:
             headers["Content-Type"] = content_type
-        resp = self._http.request(
-            method, self.url + path + query, headers=headers, body=None if body is None else json.dumps(body).encode()
-        )
+        data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
+        resp = self._http.request(method, self.url + path + query, headers=headers, body=data)
         try:
             doc = json.loads(resp.data) if resp.data else None
         except ValueError:
@@ -181,13 +147,12 @@ class KubeEmulator:
 
     def create(self, obj: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
         """Create an object (resource from apiVersion and kind); a given status is then set via /status."""
-        api, kind = obj["apiVersion"], obj["kind"]
-        key = next((k for k, v in self.resources.items() if k.rsplit("/", 1)[0] == api and v[0] == kind), None)
+        key = next((k for k, v in RESOURCES.items() if k.rsplit("/", 1)[0] == obj["apiVersion"] and v[0] == obj["kind"]), None)
         if key is None:
-            raise KeyError(f"no resource registered for {api} {kind}")
-        ns = (namespace or obj.get("metadata", {}).get("namespace")) if self.resources[key][1] else None
-        made = self.request("POST", self.path(key, ns), obj)
-        if obj.get("status") and "status" in self.resources[key][2]:
+            raise KeyError(f"no resource known for {obj['apiVersion']} {obj['kind']} (tests/kube.py RESOURCES)")
+        ns = (namespace or obj.get("metadata", {}).get("namespace")) if RESOURCES[key][1] else None
+        made = self.request("POST", api_path(key, ns), obj)
+        if obj.get("status") and obj["kind"] in WITH_STATUS:
             # The server drops status on create; set it the way the object's controller would.
             made = self.patch(key, ns, made["metadata"]["name"], {"status": obj["status"]}, subresource="status")
         return made
@@ -195,7 +160,7 @@ class KubeEmulator:
     def get(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            return self.request("GET", self.path(resource, namespace, name))
+            return self.request("GET", api_path(resource, namespace, name))
         except ApiError as exc:
             if exc.status == 404:
                 return None
@@ -205,23 +170,38 @@ class KubeEmulator:
         self, resource: str, namespace: str | None = None, *, labels: str | None = None, fields: str | None = None
     ) -> list[dict[str, Any]]:
         params = {k: v for k, v in (("labelSelector", labels), ("fieldSelector", fields)) if v}
-        return self.request("GET", self.path(resource, namespace), params=params)["items"]
+        return self.request("GET", api_path(resource, namespace), params=params)["items"]
 
     def patch(
         self, resource: str, namespace: str | None, name: str, patch: dict | list, *, subresource: str | None = None
     ) -> dict[str, Any]:
         """A merge patch (dict) or a JSON patch (list); `subresource="status"` for the status."""
         ctype = "application/json-patch+json" if isinstance(patch, list) else "application/merge-patch+json"
-        return self.request("PATCH", self.path(resource, namespace, name, subresource), patch, content_type=ctype)
+        return self.request("PATCH", api_path(resource, namespace, name, subresource), patch, content_type=ctype)
 
-    def delete(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        """Delete (or start deleting, with finalizers); None when it did not exist."""
+    def delete(
+        self, resource: str, namespace: str | None, name: str, *, grace: int | None = None
+    ) -> dict[str, Any] | None:
+        """Delete (or start deleting, with finalizers or a grace period); None when it did not exist."""
+        body = {"propagationPolicy": "Background", **({"gracePeriodSeconds": grace} if grace is not None else {})}
         try:
-            return self.request("DELETE", self.path(resource, namespace, name))
+            return self.request("DELETE", api_path(resource, namespace, name), body)
         except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
+
+    def token_for(
+        self, namespace: str, service_account: str, *, pod: dict | None = None, seconds: int = 7200
+    ) -> str:
+        """A TokenRequest token of a ServiceAccount (bound to `pod` when given, as a kubelet asks)."""
+        spec: dict[str, Any] = {"expirationSeconds": seconds}
+        if pod is not None:
+            meta = pod["metadata"]
+            spec["boundObjectRef"] = {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}
+        doc = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+        made = self.request("POST", api_path("serviceaccounts", namespace, service_account, "token"), doc)
+        return made["status"]["token"]
 
     @staticmethod
     def wait_for(predicate: Callable[[], Any], timeout: float = 10, what: str = "the condition") -> Any:
@@ -231,31 +211,24 @@ class KubeEmulator:
             last = predicate()
             if last:
                 return last
-            time.sleep(0.05)
+            time.sleep(0.1)
         raise AssertionError(f"{what} did not happen in {timeout}s (last value: {last!r})")
 
-    # --- clients: kubeconfig, kubernetes client, kopf ------------------------------------
+    # --- other clients: kubeconfig, kubernetes client, kopf --------------------------------
 
     @property
     def kubeconfig(self) -> Path:
-        """A kubeconfig file for this server (token auth, plain http)."""
-        path = self._tmp / "kubeconfig"
+        """A kubeconfig file for this identity."""
+        # KUBECONFIG is a colon-separated list: no colon in the file name
+        path = self.workdir / f"{self.identity.name.replace(':', '_')}.kubeconfig"
         if not path.exists():
-            cfg = {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "emulator",
-                "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-                "users": [{"name": "emulator", "user": {"token": self.token}}],
-                "contexts": [
-                    {"name": "emulator", "context": {"cluster": "emulator", "user": "emulator", "namespace": "default"}}
-                ],
-            }
+            cert, key = self.identity.cert or (None, None)
+            cfg = kubeconfig(self.url, self.cluster.ca_file, cert=cert, key=key, token=self.identity.token)
             path.write_text(json.dumps(cfg))  # JSON is YAML
         return path
 
     def api_client(self) -> Any:
-        """A `kubernetes.client.ApiClient` for this server (the global default config is untouched)."""
+        """A `kubernetes.client.ApiClient` for this identity (the global default config is untouched)."""
         import kubernetes
 
         cfg = kubernetes.client.Configuration()
@@ -265,16 +238,57 @@ class KubeEmulator:
     def connection_info(self) -> Any:
         import kopf
 
-        return kopf.ConnectionInfo(server=self.url, scheme="Bearer", token=self.token, insecure=True)
+        cert = self.identity.cert
+        return kopf.ConnectionInfo(
+            server=self.url, ca_path=str(self.cluster.ca_file), scheme="Bearer" if self.identity.token else None,
+            token=self.identity.token, certificate_path=str(cert[0]) if cert else None,
+            private_key_path=str(cert[1]) if cert else None,
+        )
+
+
+class KubeTest(Kube):
+    """The admin client of one test: unique namespaces, the operator's identity, cleanup at the end."""
+
+    def __init__(self, cluster: KubeCluster, workdir: Path, operator: Identity, test_id: str):
+        super().__init__(cluster, Identity("admin", cert=cluster.admin_cert), workdir)
+        self.operator, self.test_id = operator, test_id
+        self.namespaces: list[str] = []
+        self.cluster_objects: list[tuple[str, str]] = []  # (resource, name) made by this test
+
+    def namespace(self, base: str, *, labels: dict[str, str] | None = None) -> str:
+        """Create the namespace `<base>-<test id>` (PodSecurity `restricted` enforced) and return its name."""
+        name = f"{base}-{self.test_id}"[:63].rstrip("-")
+        meta = {"name": name, "labels": {**RESTRICTED, **(labels or {})}}
+        self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
+        self.namespaces.append(name)
+        return name
+
+    def node(self, name: str, *, cpu: str = "16", memory: str = "64Gi", gpus: int = 0) -> dict:
+        """A Node with this allocatable (removed at the end of the test; nothing runs it but the pod executor)."""
+        resources = {"cpu": cpu, "memory": memory, "pods": "110", "nvidia.com/gpu": str(gpus)}
+        node = self.create(
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+             "status": {"capacity": resources, "allocatable": resources,
+                        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                        "message": "the test's pod executor runs this node's pods"}]}}
+        )
+        self.cluster_objects.append(("nodes", name))
+        # Admission taints a new node not-ready; the node lifecycle controller lifts the taint once the
+        # kubelet reports Ready. Neither runs here: lift it as that controller would.
+        return self.patch("nodes", None, name, {"spec": {"taints": None}})
 
     @contextlib.contextmanager
-    def run_kopf(self, module: str | os.PathLike[str] | None = None, **kwargs: Any) -> Iterator[KopfRun]:
-        """Run a kopf operator against this server for the duration of the block; see KopfRun."""
+    def run_kopf(
+        self, module: str | os.PathLike[str] | None = None, *, identity: Identity | None = None, **kwargs: Any
+    ) -> Iterator[KopfRun]:
+        """Run a kopf operator for the duration of the block, as `identity` (default: the chart's
+        operator ServiceAccount); see KopfRun."""
         from kube_kopf import KopfRun
 
-        run = KopfRun(self, module, **kwargs)
+        client = self.as_identity(identity or self.operator)
+        run = KopfRun(client, module, **kwargs)
         previous = os.environ.get("KUBECONFIG")
-        os.environ["KUBECONFIG"] = str(self.kubeconfig)
+        os.environ["KUBECONFIG"] = str(client.kubeconfig)
         try:
             run.start()
             yield run
@@ -287,9 +301,119 @@ class KubeEmulator:
                 else:
                     os.environ["KUBECONFIG"] = previous
 
+    def cleanup(self) -> None:
+        """Remove what the test made: fedtune objects (finalizers dropped: no operator runs now),
+        pods (at once: no kubelet finishes them), then the namespaces and cluster-scoped objects."""
+        for ns in self.namespaces:
+            for res in ("federatedjobs", "parties"):
+                for obj in self.list(res, ns):
+                    name = obj["metadata"]["name"]
+                    with contextlib.suppress(ApiError):
+                        self.patch(res, ns, name, {"metadata": {"finalizers": None}})
+                    self.delete(res, ns, name)
+            for pod in self.list("pods", ns):
+                self.delete("pods", ns, pod["metadata"]["name"], grace=0)
+            self.delete("namespaces", None, ns)
+        for res, name in self.cluster_objects:
+            self.delete(res, None, name)
+
+
+# --- the session: control plane, CRDs, the operator chart's RBAC --------------------------------
+
+
+def helm() -> str:
+    local = ROOT / ".tools" / "bin" / "helm"
+    return str(local) if local.exists() else "helm"
+
+
+def kubectl() -> str:
+    local = ROOT / ".tools" / "bin" / "kubectl"
+    return str(local) if local.exists() else "kubectl"
+
+
+def apply_server_side(admin: Kube, docs: list[dict], manager: str = "fedtune-tests") -> None:
+    """Server-side apply of each document (the API server merges and owns the fields)."""
+    for doc in docs:
+        meta = doc["metadata"]
+        key = resource_key(f"{doc['kind']}")
+        path = api_path(key, meta.get("namespace"), meta["name"])
+        admin.request(
+            "PATCH", path, doc, params={"fieldManager": manager, "force": "true"}, content_type="application/apply-patch+yaml"
+        )
+
+
+def operator_rbac(values: dict[str, Any] | None = None, release: str = "fedtune") -> list[dict]:
+    """The operator chart's ServiceAccount and RBAC objects, rendered by `helm template`."""
+    args = [helm(), "template", release, str(ROOT / "helm" / "fedtune-operator"), "--namespace", OPERATOR_NAMESPACE]
+    for key, value in (values or {}).items():
+        args += ["--set-json", f"{key}={json.dumps(value)}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=60).stdout
+    kinds = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    return [d for d in yaml.safe_load_all(out) if d and d.get("kind") in kinds]
+
+
+def install_operator_identity(admin: Kube, values: dict[str, Any] | None = None, release: str = "fedtune") -> Identity:
+    """Apply the chart's RBAC and return a TokenRequest identity of its ServiceAccount."""
+    docs = operator_rbac(values, release)
+    apply_server_side(admin, docs)
+    (sa,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    token = admin.token_for(OPERATOR_NAMESPACE, sa["metadata"]["name"], seconds=24 * 3600)
+    return Identity(f"system:serviceaccount:{OPERATOR_NAMESPACE}:{sa['metadata']['name']}", token=token)
+
+
+def crd_documents() -> list[dict]:
+    return [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
+
+
+@dataclass
+class Session:
+    cluster: KubeCluster
+    admin: Kube
+    operator: Identity
+    workdir: Path
+
+
+@pytest.fixture(scope="session")
+def kube_session(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Session]:
+    """The session's control plane with fedtune's CRDs and the operator chart's RBAC (see the module doc)."""
+    workdir = tmp_path_factory.mktemp("kube")
+    cluster = KubeCluster(kube_bin_dir(), workdir / "cluster")
+    cluster.start()
+    try:
+        admin = Kube(cluster, Identity("admin", cert=cluster.admin_cert), workdir)
+        apply_server_side(admin, crd_documents())
+        for crd in crd_documents():
+            name = crd["metadata"]["name"]
+            admin.wait_for(
+                lambda n=name: any(
+                    c["type"] == "Established" and c["status"] == "True"
+                    for c in ((admin.get("crd", None, n) or {}).get("status") or {}).get("conditions", [])
+                ),
+                timeout=30, what=f"CRD {name} established",
+            )
+        admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
+        operator = install_operator_identity(admin)
+        yield Session(cluster, admin, operator, workdir)
+    finally:
+        cluster.stop()
+        if request.session.testsfailed:
+            print(f"\nkube: control-plane logs and audit log kept in {cluster.dir}")
+
 
 @pytest.fixture(name="kube")
-def kube_fixture() -> Iterator[KubeEmulator]:
-    """`kube`: a fresh emulated API server for one test (import `kube_fixture` to use it)."""
-    with KubeEmulator() as emulator:
-        yield emulator
+def kube_fixture(kube_session: Session, request: pytest.FixtureRequest) -> Iterator[KubeTest]:
+    """`kube`: the admin client of one test on the session's API server (import `kube_fixture`)."""
+    test_id = uuid.uuid4().hex[:6]
+    workdir = kube_session.workdir / f"test-{test_id}"
+    workdir.mkdir()
+    client = KubeTest(kube_session.cluster, workdir, kube_session.operator, test_id)
+    try:
+        yield client
+    finally:
+        client.cleanup()
+
+
+def secret_doc(namespace: str, name: str, data: dict[str, str]) -> dict:
+    """A Secret document with base64-encoded string values."""
+    enc = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace}, "data": enc}

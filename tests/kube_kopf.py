@@ -1,4 +1,4 @@
-"""kopf operators in tests: run one in a thread, logged in to a KubeEmulator (tests/kube.py).
+"""kopf operators in tests: run one in a thread, logged in to the test API server (tests/kube.py).
 
 kopf gets its credentials through a pre-filled vault, so no login handler is needed and the
 operator module's own login handlers (in-cluster ServiceAccount, say) are never consulted.
@@ -20,7 +20,7 @@ import kopf
 from kopf._cogs.structs.credentials import Vault  # kopf.operator(vault=) takes it; not re-exported
 
 if TYPE_CHECKING:
-    from kube import KubeEmulator
+    from kube import Kube
 
 
 def fast_settings() -> kopf.OperatorSettings:
@@ -51,7 +51,7 @@ def load_handlers(module: str | os.PathLike[str]) -> None:
 
 
 class KopfRun:
-    """A kopf operator in a thread with its own loop, logged in to a KubeEmulator.
+    """A kopf operator in a thread with its own loop, logged in as the identity of a `Kube` client.
 
     `module`: handlers to import first (dotted name or .py path; imported once per process,
     into kopf's default registry). `registry`: use this registry instead of the default one
@@ -62,7 +62,7 @@ class KopfRun:
 
     def __init__(
         self,
-        kube: KubeEmulator,
+        kube: Kube,
         module: str | os.PathLike[str] | None = None,
         *,
         registry: Any = None,
@@ -121,6 +121,6 @@ class KopfRun:
             namespaces=self.namespaces or (),
             stop_flag=self._stop,
             ready_flag=self._ready,
-            vault=Vault({"kube-emulator": self.kube.connection_info()}),
+            vault=Vault({self.kube.identity.name: self.kube.connection_info()}),
             **self.operator_kwargs,
         )

@@ -1,20 +1,20 @@
-"""The real kopf operator against the Kubernetes emulator (kmock), with pods run as local processes
+"""The real kopf operator against a real kube-apiserver (tests/kube.py), as the operator chart's
+ServiceAccount, with pods run as local processes (tests/pod_executor.py plays scheduler and kubelet)
 against a real SeaweedFS: create -> pods -> rounds -> Succeeded, restart, failures, bad input."""
 
 from __future__ import annotations
 
-import base64
+import time
 import uuid
+from dataclasses import dataclass, field
 
 import fedtune.k8s.operator as operator_module
 import pytest
 from fedtune.k8s.settings import OperatorSettings
-from kube import KubeEmulator, kube_fixture  # noqa: F401  (the `kube` fixture)
+from kube import KubeTest, secret_doc
 from pod_executor import PodExecutor
 from tiny_models import make_tiny_model
 from toy_data import toy_jsonl
-
-HUB = "hub"
 
 
 @pytest.fixture(scope="module")
@@ -32,32 +32,47 @@ def fast_operator(monkeypatch):
 
 
 def _secret(ns: str, name: str, creds) -> dict:
-    enc = lambda v: base64.b64encode(v.encode()).decode()  # noqa: E731
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, "namespace": ns},
-        "data": {"accessKeyId": enc(creds.access_key_id), "secretAccessKey": enc(creds.secret_access_key)},
-    }
+    return secret_doc(ns, name, {"accessKeyId": creds.access_key_id, "secretAccessKey": creds.secret_access_key})
+
+
+@dataclass
+class World:
+    """The namespaces of one test's job: `hub` (the job's), and one per party (`ns("alice")`)."""
+
+    kube: KubeTest
+    hub: str
+    party_ns: dict[str, str] = field(default_factory=dict)
+    job: dict = field(default_factory=dict)
+
+    def ns(self, party: str) -> str:
+        if party not in self.party_ns:
+            self.party_ns[party] = self.kube.namespace(f"org-{party}")
+        return self.party_ns[party]
+
+    def key(self, party: str) -> str:
+        """How the job's status names a party: "<namespace>/<name>"."""
+        return f"{self.ns(party)}/{party}"
 
 
 def make_world(
-    kube: KubeEmulator,
+    kube: KubeTest,
     s3world,
     model,
     parties=("alice", "bob"),
-    consent=(HUB,),
+    consent: tuple[str, ...] | None = None,
     gpus=0,
     node_gpus=0,
     s3_model=False,
     evaluator: str | None = None,
     **job,
-):
+) -> World:
     """Namespaces, a node (with `node_gpus` GPUs), credentials, data in each party's bucket, Parties and a FederatedJob.
 
+    `consent`: the namespaces each Party admits jobs from (default: the hub's).
     `s3_model`: the model files go to the coordinator bucket and the job names them by s3:// URI.
     `evaluator`: one more Party, named as the job's spec.evaluator (its eval split is the held-out set).
     """
+    world = World(kube, kube.namespace("hub"))
     prefix = f"op-{uuid.uuid4().hex[:8]}"
     source = f"file://{model}"
     if s3_model:
@@ -65,17 +80,10 @@ def make_world(
             if f.is_file():
                 s3world.bucket("hub").put_bytes(f"{prefix}/model/{f.relative_to(model)}", f.read_bytes())
         source = f"s3://hub-bkt/{prefix}/model"
-    kube.create(
-        {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": "cpu-1"},
-            "status": {"allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": str(node_gpus)}},
-        }
-    )
-    kube.create(_secret(HUB, "hub-s3", s3world.creds("hub")))
+    kube.node(f"cpu-{kube.test_id}", gpus=node_gpus)
+    kube.create(_secret(world.hub, "hub-s3", s3world.creds("hub")))
     for i, name in enumerate(parties + ((evaluator,) if evaluator else ())):
-        ns = f"org-{name}"
+        ns = world.ns(name)
         s3world.bucket(name).put_bytes(f"{prefix}/train.jsonl", toy_jsonl(48, seed=i))
         s3world.bucket(name).put_bytes(f"{prefix}/eval.jsonl", toy_jsonl(16, seed=100 + i))
         kube.create(_secret(ns, "s3", s3world.creds(name)))
@@ -92,7 +100,7 @@ def make_world(
                     },
                     "data": {"trainKey": f"{prefix}/train.jsonl", "evalKey": f"{prefix}/eval.jsonl"},
                     "compute": {"cpu": "1", "memory": "1Gi", "gpusPerPod": gpus},
-                    "consent": {"allowedNamespaces": list(consent)},
+                    "consent": {"allowedNamespaces": list((world.hub,) if consent is None else consent)},
                 },
             }
         )
@@ -105,30 +113,40 @@ def make_world(
         "rounds": 2,
         "minParties": len(parties),
         "roundTimeoutSeconds": 120,
-        "parties": [{"name": p, "namespace": f"org-{p}"} for p in parties],
+        "parties": [{"name": p, "namespace": world.ns(p)} for p in parties],
     }
     if evaluator:
-        spec["evaluator"] = {"name": evaluator, "namespace": f"org-{evaluator}"}
+        spec["evaluator"] = {"name": evaluator, "namespace": world.ns(evaluator)}
     spec.update(job)
-    return kube.create(
+    world.job = kube.create(
         {
             "apiVersion": "fedtune.io/v1alpha1",
             "kind": "FederatedJob",
-            "metadata": {"name": "fj1", "namespace": HUB},
+            "metadata": {"name": "fj1", "namespace": world.hub},
             "spec": spec,
         }
     )
+    return world
 
 
-def status(kube):
-    return (kube.get("fj", HUB, "fj1") or {}).get("status") or {}
+def pods_of(kube: KubeTest) -> PodExecutor:
+    """A pod executor for this test's namespaces only (other tests' leftovers are not its business)."""
+    return PodExecutor(kube, kube.workdir / "pods", namespaces=kube.namespaces)
 
 
-def condition(kube, ctype):
-    return next((c for c in status(kube).get("conditions", []) if c["type"] == ctype), None)
+def status(w: World):
+    return (w.kube.get("fj", w.hub, "fj1") or {}).get("status") or {}
 
 
-def children(kube):
+def condition(w: World, ctype):
+    return next((c for c in status(w).get("conditions", []) if c["type"] == ctype), None)
+
+
+def job_pods(w: World) -> list[dict]:
+    return [p for ns in w.kube.namespaces for p in w.kube.list("pods", ns)]
+
+
+def children(w: World):
     out = []
     for res in (
         "pods",
@@ -137,149 +155,156 @@ def children(kube):
         "rbac.authorization.k8s.io/v1/roles",
         "rbac.authorization.k8s.io/v1/rolebindings",
     ):
-        out += [o for o in kube.list(res, labels="fedtune.io/job=fj1")]
+        for ns in w.kube.namespaces:
+            out += [o for o in w.kube.list(res, ns, labels="fedtune.io/job=fj1")]
     return out
 
 
-def test_job_runs_to_success_and_deletion_cleans_every_namespace(kube, s3world, tiny_model, tmp_path):
-    with PodExecutor(kube, tmp_path / "pods") as pods, kube.run_kopf("fedtune.k8s.operator"):
-        job = make_world(kube, s3world, tiny_model)
-        kube.wait_for(lambda: status(kube).get("phase") in ("Succeeded", "Failed"), timeout=240, what="the job to end")
-        st = status(kube)
+def ended(w: World) -> bool:
+    return status(w).get("phase") in ("Succeeded", "Failed")
+
+
+def test_job_runs_to_success_and_deletion_cleans_every_namespace(kube, s3world, tiny_model):
+    with pods_of(kube) as pods, kube.run_kopf("fedtune.k8s.operator"):
+        w = make_world(kube, s3world, tiny_model)
+        kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        st = status(w)
         assert st["phase"] == "Succeeded", st
         assert [h["round"] for h in st["history"]] == [0, 1, 2]
-        assert st["history"][1]["participants"] == ["org-alice/alice", "org-bob/bob"]
-        assert st["finalAdapter"] == f"s3://hub-bkt/fedtune/{job['metadata']['uid']}/final/"
-        final = s3world.bucket("hub").get_bytes(f"fedtune/{job['metadata']['uid']}/final/adapter_model.safetensors")
+        assert st["history"][1]["participants"] == [w.key("alice"), w.key("bob")]
+        assert st["finalAdapter"] == f"s3://hub-bkt/fedtune/{w.job['metadata']['uid']}/final/"
+        final = s3world.bucket("hub").get_bytes(f"fedtune/{w.job['metadata']['uid']}/final/adapter_model.safetensors")
         assert len(final) > 1000
-        assert condition(kube, "Ready")["status"] == "True" and st["lastMetric"].startswith("acc=")
-        assert {p.split("/")[0] for p in pods.started} == {"org-alice", "org-bob", HUB}
-        assert kube.get("parties", "org-alice", "alice")["status"]["phase"] == "Ready"
+        assert condition(w, "Ready")["status"] == "True" and st["lastMetric"].startswith("acc=")
+        assert {p.split("/")[0] for p in pods.started} == {w.ns("alice"), w.ns("bob"), w.hub}
+        assert kube.get("parties", w.ns("alice"), "alice")["status"]["phase"] == "Ready"
         agg = [
-            p for p in kube.list("pods", HUB) if p["metadata"]["labels"]["app.kubernetes.io/component"] == "aggregator"
+            p for p in kube.list("pods", w.hub) if p["metadata"]["labels"]["app.kubernetes.io/component"] == "aggregator"
         ]
-        assert agg[0]["metadata"]["ownerReferences"][0]["uid"] == job["metadata"]["uid"]
-        reasons = {e.get("reason") for e in kube.list("events", HUB)}
+        assert agg[0]["metadata"]["ownerReferences"][0]["uid"] == w.job["metadata"]["uid"]
+        reasons = {e.get("reason") for e in kube.list("events", w.hub)}
         assert {"RoundStarted", "RoundCompleted", "Succeeded"} <= reasons
-        assert {o["metadata"]["namespace"] for o in children(kube)} == {"org-alice", "org-bob", HUB}
-        kube.delete("fj", HUB, "fj1")
+        assert {o["metadata"]["namespace"] for o in children(w)} == {w.ns("alice"), w.ns("bob"), w.hub}
+        assert not pods.errors, pods.errors
+        kube.delete("fj", w.hub, "fj1")
         kube.wait_for(
-            lambda: kube.get("fj", HUB, "fj1") is None and not children(kube),
-            timeout=30,
+            lambda: kube.get("fj", w.hub, "fj1") is None and not children(w),
+            timeout=60,
             what="the job and its children in every namespace to be deleted",
         )
 
 
-def test_operator_restart_mid_job_loses_and_repeats_no_round(kube, s3world, tiny_model, tmp_path):
-    with PodExecutor(kube, tmp_path / "pods"):
+def test_operator_restart_mid_job_loses_and_repeats_no_round(kube, s3world, tiny_model):
+    with pods_of(kube):
         with kube.run_kopf("fedtune.k8s.operator"):
-            job = make_world(kube, s3world, tiny_model, rounds=3)
-            kube.wait_for(lambda: status(kube).get("currentRound", 0) >= 2, timeout=180, what="round 2")
-        before = status(kube)["currentRound"]
+            w = make_world(kube, s3world, tiny_model, rounds=3)
+            kube.wait_for(lambda: status(w).get("currentRound", 0) >= 2, timeout=180, what="round 2")
+        before = status(w)["currentRound"]
         with kube.run_kopf("fedtune.k8s.operator"):
-            kube.wait_for(lambda: status(kube).get("phase") in ("Succeeded", "Failed"), timeout=240, what="the end")
-    st = status(kube)
+            kube.wait_for(lambda: ended(w), timeout=240, what="the end")
+    st = status(w)
     assert st["phase"] == "Succeeded" and before >= 2
     assert [h["round"] for h in st["history"]] == [0, 1, 2, 3]
-    log = (tmp_path / "pods").glob("hub--*aggregator*.log")
+    log = (kube.workdir / "pods").glob(f"{w.hub}--*aggregator*.log")
     text = "".join(p.read_text() for p in log)
     for rnd in (1, 2, 3):  # each round aggregated exactly once across the restart
         assert text.count(f"round {rnd}: aggregated") == 1, text
-    uid = job["metadata"]["uid"]
+    uid = w.job["metadata"]["uid"]
     assert s3world.bucket("hub").exists(f"fedtune/{uid}/global/3.safetensors")
 
 
-def test_failed_trainer_pod_is_recreated_and_resumes(kube, s3world, tiny_model, tmp_path):
+def test_failed_trainer_pod_is_recreated_and_resumes(kube, s3world, tiny_model):
     # The model comes from s3:// (presigned URLs per file): the recreated pod downloads it again.
-    with PodExecutor(kube, tmp_path / "pods") as pods, kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model, s3_model=True)
-        kube.wait_for(lambda: status(kube).get("stage") == "training", timeout=120, what="round 1 training")
-        alice = next(p for p in kube.list("pods", "org-alice"))
-        pods.kill("org-alice", alice["metadata"]["name"])
-        kube.wait_for(lambda: status(kube).get("phase") in ("Succeeded", "Failed"), timeout=240, what="the end")
-        st = status(kube)
+    with pods_of(kube) as pods, kube.run_kopf("fedtune.k8s.operator"):
+        w = make_world(kube, s3world, tiny_model, s3_model=True)
+        kube.wait_for(lambda: status(w).get("stage") == "training", timeout=120, what="round 1 training")
+        alice = next(p for p in kube.list("pods", w.ns("alice")))
+        pods.kill(w.ns("alice"), alice["metadata"]["name"])
+        kube.wait_for(lambda: ended(w), timeout=240, what="the end")
+        st = status(w)
     assert st["phase"] == "Succeeded", st
-    assert next(p for p in st["parties"] if p["name"] == "org-alice/alice")["podRestarts"] == 1
-    assert sum(1 for p in pods.started if p.startswith("org-alice/")) == 2
-    assert "PodFailed" in {e.get("reason") for e in kube.list("events", HUB)}
+    assert next(p for p in st["parties"] if p["name"] == w.key("alice"))["podRestarts"] == 1
+    assert sum(1 for p in pods.started if p.startswith(f"{w.ns('alice')}/")) == 2
+    assert "PodFailed" in {e.get("reason") for e in kube.list("events", w.hub)}
 
 
-def test_invalid_spec_gets_a_condition_not_a_crash_loop(kube, s3world, tiny_model, tmp_path):
+def test_invalid_spec_gets_a_condition_not_a_crash_loop(kube, s3world, tiny_model):
     with kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model, minParties=5)
-        kube.wait_for(lambda: condition(kube, "InvalidSpec"), timeout=30, what="InvalidSpec")
-        import time
-
+        w = make_world(kube, s3world, tiny_model, minParties=5)
+        kube.wait_for(lambda: condition(w, "InvalidSpec"), timeout=30, what="InvalidSpec")
         time.sleep(2)  # a crash loop would keep retrying and posting
-        cond = condition(kube, "InvalidSpec")
+        cond = condition(w, "InvalidSpec")
         assert cond["status"] == "True" and "minParties (5) is larger than the number of parties (2)" in cond["message"]
-        assert status(kube)["phase"] == "Failed" and condition(kube, "Stalled")["status"] == "True"
-        assert not kube.list("pods")
-        assert sum(e.get("reason") == "InvalidSpec" for e in kube.list("events", HUB)) == 1
+        assert status(w)["phase"] == "Failed" and condition(w, "Stalled")["status"] == "True"
+        assert not job_pods(w)
+        assert sum(e.get("reason") == "InvalidSpec" for e in kube.list("events", w.hub)) == 1
         # the spec is corrected (GitOps: a new commit): the job starts over and runs
-        kube.patch("fj", HUB, "fj1", {"spec": {"minParties": 2}})
-        kube.wait_for(lambda: status(kube).get("phase") == "Running", timeout=30, what="Running after the fix")
-        assert condition(kube, "InvalidSpec") is None
-        kube.wait_for(lambda: len(kube.list("pods")) == 3, timeout=30, what="pods after the fix")
+        kube.patch("fj", w.hub, "fj1", {"spec": {"minParties": 2}})
+        kube.wait_for(lambda: status(w).get("phase") == "Running", timeout=30, what="Running after the fix")
+        assert condition(w, "InvalidSpec") is None
+        kube.wait_for(lambda: len(job_pods(w)) == 3, timeout=30, what="pods after the fix")
 
 
-def test_party_without_consent_blocks_the_job_with_a_clear_condition(kube, s3world, tiny_model, tmp_path):
+def test_party_without_consent_blocks_the_job_with_a_clear_condition(kube, s3world, tiny_model):
     with kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model, consent=())
-        kube.wait_for(lambda: condition(kube, "PartiesReady"), timeout=30, what="PartiesReady")
-        c = condition(kube, "PartiesReady")
+        w = make_world(kube, s3world, tiny_model, consent=())
+        kube.wait_for(lambda: condition(w, "PartiesReady"), timeout=30, what="PartiesReady")
+        c = condition(w, "PartiesReady")
         assert c["status"] == "False" and c["reason"] == "ConsentDenied"
-        assert "does not consent to jobs from namespace hub" in c["message"]
-        assert not kube.list("pods")
-        kube.patch("parties", "org-alice", "alice", {"spec": {"consent": {"allowedNamespaces": [HUB]}}})
-        kube.patch("parties", "org-bob", "bob", {"spec": {"consent": {"allowedNamespaces": [HUB]}}})
-        kube.wait_for(lambda: len(kube.list("pods")) == 3, timeout=30, what="pods once consent is given")
+        assert f"does not consent to jobs from namespace {w.hub}" in c["message"]
+        assert not job_pods(w)
+        for party in ("alice", "bob"):
+            kube.patch("parties", w.ns(party), party, {"spec": {"consent": {"allowedNamespaces": [w.hub]}}})
+        kube.wait_for(lambda: len(job_pods(w)) == 3, timeout=30, what="pods once consent is given")
 
 
-def test_no_node_fits_sets_unschedulable_instead_of_pending_pods(kube, s3world, tiny_model, tmp_path):
+def test_no_node_fits_sets_unschedulable_instead_of_pending_pods(kube, s3world, tiny_model):
     with kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model, gpus=2)
-        kube.wait_for(lambda: condition(kube, "Unschedulable"), timeout=30, what="Unschedulable")
-        c = condition(kube, "Unschedulable")
-        assert c["status"] == "True" and "nvidia.com/gpu" in c["message"] and "cpu-1" in c["message"]
-        assert not kube.list("pods")
+        w = make_world(kube, s3world, tiny_model, gpus=2)
+        kube.wait_for(lambda: condition(w, "Unschedulable"), timeout=30, what="Unschedulable")
+        c = condition(w, "Unschedulable")
+        assert c["status"] == "True" and "nvidia.com/gpu" in c["message"] and f"cpu-{kube.test_id}" in c["message"]
+        assert not job_pods(w)
+        # the parties were fine: a PartiesReady=False from before they were Ready must not linger
+        kube.wait_for(lambda: (condition(w, "PartiesReady") or {"status": "True"})["status"] == "True", timeout=10)
 
 
-def test_spec_changes_allowed_and_refused_while_running(kube, s3world, tiny_model, tmp_path):
-    with PodExecutor(kube, tmp_path / "pods"), kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model, rounds=2)
-        kube.wait_for(lambda: status(kube).get("phase") == "Running", timeout=60, what="Running")
-        kube.patch("fj", HUB, "fj1", {"spec": {"peft": {"config": {"r": 16}}}})
+def test_spec_changes_allowed_and_refused_while_running(kube, s3world, tiny_model):
+    with pods_of(kube), kube.run_kopf("fedtune.k8s.operator"):
+        w = make_world(kube, s3world, tiny_model, rounds=2)
+        kube.wait_for(lambda: status(w).get("phase") == "Running", timeout=60, what="Running")
+        kube.patch("fj", w.hub, "fj1", {"spec": {"peft": {"config": {"r": 16}}}})
         kube.wait_for(
-            lambda: (condition(kube, "SpecChangeRejected") or {}).get("status") == "True",
+            lambda: (condition(w, "SpecChangeRejected") or {}).get("status") == "True",
             timeout=30,
             what="SpecChangeRejected",
         )
-        assert "peft.config.r cannot change while the job runs" in condition(kube, "SpecChangeRejected")["message"]
-        kube.patch("fj", HUB, "fj1", {"spec": {"peft": {"config": {"r": 4}}, "rounds": 3}})
-        kube.wait_for(lambda: status(kube).get("phase") in ("Succeeded", "Failed"), timeout=240, what="the end")
-        st = status(kube)
+        assert "peft.config.r cannot change while the job runs" in condition(w, "SpecChangeRejected")["message"]
+        kube.patch("fj", w.hub, "fj1", {"spec": {"peft": {"config": {"r": 4}}, "rounds": 3}})
+        kube.wait_for(lambda: ended(w), timeout=240, what="the end")
+        st = status(w)
     assert st["phase"] == "Succeeded" and [h["round"] for h in st["history"]] == [0, 1, 2, 3]
-    assert condition(kube, "SpecChangeRejected")["status"] == "False"
+    assert condition(w, "SpecChangeRejected")["status"] == "False"
 
 
-def test_party_with_wrong_credentials_reports_storage_error(kube, s3world, tiny_model, tmp_path):
+def test_party_with_wrong_credentials_reports_storage_error(kube, s3world, tiny_model):
     from fedtune.storage.s3 import S3Credentials
 
     with kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model)
+        w = make_world(kube, s3world, tiny_model)
         kube.wait_for(
-            lambda: (kube.get("parties", "org-alice", "alice").get("status") or {}).get("phase") == "Ready",
+            lambda: (kube.get("parties", w.ns("alice"), "alice").get("status") or {}).get("phase") == "Ready",
             timeout=30,
             what="alice Ready",
         )
         wrong = S3Credentials(s3world.creds("bob").access_key_id, "not-the-secret-key-0123456789abcdefghijkl")
-        kube.create(_secret("org-carol", "s3", wrong))
+        carol = w.ns("carol")
+        kube.create(_secret(carol, "s3", wrong))
         kube.create(
             {
                 "apiVersion": "fedtune.io/v1alpha1",
                 "kind": "Party",
-                "metadata": {"name": "carol", "namespace": "org-carol"},
+                "metadata": {"name": "carol", "namespace": carol},
                 "spec": {
                     "storage": {
                         "endpoint": s3world.endpoint,
@@ -290,11 +315,11 @@ def test_party_with_wrong_credentials_reports_storage_error(kube, s3world, tiny_
             }
         )
         kube.wait_for(
-            lambda: (kube.get("parties", "org-carol", "carol").get("status") or {}).get("phase") == "Error",
+            lambda: (kube.get("parties", carol, "carol").get("status") or {}).get("phase") == "Error",
             timeout=30,
             what="carol Error",
         )
-        conds = {c["type"]: c for c in kube.get("parties", "org-carol", "carol")["status"]["conditions"]}
+        conds = {c["type"]: c for c in kube.get("parties", carol, "carol")["status"]["conditions"]}
         assert conds["StorageReady"]["status"] == "False"
         assert (
             "carol-bkt" in conds["StorageReady"]["message"] and "secret access key" in conds["StorageReady"]["message"]
@@ -302,38 +327,38 @@ def test_party_with_wrong_credentials_reports_storage_error(kube, s3world, tiny_
         assert "not-the-secret" not in conds["StorageReady"]["message"]  # never echo a secret
 
 
-def test_an_evaluator_party_scores_every_global_adapter_on_its_held_out_set(kube, s3world, tiny_model, tmp_path):
-    with PodExecutor(kube, tmp_path / "pods") as pods, kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model, evaluator="carol")
-        kube.wait_for(lambda: status(kube).get("phase") in ("Succeeded", "Failed"), timeout=240, what="the job to end")
-        st = status(kube)
+def test_an_evaluator_party_scores_every_global_adapter_on_its_held_out_set(kube, s3world, tiny_model):
+    with pods_of(kube) as pods, kube.run_kopf("fedtune.k8s.operator"):
+        w = make_world(kube, s3world, tiny_model, evaluator="carol")
+        kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        st = status(w)
         assert st["phase"] == "Succeeded", st
         assert [h.get("heldOutSamples") for h in st["history"]] == [16, 16, 16]
-        assert all(h["participants"] == ["org-alice/alice", "org-bob/bob"] for h in st["history"][1:])
-        referee = next(p for p in st["parties"] if p["name"] == "org-carol/carol")
+        assert all(h["participants"] == [w.key("alice"), w.key("bob")] for h in st["history"][1:])
+        referee = next(p for p in st["parties"] if p["name"] == w.key("carol"))
         assert referee["role"] == "evaluator" and referee.get("numSamples") is None
-        assert "org-carol" in {p.split("/")[0] for p in pods.started}
-        assert "HeldOutEvaluated" in {e.get("reason") for e in kube.list("events", HUB)}
-        kube.delete("fj", HUB, "fj1")
+        assert w.ns("carol") in {p.split("/")[0] for p in pods.started}
+        assert "HeldOutEvaluated" in {e.get("reason") for e in kube.list("events", w.hub)}
+        kube.delete("fj", w.hub, "fj1")
         kube.wait_for(
-            lambda: kube.get("fj", HUB, "fj1") is None and not children(kube),
-            timeout=30,
+            lambda: kube.get("fj", w.hub, "fj1") is None and not children(w),
+            timeout=60,
             what="the job's children, the evaluator's namespace included, to be deleted",
         )
 
 
-def test_a_two_gpu_party_runs_its_pod_command_as_two_ranks(kube, s3world, tiny_model, tmp_path):
+def test_a_two_gpu_party_runs_its_pod_command_as_two_ranks(kube, s3world, tiny_model):
     # The pod executor runs the container command as it is: torchrun starts two ranks, which train
     # on the CPU with gloo (no GPU here) exactly as they would on the node's two GPUs.
-    with PodExecutor(kube, tmp_path / "pods"), kube.run_kopf("fedtune.k8s.operator"):
-        make_world(kube, s3world, tiny_model, parties=("alice",), gpus=2, node_gpus=2, rounds=1, minParties=1)
-        kube.wait_for(lambda: status(kube).get("phase") in ("Succeeded", "Failed"), timeout=240, what="the job to end")
-        st = status(kube)
-        (pod,) = kube.list("pods", "org-alice")
+    with pods_of(kube), kube.run_kopf("fedtune.k8s.operator"):
+        w = make_world(kube, s3world, tiny_model, parties=("alice",), gpus=2, node_gpus=2, rounds=1, minParties=1)
+        kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        st = status(w)
+        (pod,) = kube.list("pods", w.ns("alice"))
     assert st["phase"] == "Succeeded", st
     command = pod["spec"]["containers"][0]["command"]
     assert command[:3] == ["python", "-m", "torch.distributed.run"] and "--nproc-per-node=2" in command
-    log = "".join(p.read_text() for p in (tmp_path / "pods").glob("org-alice--*.log"))
+    log = "".join(p.read_text() for p in (kube.workdir / "pods").glob(f"{w.ns('alice')}--*.log"))
     assert "alice/rank0 INFO rank 0 of 2" in log and "alice/rank1 INFO rank 1 of 2" in log
-    assert "alice/rank1 INFO [org-alice/alice] rank 1: ticket train-r1-a0 from rank 0" in log
+    assert "alice/rank1 INFO [" in log and "rank 1: ticket train-r1-a0 from rank 0" in log
     assert "rank 1: exit ticket: stopping" in log
