@@ -365,6 +365,23 @@ def crd_documents() -> list[dict]:
     return [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
 
 
+def install_fedtune(admin: Kube) -> Identity:
+    """fedtune's CRDs (applied server-side, waited for until Established), the operator's namespace and
+    the chart's RBAC on a fresh cluster; the operator's identity (see install_operator_identity)."""
+    apply_server_side(admin, crd_documents())
+    for crd in crd_documents():
+        name = crd["metadata"]["name"]
+        admin.wait_for(
+            lambda n=name: any(
+                c["type"] == "Established" and c["status"] == "True"
+                for c in ((admin.get("crd", None, n) or {}).get("status") or {}).get("conditions", [])
+            ),
+            timeout=30, what=f"CRD {name} established",
+        )
+    admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
+    return install_operator_identity(admin)
+
+
 @dataclass
 class Session:
     cluster: KubeCluster
@@ -381,18 +398,7 @@ def kube_session(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
     cluster.start()
     try:
         admin = Kube(cluster, Identity("admin", cert=cluster.admin_cert), workdir)
-        apply_server_side(admin, crd_documents())
-        for crd in crd_documents():
-            name = crd["metadata"]["name"]
-            admin.wait_for(
-                lambda n=name: any(
-                    c["type"] == "Established" and c["status"] == "True"
-                    for c in ((admin.get("crd", None, n) or {}).get("status") or {}).get("conditions", [])
-                ),
-                timeout=30, what=f"CRD {name} established",
-            )
-        admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
-        operator = install_operator_identity(admin)
+        operator = install_fedtune(admin)
         yield Session(cluster, admin, operator, workdir)
     finally:
         cluster.stop()
