@@ -65,7 +65,10 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
 }
 WITH_STATUS = {"Pod", "Node", "Namespace", "Service", "Deployment", "FederatedJob", "Party", "ResourceQuota"}
 OPERATOR_NAMESPACE = "fedtune-system"
-RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
 
 
 class ApiError(Exception):
@@ -113,7 +116,10 @@ class Kube:
         cert = {"cert_file": str(identity.cert[0]), "key_file": str(identity.cert[1])} if identity.cert else {}
         # Pod executors and watches call from many threads: keep their connections (urllib3's default is 1).
         self._http = urllib3.PoolManager(
-            maxsize=16, ca_certs=str(cluster.ca_file), timeout=urllib3.Timeout(connect=5, read=30), retries=False,
+            maxsize=16,
+            ca_certs=str(cluster.ca_file),
+            timeout=urllib3.Timeout(connect=5, read=30),
+            retries=False,
             **cert,
         )
 
@@ -125,7 +131,12 @@ class Kube:
     path = staticmethod(api_path)
 
     def request(
-        self, method: str, path: str, body: Any = None, *, params: dict[str, Any] | None = None,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
         content_type: str = "application/json",
     ) -> Any:
         """One API call; the decoded JSON answer, or ApiError for a non-2xx status."""
@@ -147,7 +158,9 @@ class Kube:
 
     def create(self, obj: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
         """Create an object (resource from apiVersion and kind); a given status is then set via /status."""
-        key = next((k for k, v in RESOURCES.items() if k.rsplit("/", 1)[0] == obj["apiVersion"] and v[0] == obj["kind"]), None)
+        key = next(
+            (k for k, v in RESOURCES.items() if k.rsplit("/", 1)[0] == obj["apiVersion"] and v[0] == obj["kind"]), None
+        )
         if key is None:
             raise KeyError(f"no resource known for {obj['apiVersion']} {obj['kind']} (tests/kube.py RESOURCES)")
         ns = (namespace or obj.get("metadata", {}).get("namespace")) if RESOURCES[key][1] else None
@@ -191,9 +204,7 @@ class Kube:
                 return None
             raise
 
-    def token_for(
-        self, namespace: str, service_account: str, *, pod: dict | None = None, seconds: int = 7200
-    ) -> str:
+    def token_for(self, namespace: str, service_account: str, *, pod: dict | None = None, seconds: int = 7200) -> str:
         """A TokenRequest token of a ServiceAccount (bound to `pod` when given, as a kubelet asks)."""
         spec: dict[str, Any] = {"expirationSeconds": seconds}
         if pod is not None:
@@ -240,8 +251,11 @@ class Kube:
 
         cert = self.identity.cert
         return kopf.ConnectionInfo(
-            server=self.url, ca_path=str(self.cluster.ca_file), scheme="Bearer" if self.identity.token else None,
-            token=self.identity.token, certificate_path=str(cert[0]) if cert else None,
+            server=self.url,
+            ca_path=str(self.cluster.ca_file),
+            scheme="Bearer" if self.identity.token else None,
+            token=self.identity.token,
+            certificate_path=str(cert[0]) if cert else None,
             private_key_path=str(cert[1]) if cert else None,
         )
 
@@ -266,11 +280,24 @@ class KubeTest(Kube):
     def node(self, name: str, *, cpu: str = "16", memory: str = "64Gi", gpus: int = 0) -> dict:
         """A Node with this allocatable (removed at the end of the test; nothing runs it but the pod executor)."""
         resources = {"cpu": cpu, "memory": memory, "pods": "110", "nvidia.com/gpu": str(gpus)}
-        node = self.create(
-            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
-             "status": {"capacity": resources, "allocatable": resources,
-                        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
-                                        "message": "the test's pod executor runs this node's pods"}]}}
+        self.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name},
+                "status": {
+                    "capacity": resources,
+                    "allocatable": resources,
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "reason": "KubeletReady",
+                            "message": "the test's pod executor runs this node's pods",
+                        }
+                    ],
+                },
+            }
         )
         self.cluster_objects.append(("nodes", name))
         # Admission taints a new node not-ready; the node lifecycle controller lifts the taint once the
@@ -338,7 +365,11 @@ def apply_server_side(admin: Kube, docs: list[dict], manager: str = "fedtune-tes
         key = resource_key(f"{doc['kind']}")
         path = api_path(key, meta.get("namespace"), meta["name"])
         admin.request(
-            "PATCH", path, doc, params={"fieldManager": manager, "force": "true"}, content_type="application/apply-patch+yaml"
+            "PATCH",
+            path,
+            doc,
+            params={"fieldManager": manager, "force": "true"},
+            content_type="application/apply-patch+yaml",
         )
 
 
@@ -389,7 +420,8 @@ def kube_session(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
                     c["type"] == "Established" and c["status"] == "True"
                     for c in ((admin.get("crd", None, n) or {}).get("status") or {}).get("conditions", [])
                 ),
-                timeout=30, what=f"CRD {name} established",
+                timeout=30,
+                what=f"CRD {name} established",
             )
         admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
         operator = install_operator_identity(admin)

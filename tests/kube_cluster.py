@@ -65,9 +65,7 @@ def kube_bin_dir() -> Path:
     if env:
         return Path(env)
     script = ROOT / "scripts" / "build-kube.sh"
-    proc = subprocess.run(
-        ["bash", str(script), "--where"], capture_output=True, text=True, check=False, timeout=600
-    )
+    proc = subprocess.run(["bash", str(script), "--where"], capture_output=True, text=True, check=False, timeout=600)
     where = Path(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else None
     if proc.returncode != 0 or where is None:
         raise ClusterError(f"scripts/build-kube.sh --where failed: {proc.stderr.strip()}")
@@ -88,10 +86,14 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _cert(subject: x509.Name, key, issuer: x509.Name, signer, *, ca: bool = False, server: bool = False) -> x509.Certificate:
+def _cert(
+    subject: x509.Name, key, issuer: x509.Name, signer, *, ca: bool = False, server: bool = False
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     b = (
         x509.CertificateBuilder()
@@ -104,9 +106,7 @@ def _cert(subject: x509.Name, key, issuer: x509.Name, signer, *, ca: bool = Fals
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if ca:
-        b = b.add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
+        b = b.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
     else:
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -148,8 +148,15 @@ def make_pki(pki: Path) -> None:
     )
 
 
-def kubeconfig(server: str, ca: Path, *, cert: Path | None = None, key: Path | None = None, token: str | None = None,
-               namespace: str = "default") -> dict:
+def kubeconfig(
+    server: str,
+    ca: Path,
+    *,
+    cert: Path | None = None,
+    key: Path | None = None,
+    token: str | None = None,
+    namespace: str = "default",
+) -> dict:
     """A kubeconfig document for one user (client certificate or bearer token)."""
     user: dict[str, str] = {"token": token} if token else {"client-certificate": str(cert), "client-key": str(key)}
     return {
@@ -217,7 +224,10 @@ class KubeCluster:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = (self.dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
-            [str(self.bin / name), *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [str(self.bin / name), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         log.close()
@@ -225,17 +235,20 @@ class KubeCluster:
     def _start_etcd(self) -> None:
         client, peer = free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{client}"
-        self._spawn("etcd", [
-            "--name=fedtune-test",
-            f"--data-dir={self.dir / 'etcd'}",
-            f"--listen-client-urls={self.etcd_url}",
-            f"--advertise-client-urls={self.etcd_url}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
-            f"--initial-cluster=fedtune-test=http://127.0.0.1:{peer}",
-            "--unsafe-no-fsync",  # a throwaway store: durability is not what the tests are about
-            "--log-level=warn",
-        ])
+        self._spawn(
+            "etcd",
+            [
+                "--name=fedtune-test",
+                f"--data-dir={self.dir / 'etcd'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+                f"--initial-cluster=fedtune-test=http://127.0.0.1:{peer}",
+                "--unsafe-no-fsync",  # a throwaway store: durability is not what the tests are about
+                "--log-level=warn",
+            ],
+        )
 
     def _start_apiserver(self, timeout: float) -> None:
         port = free_port()
@@ -243,52 +256,70 @@ class KubeCluster:
         policy = self.dir / "audit-policy.json"
         policy.write_text(json.dumps(AUDIT_POLICY))
         p = self.pki
-        self._spawn("kube-apiserver", [
-            f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={port}",
-            f"--cert-dir={self.dir / 'apiserver-certs'}",
-            f"--tls-cert-file={p / 'apiserver.crt'}",
-            f"--tls-private-key-file={p / 'apiserver.key'}",
-            f"--client-ca-file={p / 'ca.crt'}",
-            "--authorization-mode=RBAC",
-            f"--service-account-issuer={ISSUER}",
-            f"--service-account-signing-key-file={p / 'sa.key'}",
-            f"--service-account-key-file={p / 'sa.pub'}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            f"--audit-policy-file={policy}",
-            f"--audit-log-path={self.audit_log}",
-            "--audit-log-maxbackup=0",
-            "--audit-log-maxsize=0",
-            "--endpoint-reconciler-type=none",
-        ])
+        self._spawn(
+            "kube-apiserver",
+            [
+                f"--etcd-servers={self.etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={port}",
+                f"--cert-dir={self.dir / 'apiserver-certs'}",
+                f"--tls-cert-file={p / 'apiserver.crt'}",
+                f"--tls-private-key-file={p / 'apiserver.key'}",
+                f"--client-ca-file={p / 'ca.crt'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-issuer={ISSUER}",
+                f"--service-account-signing-key-file={p / 'sa.key'}",
+                f"--service-account-key-file={p / 'sa.pub'}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-maxbackup=0",
+                "--audit-log-maxsize=0",
+                "--endpoint-reconciler-type=none",
+            ],
+        )
 
     def _start_controller_manager(self) -> None:
         cfg = self.dir / "controller-manager.kubeconfig"
-        cfg.write_text(json.dumps(kubeconfig(
-            self.url, self.ca_file, cert=self.pki / "controller-manager.crt", key=self.pki / "controller-manager.key"
-        )))
-        self._spawn("kube-controller-manager", [
-            f"--kubeconfig={cfg}",
-            f"--authentication-kubeconfig={cfg}",
-            f"--authorization-kubeconfig={cfg}",
-            f"--controllers={','.join(CONTROLLERS)}",
-            f"--service-account-private-key-file={self.pki / 'sa.key'}",
-            f"--root-ca-file={self.ca_file}",
-            "--use-service-account-credentials=true",  # each controller under its own bootstrap role
-            "--leader-elect=false",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={free_port()}",
-            f"--cert-dir={self.dir / 'controller-manager-certs'}",
-            "--concurrent-gc-syncs=5",
-            "--concurrent-namespace-syncs=5",
-        ])
+        cfg.write_text(
+            json.dumps(
+                kubeconfig(
+                    self.url,
+                    self.ca_file,
+                    cert=self.pki / "controller-manager.crt",
+                    key=self.pki / "controller-manager.key",
+                )
+            )
+        )
+        self._spawn(
+            "kube-controller-manager",
+            [
+                f"--kubeconfig={cfg}",
+                f"--authentication-kubeconfig={cfg}",
+                f"--authorization-kubeconfig={cfg}",
+                f"--controllers={','.join(CONTROLLERS)}",
+                f"--service-account-private-key-file={self.pki / 'sa.key'}",
+                f"--root-ca-file={self.ca_file}",
+                "--use-service-account-credentials=true",  # each controller under its own bootstrap role
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                f"--cert-dir={self.dir / 'controller-manager-certs'}",
+                "--concurrent-gc-syncs=5",
+                "--concurrent-namespace-syncs=5",
+            ],
+        )
 
     def _wait_ready(self, deadline: float, checks: tuple[tuple[str, str], ...]) -> None:
         cert, key = self.admin_cert
-        http = urllib3.PoolManager(ca_certs=str(self.ca_file), cert_file=str(cert), key_file=str(key), retries=False,
-                                   timeout=urllib3.Timeout(connect=1, read=5))
+        http = urllib3.PoolManager(
+            ca_certs=str(self.ca_file),
+            cert_file=str(cert),
+            key_file=str(key),
+            retries=False,
+            timeout=urllib3.Timeout(connect=1, read=5),
+        )
         last = "nothing answered yet"
         for path, what in checks:
             while True:

@@ -74,14 +74,15 @@ class PodExecutor:
     def _bind(self, pod: dict, nodes: list[dict]) -> bool:
         want = _gpus(pod)
         fits = [
-            n for n in nodes
-            if int(((n.get("status") or {}).get("allocatable") or {}).get("nvidia.com/gpu", 0)) >= want
+            n for n in nodes if int(((n.get("status") or {}).get("allocatable") or {}).get("nvidia.com/gpu", 0)) >= want
         ]
         if not fits:
             return False
         meta = pod["metadata"]
         binding = {
-            "apiVersion": "v1", "kind": "Binding", "metadata": {"name": meta["name"]},
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": meta["name"]},
             "target": {"apiVersion": "v1", "kind": "Node", "name": fits[0]["metadata"]["name"]},
         }
         self.kube.request("POST", self.kube.path("pods", meta["namespace"], meta["name"], "binding"), binding)
@@ -130,10 +131,22 @@ class PodExecutor:
         if exit_code is None:
             state = {"running": {"startedAt": now}}
         else:
-            state = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
-                                    "startedAt": now, "finishedAt": now}}
-        container = {"name": name, "image": pod["spec"]["containers"][0]["image"], "imageID": "", "ready": exit_code is None,
-                     "restartCount": 0, "state": state}
+            state = {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "reason": "Completed" if exit_code == 0 else "Error",
+                    "startedAt": now,
+                    "finishedAt": now,
+                }
+            }
+        container = {
+            "name": name,
+            "image": pod["spec"]["containers"][0]["image"],
+            "imageID": "",
+            "ready": exit_code is None,
+            "restartCount": 0,
+            "state": state,
+        }
         status = {"phase": phase, "containerStatuses": [container]}
         if phase == "Running":
             status.update(startTime=now, hostIP="127.0.0.1", podIP="127.0.0.1")
@@ -162,7 +175,7 @@ class PodExecutor:
                     self._step(uid, pod, nodes)
                 except ApiError as exc:
                     self.errors.append(f"{pod['metadata']['namespace']}/{pod['metadata']['name']}: {exc}")
-            for uid, (pod, proc) in list(self.procs.items()):
+            for uid, (_pod, proc) in list(self.procs.items()):
                 if uid not in pods and proc.poll() is None:
                     proc.kill()  # the pod was removed
             time.sleep(self.poll)

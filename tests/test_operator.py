@@ -179,7 +179,9 @@ def test_job_runs_to_success_and_deletion_cleans_every_namespace(kube, s3world, 
         assert {p.split("/")[0] for p in pods.started} == {w.ns("alice"), w.ns("bob"), w.hub}
         assert kube.get("parties", w.ns("alice"), "alice")["status"]["phase"] == "Ready"
         agg = [
-            p for p in kube.list("pods", w.hub) if p["metadata"]["labels"]["app.kubernetes.io/component"] == "aggregator"
+            p
+            for p in kube.list("pods", w.hub)
+            if p["metadata"]["labels"]["app.kubernetes.io/component"] == "aggregator"
         ]
         assert agg[0]["metadata"]["ownerReferences"][0]["uid"] == w.job["metadata"]["uid"]
         reasons = {e.get("reason") for e in kube.list("events", w.hub)}
