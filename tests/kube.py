@@ -65,6 +65,7 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
 }
 WITH_STATUS = {"Pod", "Node", "Namespace", "Service", "Deployment", "FederatedJob", "Party", "ResourceQuota"}
 OPERATOR_NAMESPACE = "fedtune-system"
+RETRY_429 = 20
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
@@ -107,6 +108,47 @@ class Identity:
     token: str | None = None
 
 
+class AuditLog:
+    """The API server's audit log from a mark on (the session's log is one file, every test's in it).
+
+    Each entry is an audit.k8s.io/v1 Event at Metadata level: `stage` (RequestReceived, then
+    ResponseStarted for a watch, then ResponseComplete), `user.username`, `verb`, `objectRef`
+    ({apiGroup, resource, subresource, namespace, name}), `responseStatus.code`, `userAgent`,
+    `requestURI`, `auditID`. Mark before the requests of interest: `audit = kube.audit()`.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = path.stat().st_size if path.exists() else 0
+
+    def entries(self, user: str | None = None, stage: str | None = "ResponseComplete") -> list[dict[str, Any]]:
+        """Entries since the mark, of `user` (exact username) and `stage` (None: any)."""
+        with self.path.open("rb") as f:
+            f.seek(self.start)
+            lines = f.read().split(b"\n")[:-1]  # the last piece is empty, or a line still being written
+        out = []
+        for line in lines:
+            entry = json.loads(line)
+            if (stage is None or entry["stage"] == stage) and (user is None or entry["user"]["username"] == user):
+                out.append(entry)
+        return out
+
+    def requests(self, user: str) -> int:
+        """How many requests `user` sent since the mark (answered or not)."""
+        return len(self.entries(user, stage="RequestReceived"))
+
+    def completed(self, user: str, timeout: float = 20) -> list[dict[str, Any]]:
+        """`user`'s ResponseComplete entries, once every request it sent has one (a watch's comes when
+        it ends, and the server writes each entry after its answer: wait for both)."""
+
+        def settled() -> list[dict[str, Any]] | None:
+            done = self.entries(user)
+            received = {e["auditID"] for e in self.entries(user, stage="RequestReceived")}
+            return (done,) if received <= {e["auditID"] for e in done} else None
+
+        return Kube.wait_for(settled, timeout=timeout, what=f"every request of {user} to complete in the audit log")[0]
+
+
 class Kube:
     """REST helpers against the API server, as one identity (plain HTTP calls, as any client makes)."""
 
@@ -139,7 +181,10 @@ class Kube:
         params: dict[str, Any] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        """One API call; the decoded JSON answer, or ApiError for a non-2xx status."""
+        """One API call; the decoded JSON answer, or ApiError for a non-2xx status.
+
+        429 (a resource's watch cache still initializing, say) is retried after its Retry-After,
+        as client-go does, for up to RETRY_429 attempts."""
         query = "?" + urllib.parse.urlencode(params) if params else ""
         headers = {"Accept": "application/json", "User-Agent": f"fedtune-tests/{self.identity.name}"}
         if self.identity.token:
@@ -147,7 +192,11 @@ class Kube:
         if body is not None:
             headers["Content-Type"] = content_type
         data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
-        resp = self._http.request(method, self.url + path + query, headers=headers, body=data)
+        for _ in range(RETRY_429):
+            resp = self._http.request(method, self.url + path + query, headers=headers, body=data)
+            if resp.status != 429:
+                break
+            time.sleep(min(float(resp.headers.get("Retry-After") or 1), 1))
         try:
             doc = json.loads(resp.data) if resp.data else None
         except ValueError:
@@ -224,6 +273,10 @@ class Kube:
                 return last
             time.sleep(0.1)
         raise AssertionError(f"{what} did not happen in {timeout}s (last value: {last!r})")
+
+    def audit(self) -> AuditLog:
+        """The audit log, marked now: its entries from here on."""
+        return AuditLog(self.cluster.audit_log)
 
     # --- other clients: kubeconfig, kubernetes client, kopf --------------------------------
 
