@@ -320,7 +320,7 @@ class KubeTest(Kube):
         super().__init__(cluster, Identity("admin", cert=cluster.admin_cert), workdir)
         self.operator, self.test_id = operator, test_id
         self.namespaces: list[str] = []
-        self.cluster_objects: list[tuple[str, str]] = []  # (resource, name) made by this test
+        self.objects: list[tuple[str, str | None, str]] = []  # (resource, namespace, name) made by this test
 
     def namespace(self, base: str, *, labels: dict[str, str] | None = None) -> str:
         """Create the namespace `<base>-<test id>` (PodSecurity `restricted` enforced) and return its name."""
@@ -352,7 +352,7 @@ class KubeTest(Kube):
                 },
             }
         )
-        self.cluster_objects.append(("nodes", name))
+        self.objects.append(("nodes", None, name))
         # Admission taints a new node not-ready; the node lifecycle controller lifts the taint once the
         # kubelet reports Ready. Neither runs here: lift it as that controller would.
         return self.patch("nodes", None, name, {"spec": {"taints": None}})
@@ -394,8 +394,22 @@ class KubeTest(Kube):
             for pod in self.list("pods", ns):
                 self.delete("pods", ns, pod["metadata"]["name"], grace=0)
             self.delete("namespaces", None, ns)
-        for res, name in self.cluster_objects:
-            self.delete(res, None, name)
+        for res, ns, name in self.objects:
+            self.delete(res, ns, name)
+
+    def install_operator(
+        self, release: str, values: dict[str, Any] | None = None, docs: list[dict] | None = None
+    ) -> Identity:
+        """The operator chart's RBAC as release `release` (also its fullnameOverride, so the
+        ServiceAccount's username is this run's own in the audit log), or `docs` (an edited copy);
+        removed at the end of the test. Returns a TokenRequest identity of its ServiceAccount."""
+        docs = docs if docs is not None else operator_rbac({"fullnameOverride": release, **(values or {})}, release)
+        identity = install_operator_identity(self, docs=docs)
+        for doc in docs:
+            meta = doc["metadata"]
+            if meta.get("namespace") not in self.namespaces:  # the test's namespaces go as a whole
+                self.objects.append((resource_key(doc["kind"]), meta.get("namespace"), meta["name"]))
+        return identity
 
 
 # --- the session: control plane, CRDs, the operator chart's RBAC --------------------------------
@@ -436,13 +450,47 @@ def operator_rbac(values: dict[str, Any] | None = None, release: str = "fedtune"
     return [d for d in yaml.safe_load_all(out) if d and d.get("kind") in kinds]
 
 
-def install_operator_identity(admin: Kube, values: dict[str, Any] | None = None, release: str = "fedtune") -> Identity:
-    """Apply the chart's RBAC and return a TokenRequest identity of its ServiceAccount."""
-    docs = operator_rbac(values, release)
+def install_operator_identity(
+    admin: Kube, values: dict[str, Any] | None = None, release: str = "fedtune", *, docs: list[dict] | None = None
+) -> Identity:
+    """Apply the chart's RBAC (or `docs`, e.g. an edited copy of it) and return a TokenRequest
+    identity of its ServiceAccount, once the server authorizes by the new bindings."""
+    docs = docs if docs is not None else operator_rbac(values, release)
     apply_server_side(admin, docs)
     (sa,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{sa['metadata']['name']}"
+    wait_bindings_effective(admin, docs)
     token = admin.token_for(OPERATOR_NAMESPACE, sa["metadata"]["name"], seconds=24 * 3600)
-    return Identity(f"system:serviceaccount:{OPERATOR_NAMESPACE}:{sa['metadata']['name']}", token=token)
+    return Identity(user, token=token)
+
+
+def wait_bindings_effective(admin: Kube, docs: list[dict]) -> None:
+    """Until the API server authorizes by every (Cluster)RoleBinding in `docs`: it learns of RBAC
+    objects through a watch, a moment after they are written. A SubjectAccessReview per binding,
+    for the first verb of the first rule of its role (which must be in `docs` too)."""
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs}
+    for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        ns = binding["metadata"].get("namespace")
+        ref = binding["roleRef"]
+        rule = roles[(ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])]["rules"][0]
+        for subject in binding["subjects"]:
+            user = f"system:serviceaccount:{subject['namespace']}:{subject['name']}"
+            resource, _, sub = rule["resources"][0].partition("/")
+            attrs = {"verb": rule["verbs"][0], "group": rule["apiGroups"][0], "resource": resource, "subresource": sub}
+            if ns:
+                attrs["namespace"] = ns
+            review = {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": {"user": user, "groups": ["system:serviceaccounts"], "resourceAttributes": attrs},
+            }
+            admin.wait_for(
+                lambda r=review: admin.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", r)[
+                    "status"
+                ].get("allowed"),
+                timeout=10,
+                what=f"{binding['kind']} {binding['metadata']['name']} to take effect for {user}",
+            )
 
 
 def crd_documents() -> list[dict]:
