@@ -65,6 +65,7 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
 }
 WITH_STATUS = {"Pod", "Node", "Namespace", "Service", "Deployment", "FederatedJob", "Party", "ResourceQuota"}
 OPERATOR_NAMESPACE = "fedtune-system"
+RETRY_429 = 20
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
@@ -107,6 +108,47 @@ class Identity:
     token: str | None = None
 
 
+class AuditLog:
+    """The API server's audit log from a mark on (the session's log is one file, every test's in it).
+
+    Each entry is an audit.k8s.io/v1 Event at Metadata level: `stage` (RequestReceived, then
+    ResponseStarted for a watch, then ResponseComplete), `user.username`, `verb`, `objectRef`
+    ({apiGroup, resource, subresource, namespace, name}), `responseStatus.code`, `userAgent`,
+    `requestURI`, `auditID`. Mark before the requests of interest: `audit = kube.audit()`.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = path.stat().st_size if path.exists() else 0
+
+    def entries(self, user: str | None = None, stage: str | None = "ResponseComplete") -> list[dict[str, Any]]:
+        """Entries since the mark, of `user` (exact username) and `stage` (None: any)."""
+        with self.path.open("rb") as f:
+            f.seek(self.start)
+            lines = f.read().split(b"\n")[:-1]  # the last piece is empty, or a line still being written
+        out = []
+        for line in lines:
+            entry = json.loads(line)
+            if (stage is None or entry["stage"] == stage) and (user is None or entry["user"]["username"] == user):
+                out.append(entry)
+        return out
+
+    def requests(self, user: str) -> int:
+        """How many requests `user` sent since the mark (answered or not)."""
+        return len(self.entries(user, stage="RequestReceived"))
+
+    def completed(self, user: str, timeout: float = 20) -> list[dict[str, Any]]:
+        """`user`'s ResponseComplete entries, once every request it sent has one (a watch's comes when
+        it ends, and the server writes each entry after its answer: wait for both)."""
+
+        def settled() -> list[dict[str, Any]] | None:
+            done = self.entries(user)
+            received = {e["auditID"] for e in self.entries(user, stage="RequestReceived")}
+            return (done,) if received <= {e["auditID"] for e in done} else None
+
+        return Kube.wait_for(settled, timeout=timeout, what=f"every request of {user} to complete in the audit log")[0]
+
+
 class Kube:
     """REST helpers against the API server, as one identity (plain HTTP calls, as any client makes)."""
 
@@ -139,7 +181,10 @@ class Kube:
         params: dict[str, Any] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        """One API call; the decoded JSON answer, or ApiError for a non-2xx status."""
+        """One API call; the decoded JSON answer, or ApiError for a non-2xx status.
+
+        429 (a resource's watch cache still initializing, say) is retried after its Retry-After,
+        as client-go does, for up to RETRY_429 attempts."""
         query = "?" + urllib.parse.urlencode(params) if params else ""
         headers = {"Accept": "application/json", "User-Agent": f"fedtune-tests/{self.identity.name}"}
         if self.identity.token:
@@ -147,7 +192,11 @@ class Kube:
         if body is not None:
             headers["Content-Type"] = content_type
         data = None if body is None else body if isinstance(body, bytes) else json.dumps(body).encode()
-        resp = self._http.request(method, self.url + path + query, headers=headers, body=data)
+        for _ in range(RETRY_429):
+            resp = self._http.request(method, self.url + path + query, headers=headers, body=data)
+            if resp.status != 429:
+                break
+            time.sleep(min(float(resp.headers.get("Retry-After") or 1), 1))
         try:
             doc = json.loads(resp.data) if resp.data else None
         except ValueError:
@@ -225,6 +274,10 @@ class Kube:
             time.sleep(0.1)
         raise AssertionError(f"{what} did not happen in {timeout}s (last value: {last!r})")
 
+    def audit(self) -> AuditLog:
+        """The audit log, marked now: its entries from here on."""
+        return AuditLog(self.cluster.audit_log)
+
     # --- other clients: kubeconfig, kubernetes client, kopf --------------------------------
 
     @property
@@ -267,7 +320,7 @@ class KubeTest(Kube):
         super().__init__(cluster, Identity("admin", cert=cluster.admin_cert), workdir)
         self.operator, self.test_id = operator, test_id
         self.namespaces: list[str] = []
-        self.cluster_objects: list[tuple[str, str]] = []  # (resource, name) made by this test
+        self.objects: list[tuple[str, str | None, str]] = []  # (resource, namespace, name) made by this test
 
     def namespace(self, base: str, *, labels: dict[str, str] | None = None) -> str:
         """Create the namespace `<base>-<test id>` (PodSecurity `restricted` enforced) and return its name."""
@@ -299,7 +352,7 @@ class KubeTest(Kube):
                 },
             }
         )
-        self.cluster_objects.append(("nodes", name))
+        self.objects.append(("nodes", None, name))
         # Admission taints a new node not-ready; the node lifecycle controller lifts the taint once the
         # kubelet reports Ready. Neither runs here: lift it as that controller would.
         return self.patch("nodes", None, name, {"spec": {"taints": None}})
@@ -341,8 +394,22 @@ class KubeTest(Kube):
             for pod in self.list("pods", ns):
                 self.delete("pods", ns, pod["metadata"]["name"], grace=0)
             self.delete("namespaces", None, ns)
-        for res, name in self.cluster_objects:
-            self.delete(res, None, name)
+        for res, ns, name in self.objects:
+            self.delete(res, ns, name)
+
+    def install_operator(
+        self, release: str, values: dict[str, Any] | None = None, docs: list[dict] | None = None
+    ) -> Identity:
+        """The operator chart's RBAC as release `release` (also its fullnameOverride, so the
+        ServiceAccount's username is this run's own in the audit log), or `docs` (an edited copy);
+        removed at the end of the test. Returns a TokenRequest identity of its ServiceAccount."""
+        docs = docs if docs is not None else operator_rbac({"fullnameOverride": release, **(values or {})}, release)
+        identity = install_operator_identity(self, docs=docs)
+        for doc in docs:
+            meta = doc["metadata"]
+            if meta.get("namespace") not in self.namespaces:  # the test's namespaces go as a whole
+                self.objects.append((resource_key(doc["kind"]), meta.get("namespace"), meta["name"]))
+        return identity
 
 
 # --- the session: control plane, CRDs, the operator chart's RBAC --------------------------------
@@ -383,13 +450,47 @@ def operator_rbac(values: dict[str, Any] | None = None, release: str = "fedtune"
     return [d for d in yaml.safe_load_all(out) if d and d.get("kind") in kinds]
 
 
-def install_operator_identity(admin: Kube, values: dict[str, Any] | None = None, release: str = "fedtune") -> Identity:
-    """Apply the chart's RBAC and return a TokenRequest identity of its ServiceAccount."""
-    docs = operator_rbac(values, release)
+def install_operator_identity(
+    admin: Kube, values: dict[str, Any] | None = None, release: str = "fedtune", *, docs: list[dict] | None = None
+) -> Identity:
+    """Apply the chart's RBAC (or `docs`, e.g. an edited copy of it) and return a TokenRequest
+    identity of its ServiceAccount, once the server authorizes by the new bindings."""
+    docs = docs if docs is not None else operator_rbac(values, release)
     apply_server_side(admin, docs)
     (sa,) = [d for d in docs if d["kind"] == "ServiceAccount"]
+    user = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{sa['metadata']['name']}"
+    wait_bindings_effective(admin, docs)
     token = admin.token_for(OPERATOR_NAMESPACE, sa["metadata"]["name"], seconds=24 * 3600)
-    return Identity(f"system:serviceaccount:{OPERATOR_NAMESPACE}:{sa['metadata']['name']}", token=token)
+    return Identity(user, token=token)
+
+
+def wait_bindings_effective(admin: Kube, docs: list[dict]) -> None:
+    """Until the API server authorizes by every (Cluster)RoleBinding in `docs`: it learns of RBAC
+    objects through a watch, a moment after they are written. A SubjectAccessReview per binding,
+    for the first verb of the first rule of its role (which must be in `docs` too)."""
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d for d in docs}
+    for binding in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        ns = binding["metadata"].get("namespace")
+        ref = binding["roleRef"]
+        rule = roles[(ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])]["rules"][0]
+        for subject in binding["subjects"]:
+            user = f"system:serviceaccount:{subject['namespace']}:{subject['name']}"
+            resource, _, sub = rule["resources"][0].partition("/")
+            attrs = {"verb": rule["verbs"][0], "group": rule["apiGroups"][0], "resource": resource, "subresource": sub}
+            if ns:
+                attrs["namespace"] = ns
+            review = {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": {"user": user, "groups": ["system:serviceaccounts"], "resourceAttributes": attrs},
+            }
+            admin.wait_for(
+                lambda r=review: admin.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", r)[
+                    "status"
+                ].get("allowed"),
+                timeout=10,
+                what=f"{binding['kind']} {binding['metadata']['name']} to take effect for {user}",
+            )
 
 
 def crd_documents() -> list[dict]:

@@ -5,7 +5,8 @@
 The binaries come from `scripts/build-kube.sh` (built from the Go module proxy, cached by version).
 Everything listens on loopback ports picked free at start:
 
-- etcd, one member, plain http on loopback (only the API server talks to it);
+- etcd, one member, plain http on loopback (only the API server talks to it), aged by a few
+  revisions before the API server starts, so a watch from resourceVersion "1" is too old (410);
 - kube-apiserver with TLS from a throwaway CA (`ca.crt`), an admin client certificate (group
   system:masters), RBAC authorization, the default admission plugins (PodSecurity,
   ServiceAccount, NamespaceLifecycle, ResourceQuota, ...), a service-account issuer and signing
@@ -20,6 +21,7 @@ fixture prints where they are when a test of the session failed.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import json
@@ -50,6 +52,8 @@ READY_CHECKS = (
     ("/api/v1/namespaces/default", "the default namespace"),
     ("/api/v1/namespaces/default/serviceaccounts/default", "the default ServiceAccount (controller-manager)"),
 )
+# Revisions written to etcd before the API server starts (see KubeCluster._age_etcd).
+ETCD_HISTORY = 50
 # Every request, at Metadata level (who, verb, resource, namespace, answer): what the RBAC tests read.
 AUDIT_POLICY = {"apiVersion": "audit.k8s.io/v1", "kind": "Policy", "rules": [{"level": "Metadata"}]}
 
@@ -211,9 +215,10 @@ class KubeCluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         make_pki(self.pki)
         try:
-            self._start_etcd()
-            self._start_apiserver(timeout)
             deadline = time.monotonic() + timeout
+            self._start_etcd()
+            self._age_etcd(deadline)
+            self._start_apiserver(timeout)
             self._wait_ready(deadline, READY_CHECKS[:1])  # RBAC's bootstrap roles exist once it is ready
             self._start_controller_manager()
             self._wait_ready(deadline, READY_CHECKS[1:])
@@ -249,6 +254,30 @@ class KubeCluster:
                 "--log-level=warn",
             ],
         )
+
+    def _age_etcd(self, deadline: float) -> None:
+        """Write ETCD_HISTORY revisions before the API server starts, so its watch caches begin past
+        them, as in any cluster that has run a while: a watch from an old resourceVersion such as
+        "1" is then answered 410 Expired, as clients must handle. (On a fresh store the caches
+        start at revision 1 or 2 and replay everything since "1" instead.)"""
+        http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=1, read=5))
+        key = base64.b64encode(b"fedtune-test/history").decode()
+        while True:
+            self._check_alive()
+            try:
+                if http.request("GET", self.etcd_url + "/health").status == 200:
+                    break
+            except urllib3.exceptions.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ClusterError(f"etcd did not answer /health in time; logs in {self.dir}")
+            time.sleep(0.1)
+        for i in range(ETCD_HISTORY):
+            value = base64.b64encode(str(i).encode()).decode()
+            resp = http.request("POST", self.etcd_url + "/v3/kv/put", body=json.dumps({"key": key, "value": value}))
+            if resp.status != 200:
+                raise ClusterError(f"etcd refused a put: HTTP {resp.status} {resp.data[:200]!r}")
+        http.clear()
 
     def _start_apiserver(self, timeout: float) -> None:
         port = free_port()

@@ -1,7 +1,8 @@
 {{/*
 The operator's RBAC rules: fedtune.k8s.permissions.PERMISSIONS written out (why each verb is
-needed is documented there). tests/test_helm_chart.py fails when these differ from the table,
-and when the operator, run against the API emulator, requests anything the table lacks.
+needed is documented there). tests/test_helm_chart.py fails when these differ from the table;
+tests/test_operator_rbac.py when the operator, bound by them on a real kube-apiserver, requests
+anything the table lacks or is refused anything.
 */}}
 
 {{/* Rules on cluster-scoped resources: always in the ClusterRole. Read-only. */}}

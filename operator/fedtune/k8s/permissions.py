@@ -5,10 +5,10 @@ Kept exact, not merely sufficient, and checked both ways by tests:
   these rules (cluster-wide mode: all of them; namespaced mode: the cluster-scoped rows in the
   ClusterRole, the namespaced rows in a Role per namespace);
 - tests/test_operator_rbac.py runs the real operator (kopf + fedtune's own client) through jobs
-  against a real kube-apiserver, as a ServiceAccount holding only the chart's rendered rules,
-  reads every request it sent from the server's audit log, and asserts each was allowed and each
-  verb here was requested, except the `unrequested` ones, which are held for a reason stated in
-  `why`.
+  against a real kube-apiserver, as a ServiceAccount bound by exactly the chart's RBAC, reads
+  every request it sent from the server's audit log, and asserts each is covered here and none
+  was refused, and each verb here was requested, except the `unrequested` ones, which are held
+  for a reason stated in `why`; a chart missing a verb is shown to stop a job there.
 
 Where the verbs come from:
 - kopf: `watch`+`list` for every resource a handler serves (the FederatedJob daemon and delete
