@@ -11,8 +11,9 @@ Everything listens on loopback ports picked free at start:
   system:masters), RBAC authorization, the default admission plugins (PodSecurity,
   ServiceAccount, NamespaceLifecycle, ResourceQuota, ...), a service-account issuer and signing
   key (so TokenRequest works), and an audit log of every request at Metadata level;
-- kube-controller-manager with the garbage collector, namespace, service-account, token and
-  resource-quota controllers (no scheduler and no kubelet: tests/pod_executor.py plays both).
+- kube-controller-manager with the garbage collector, namespace, service-account, token,
+  resource-quota and ClusterRole-aggregation controllers (no scheduler and no kubelet:
+  tests/pod_executor.py plays both).
 
 `start` waits for /readyz, the `default` namespace and its `default` ServiceAccount. `stop`
 ends the processes by PID (SIGTERM, then SIGKILL). Logs stay in `workdir` (`*.log`) and the
@@ -47,6 +48,7 @@ CONTROLLERS = (
     "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller",
     "resourcequota-controller",  # fills a quota's status.hard/used; admission ignores a quota without it
+    "clusterrole-aggregation-controller",  # fills the admin/edit/view ClusterRoles (empty without it)
 )
 READY_CHECKS = (
     ("/readyz", "the API server's /readyz"),
