@@ -59,6 +59,18 @@ def only(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def operator_cluster_roles(docs: list[dict]) -> list[dict]:
+    """The ClusterRoles bound to the operator (not those aggregated into the built-in user roles)."""
+    return [d for d in only(docs, "ClusterRole") if not aggregated_to(d)]
+
+
+def aggregated_to(role: dict) -> set[str]:
+    """The built-in ClusterRoles (view, edit, admin) a ClusterRole is aggregated into."""
+    prefix = "rbac.authorization.k8s.io/aggregate-to-"
+    labels = role["metadata"].get("labels") or {}
+    return {k.removeprefix(prefix) for k, v in labels.items() if k.startswith(prefix) and v == "true"}
+
+
 def rule_triples(rules: list[dict]) -> set[tuple[str, str, str]]:
     """RBAC rules as (group, resource, verb) triples, the normal form of `permissions.triples`."""
     assert all(set(r) <= {"apiGroups", "resources", "verbs"} for r in rules), "no resourceNames/nonResourceURLs"
@@ -231,7 +243,7 @@ def test_settings_become_the_operators_environment(name):
 @needs_helm
 def test_cluster_wide_cluster_role_is_the_permissions_table():
     docs = render(OPERATOR)
-    (role,), (binding,) = only(docs, "ClusterRole"), only(docs, "ClusterRoleBinding")
+    (role,), (binding,) = operator_cluster_roles(docs), only(docs, "ClusterRoleBinding")
     assert rule_triples(role["rules"]) == triples(PERMISSIONS)
     assert binding["subjects"] == [OPERATOR_SA]
     assert not only(docs, "Role")
@@ -240,7 +252,7 @@ def test_cluster_wide_cluster_role_is_the_permissions_table():
 @needs_helm
 def test_namespaced_mode_splits_the_table_between_cluster_role_and_roles():
     docs = render(OPERATOR, [OPERATOR / "ci" / "all-features-values.yaml"])
-    (cluster_role,) = only(docs, "ClusterRole")
+    (cluster_role,) = operator_cluster_roles(docs)
     assert rule_triples(cluster_role["rules"]) == triples(cluster_rows())
     assert all(v in ("get", "list", "watch") for _, _, v in triples(cluster_rows())), "cluster rows are read-only"
     (role,), (binding,) = only(docs, "Role"), only(docs, "RoleBinding")
@@ -253,6 +265,25 @@ def test_namespaced_mode_splits_the_table_between_cluster_role_and_roles():
         "--namespace=hospital-a",
         "--namespace=hospital-b",
     ]
+
+
+@needs_helm
+def test_the_built_in_user_roles_get_fedtune_resources_and_only_admins_write_parties():
+    docs = render(OPERATOR)
+    granted_to = {"view": set(), "edit": set(), "admin": set()}
+    for role in only(docs, "ClusterRole"):
+        for built_in in aggregated_to(role):
+            granted_to[built_in] |= rule_triples(role["rules"])
+    assert {g for g, _, _ in set().union(*granted_to.values())} == {"fedtune.io"}
+    assert granted_to["view"] < granted_to["edit"] < granted_to["admin"]
+    assert {v for _, _, v in granted_to["view"]} == {"get", "list", "watch"}
+    assert ("fedtune.io", "federatedjobs", "create") in granted_to["edit"]
+    assert {v for _, r, v in granted_to["edit"] if r == "parties"} == {"get", "list", "watch"}
+    # A namespace admin holds what the party chart's Role grants the operator on fedtune.io resources.
+    (party_role,) = only(render(PARTY, [PARTY / "ci" / "minimal-values.yaml"]), "Role")
+    assert {t for t in rule_triples(party_role["rules"]) if t[0] == "fedtune.io"} <= granted_to["admin"]
+    opted_out = only(render(OPERATOR, [], "rbac.aggregateToDefaultRoles=false"), "ClusterRole")
+    assert opted_out and not [r for r in opted_out if aggregated_to(r)]
 
 
 @needs_helm
