@@ -497,9 +497,8 @@ def crd_documents() -> list[dict]:
     return [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "crds").glob("*.yaml"))]
 
 
-def install_fedtune(admin: Kube) -> Identity:
-    """fedtune's CRDs (applied server-side, waited for until Established), the operator's namespace and
-    the chart's RBAC on a fresh cluster; the operator's identity (see install_operator_identity)."""
+def install_crds(admin: Kube) -> None:
+    """fedtune's CRDs, applied server-side and waited for until Established."""
     apply_server_side(admin, crd_documents())
     for crd in crd_documents():
         name = crd["metadata"]["name"]
@@ -511,6 +510,12 @@ def install_fedtune(admin: Kube) -> Identity:
             timeout=30,
             what=f"CRD {name} established",
         )
+
+
+def install_fedtune(admin: Kube) -> Identity:
+    """fedtune's CRDs (see install_crds: a no-op when they are there), the operator's namespace and the
+    chart's RBAC on a fresh cluster; the operator's identity (see install_operator_identity)."""
+    install_crds(admin)
     admin.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}})
     return install_operator_identity(admin)
 
@@ -528,9 +533,12 @@ def kube_session(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
     """The session's control plane with fedtune's CRDs and the operator chart's RBAC (see the module doc)."""
     workdir = tmp_path_factory.mktemp("kube")
     cluster = KubeCluster(kube_bin_dir(), workdir / "cluster")
-    cluster.start()
+    # The CRDs before the controller-manager: its garbage collector then watches FederatedJobs from the
+    # start (it looks for new resources only every 30 s: children of a job were collected ~40 s late).
+    admin_identity = Identity("admin", cert=cluster.admin_cert)
+    cluster.start(before_controllers=lambda: install_crds(Kube(cluster, admin_identity, workdir)))
     try:
-        admin = Kube(cluster, Identity("admin", cert=cluster.admin_cert), workdir)
+        admin = Kube(cluster, admin_identity, workdir)
         operator = install_fedtune(admin)
         yield Session(cluster, admin, operator, workdir)
     finally:

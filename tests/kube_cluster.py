@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import urllib3
@@ -208,7 +209,10 @@ class KubeCluster:
             path.write_text(json.dumps(kubeconfig(self.url, self.ca_file, cert=cert, key=key)))
         return path
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 120, before_controllers: Callable[[], object] | None = None) -> None:
+        """Start everything and wait until ready; `before_controllers` runs once the API server is
+        ready and before the controller-manager starts (e.g. to install CRDs its controllers should
+        see from their start)."""
         missing = [b for b in ("etcd", "kube-apiserver", "kube-controller-manager") if not (self.bin / b).exists()]
         if missing:
             raise ClusterError(
@@ -223,6 +227,8 @@ class KubeCluster:
             self._age_etcd(deadline)
             self._start_apiserver(timeout)
             self._wait_ready(deadline, READY_CHECKS[:1])  # RBAC's bootstrap roles exist once it is ready
+            if before_controllers is not None:
+                before_controllers()
             self._start_controller_manager()
             self._wait_ready(deadline, READY_CHECKS[1:])
         except BaseException:
@@ -309,6 +315,7 @@ class KubeCluster:
                 "--audit-log-maxbackup=0",
                 "--audit-log-maxsize=0",
                 "--endpoint-reconciler-type=none",
+                "--allow-privileged=true",  # as kubeadm and kind set it: PodSecurity refuses privileged pods
             ],
         )
 
