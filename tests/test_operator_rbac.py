@@ -432,4 +432,13 @@ def test_a_chart_missing_a_verb_stops_the_job(
             assert len(pods) == 2 and status(w) == {}, status(w)
         else:
             assert not pods and status(w).get("phase") in (None, "Pending"), status(w)
+            # ... and the job says so itself, in the API server's words, with the fix
+            ready = kube.wait_for(
+                lambda: next((c for c in status(w).get("conditions", []) if c["reason"] == "Forbidden"), None),
+                timeout=30,
+                what="a Forbidden condition on the job",
+            )
+            assert ready["type"] == "Ready" and ready["status"] == "False", ready
+            assert "forbidden" in ready["message"] and refused[1] in ready["message"], ready
+            assert "operator chart's RBAC" in ready["message"], ready
         assert status(w).get("currentRound", 0) == 0

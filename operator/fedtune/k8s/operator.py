@@ -11,17 +11,19 @@ Each handler parses, delegates to pure/async modules, and applies the result:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import UTC, datetime
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from fedtune.k8s import metrics
 from fedtune.k8s.kube import Kube, api_client, path
 from fedtune.k8s.names import LABEL_JOB, LABEL_JOB_NAMESPACE, LABEL_MANAGED_BY, job_selector
 from fedtune.k8s.party_status import reconcile_party
 from fedtune.k8s.preconditions import InvalidSpec, refused_generation
-from fedtune.k8s.reconcile import reconcile
+from fedtune.k8s.reconcile import pending_status, reconcile
 from fedtune.k8s.settings import OperatorSettings
 from fedtune.rounds import conditions as cond
 
@@ -98,10 +100,11 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
     waker = _wakers.setdefault(key, asyncio.Event())
     try:
         while not stopped:
-            body = await kube().get(path(f"{GROUP}/{VERSION}", "federatedjobs", namespace, name))
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return
+            body = None
             try:
+                body = await kube().get(path(f"{GROUP}/{VERSION}", "federatedjobs", namespace, name))
+                if body is None or body["metadata"].get("deletionTimestamp"):
+                    return
                 refused = refused_generation(body)
                 if refused is not None and refused == body["metadata"].get("generation"):
                     done = False  # refused and not edited since: nothing to do until it is
@@ -110,6 +113,14 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
             except InvalidSpec as exc:
                 # Said once per generation (condition + event); the daemon stays to see a corrected spec.
                 await _fail_invalid(body, str(exc))
+                done = False
+            except ApiException as exc:
+                if exc.status not in (401, 403):  # a hiccup (429, 5xx, a conflict): retry at the next resync
+                    log.exception("reconcile of %s/%s failed; retrying soon", namespace, name)
+                elif body is not None:
+                    await _report_forbidden(body, exc)
+                else:
+                    log.error("the operator may not read FederatedJob %s/%s: %s", namespace, name, _api_message(exc))
                 done = False
             except Exception:  # noqa: BLE001 - an API or S3 hiccup: retry at the next resync, not after kopf's 60 s
                 log.exception("reconcile of %s/%s failed; retrying in %.1fs", namespace, name, SETTINGS.resync_seconds)
@@ -154,6 +165,40 @@ async def _fail_invalid(body: dict, message: str) -> None:
         url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
         await kube().patch(url + "/status", {"status": status.to_wire()})
     kopf.event(body, type="Warning", reason=cond.INVALID_SPEC, message=message[:1000])
+
+
+def _api_message(exc: ApiException) -> str:
+    """The API server's own words for a refusal (its Status message), else the HTTP reason."""
+    try:
+        return json.loads(exc.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"HTTP {exc.status} {exc.reason or ''}".strip()
+
+
+async def _report_forbidden(body: dict, exc: ApiException) -> None:
+    """The API server refused the operator something (RBAC): say so on the job, not only in the log.
+
+    The job's other conditions would otherwise keep describing an earlier wait; Ready=False with
+    reason Forbidden names what was refused and the fix. Patching the status may itself be refused:
+    then the log is all there is."""
+    meta = body["metadata"]
+    message = (
+        f"the API server refused the operator: {_api_message(exc)}; grant it with the operator chart's RBAC "
+        "(rbac.create) or, with rbac.clusterWide=false, the party chart's operatorAccess in that namespace"
+    )
+    log.error("reconcile of %s/%s: %s", meta["namespace"], meta["name"], message)
+    now = utcnow()
+    status = pending_status(body, now)
+    cond.set_condition(status, cond.READY, "False", "Forbidden", message, now)
+    cond.set_condition(status, cond.RECONCILING, "True", "Forbidden", message, now)
+    status.message = message
+    new = status.to_wire()
+    if new != body.get("status"):
+        url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
+        try:
+            await kube().patch(url + "/status", {"status": new})
+        except ApiException as again:
+            log.error("cannot record that on %s/%s either: %s", meta["namespace"], meta["name"], _api_message(again))
 
 
 @kopf.on.delete(GROUP, VERSION, "federatedjobs")

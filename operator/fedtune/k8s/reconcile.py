@@ -55,7 +55,7 @@ class Outcome:
     annotations: dict[str, str] = field(default_factory=dict)
 
 
-def _pending(body: dict, now: datetime) -> FederatedJobStatus:
+def pending_status(body: dict, now: datetime) -> FederatedJobStatus:
     st = pre._status(body) or FederatedJobStatus()
     st.observed_generation = body["metadata"].get("generation")
     return st
@@ -68,7 +68,7 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
         body = {**body, "status": None}  # the refused spec was edited: judge it afresh, from the start
     acc = pre.accept_spec(body)
     job = acc.job
-    out = Outcome(status=_pending(body, now))
+    out = Outcome(status=pending_status(body, now))
     if acc.annotation is not None:
         out.annotations[pre.ACCEPTED_SPEC] = acc.annotation
     st = out.status
