@@ -16,13 +16,18 @@ from fedtune.storage.seaweed import SeaweedError
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from fedtune.api.support import verdict
+    from fedtune.data.checks import data_problems
     from fedtune.documents import load_documents
 
     docs = load_documents(args.file, require_parties=False)
     job = docs.job
-    problem, note = verdict(job.spec.model, job.spec.peft, job.spec.data)
+    problems = data_problems(docs)
+    # A file that brings its data to this machine runs here: its model must be here too.
+    problem, note = verdict(job.spec.model, job.spec.peft, job.spec.data, model_here=docs.runs_here)
     if problem:
-        raise SpecError(f"{args.file}: FederatedJob {job.metadata.name}:\n  {problem}")
+        problems.append(f"{args.file}: FederatedJob {job.metadata.name}: {problem}")
+    if problems:
+        raise SpecError("\n".join(problems))
     n = len(docs.parties)
     print(
         f"{args.file}: FederatedJob {job.metadata.name} with {n} Part{'y' if n == 1 else 'ies'}"
@@ -48,6 +53,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.workdir
         else Path("runs") / f"{docs.job.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    if workdir.exists() and not workdir.is_dir():
+        raise SpecError(f"--workdir {workdir} is a file: name a directory (new, or one to resume)")
     resume = (workdir / STATUS_FILE).is_file()
     if workdir.exists() and any(workdir.iterdir()) and not resume:
         raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
@@ -66,6 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_partition(args: argparse.Namespace) -> int:
     """Partition a Dataset across the file's Parties and upload the shards with each party's credentials."""
+    from fedtune.data.checks import check_data
     from fedtune.data.partition import plan_shards
     from fedtune.data.sources import load_source
     from fedtune.data.upload import upload_shards
@@ -75,6 +83,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     docs = load_documents(args.file)
     if docs.dataset is None:
         raise SpecError(f"{args.file} has no Dataset document: add one saying the source and how to split it")
+    check_data(docs)
     try:
         creds_doc = json.loads(Path(args.credentials).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -83,8 +92,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     parties = [docs.parties[k] for k in docs.job.party_keys + ([test_party] if test_party else [])]
     buckets = {}
     for p in parties:
-        c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name)
-        if not c:
+        c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name) if isinstance(creds_doc, dict) else None
+        if not isinstance(c, dict) or not {"accessKeyId", "secretAccessKey"} <= set(c):
             raise SpecError(
                 f"--credentials has no entry for party {p.key} (keys: namespace/name or name, "
                 "values: {accessKeyId, secretAccessKey})"
@@ -171,6 +180,16 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -182,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where S3 data, logs, mailboxes and results go (default runs/<job>-<time>); "
         "the work directory of an interrupted run resumes it from its last completed round",
     )
-    run.add_argument("--threads", type=int, help="torch threads per party (default: cores / parties)")
+    run.add_argument("--threads", type=_positive, help="torch threads per party (default: cores / parties)")
     run.set_defaults(func=_cmd_run)
     val = sub.add_parser("validate", help="check a job file and explain what is wrong")
     val.add_argument("file")
@@ -217,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, StorageError, SeaweedError) as exc:  # the user can act on these: say what, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run (which says more itself)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

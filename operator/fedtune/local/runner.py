@@ -30,7 +30,8 @@ from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus
-from fedtune.api.support import verdict
+from fedtune.api.support import local_model_dir, verdict
+from fedtune.data.checks import check_data
 from fedtune.data.own_files import read_own_data
 from fedtune.documents import Documents
 from fedtune.local import report
@@ -155,6 +156,10 @@ class LocalRun:
                 "spec.model.source: s3:// sources are read from a real S3 bucket; local mode's embedded "
                 "S3 starts empty, so use a directory (file:///path) or pkg://<package>/<dir>"
             )
+        try:
+            local_model_dir(docs.job.spec.model.source)  # here, before any process starts
+        except FileNotFoundError as exc:
+            raise SpecError(f"{docs.source}: FederatedJob {docs.job.metadata.name}: spec.model.source: {exc}") from None
         self.docs, self.job, self.out = docs, docs.job, out
         self.workdir = Path(workdir).resolve()  # weed runs with cwd=workdir: relative paths would break
         self.start_status: FederatedJobStatus | None = self._saved_status() if resume else None
@@ -495,7 +500,13 @@ class LocalRun:
 
     def run(self) -> FederatedJobStatus:
         """Run the job to the end; Ctrl-C stops every child and the S3 server, keeping what was written."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        # Bad data: an error before anything starts or is written (the same checks as `fedtune validate`).
+        check_data(self.docs)
+        own = read_own_data(self.job, self.parties, self.base_dir, self.evaluator)
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpecError(f"work directory {_shown(self.workdir)}: cannot create it ({exc.strerror})") from None
         _write_atomic(self.workdir / JOB_FILE, self._job_json)
         spec = self.job.spec
         self.progress.say(
@@ -504,9 +515,7 @@ class LocalRun:
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
             f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {_shown(self.workdir)}"
         )
-        peft_verdict = _PeftVerdict(self.job)  # runs while the data is read and the S3 server starts
-        # Bad data: an error before anything starts.
-        own = read_own_data(self.job, self.parties, self.base_dir, self.evaluator)
+        peft_verdict = _PeftVerdict(self.job)  # runs while the data is uploaded and the S3 server starts
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
             # The libraries load into the zygote while S3 starts, the verdict is asked and the data uploaded.
