@@ -17,6 +17,7 @@ import yaml
 from fedtune import cli
 from fedtune.api.errors import SpecError
 from fedtune.api.methods import peft_itself_deferred
+from fedtune.api.status import FederatedJobStatus
 from fedtune.documents import parse_documents
 from fedtune.local.runner import LocalRun, _shown
 from safetensors.torch import load_file
@@ -184,9 +185,9 @@ def test_strategies_and_methods_run(tiny_seq_cls, toy_data, tmp_path, strategy, 
         assert st.history[1].lora_residual is not None and st.history[1].lora_residual >= 0
 
 
-def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_path):
+def test_dead_party_and_aggregator_are_restarted_counted_and_job_finishes(tiny_seq_cls, toy_data, tmp_path):
     run = LocalRun(
-        # Tiny-model rounds take a fraction of a second: enough of them that bob dies mid-job.
+        # Tiny-model rounds take a fraction of a second: enough of them that both die mid-job.
         parse_documents(job_yaml(tiny_seq_cls, toy_data, rounds=20, samples=40), "j"),
         tmp_path / "run",
         out=io.StringIO(),
@@ -196,14 +197,20 @@ def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_pa
     thread = threading.Thread(target=lambda: result.setdefault("st", run.run()))
     thread.start()
     deadline = time.monotonic() + 120
-    while "default/bob" not in run.pods.pods or not run.pods.pods["default/bob"].alive:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    run.pods.pods["default/bob"].signal(signal.SIGKILL)
+    for name in ("default/bob", "aggregator"):
+        while name not in run.pods.pods or not run.pods.pods[name].alive:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        run.pods.pods[name].signal(signal.SIGKILL)
     thread.join(timeout=300)
-    assert result["st"].phase == "Succeeded"
-    assert run.pods.pods["default/bob"].restarts == 1
+    st = result["st"]
+    assert st.phase == "Succeeded"
+    assert run.pods.pods["default/bob"].restarts == 1 and run.pods.pods["aggregator"].restarts == 1
     assert "restarting" in run.progress.out.getvalue()
+    # The status counts what the runner did, and so does the file a person or a dashboard reads.
+    for status in (st, FederatedJobStatus.model_validate_json((tmp_path / "run" / "status.json").read_text())):
+        assert {p.name: p.pod_restarts for p in status.parties} == {"default/alice": 0, "default/bob": 1}
+        assert status.aggregator_restarts == 1
 
 
 def test_ctrl_c_and_kill_leave_nothing_running_and_two_runs_do_not_collide(tiny_seq_cls, toy_data, tmp_path):

@@ -53,6 +53,7 @@ from fedtune.storage.signer import BucketSigner
 
 COORDINATOR_BUCKET = "fedtune-coordinator"
 JOB_FILE, STATUS_FILE = "job.json", "status.json"  # in the work directory: what a resume starts from
+AGGREGATOR = "aggregator"  # the aggregator pod's name
 FULL_PASS_SECONDS = 1.0  # the control loop's longest pause between two full passes
 
 
@@ -356,7 +357,7 @@ class LocalRun:
         worlds = {p.key: self.job.spec.world_size(p.spec.compute.gpus_per_pod) for p in self.members}
         slots = _cpu_slots(len(self.parties), _cores(), self._threads_per_party, max(worlds.values()))
         slot_dir = str(cpu_slots.make_slots(self.workdir / "cpu-slots", slots)) if slots else None
-        pods = [(p.key, "party") for p in self.members] + [("aggregator", "aggregator")]
+        pods = [(p.key, "party") for p in self.members] + [(AGGREGATOR, "aggregator")]
         for name, role in pods:
             box = self.workdir / "mailboxes" / _dirname(name)
             self.mailboxes[name] = FileMailbox(box)
@@ -412,7 +413,7 @@ class LocalRun:
 
     def _observe(self) -> Observation:
         receipts = {p.key: r for p in self.members if (r := self._receipt(p.key, TrainerReceipt))}
-        return Observation(now=utcnow(), receipts=receipts, aggregator=self._receipt("aggregator", AggregatorReceipt))
+        return Observation(now=utcnow(), receipts=receipts, aggregator=self._receipt(AGGREGATOR, AggregatorReceipt))
 
     def _apply(self, st: FederatedJobStatus, signer: BucketSigner) -> None:
         now = utcnow()
@@ -422,7 +423,7 @@ class LocalRun:
             if ticket_id(box.read_ticket() or {}) != intent.id:
                 box.write_ticket(build_trainer_ticket(self.job, intent, by_key[name], st, signer, now).to_wire())
         intent = aggregator_intent(self.job, st)
-        box = self.mailboxes["aggregator"]
+        box = self.mailboxes[AGGREGATOR]
         if intent is not None and ticket_id(box.read_ticket() or {}) != intent.id:
             box.write_ticket(build_aggregator_ticket(self.job, intent, st, signer, now).to_wire())
 
@@ -442,15 +443,28 @@ class LocalRun:
         else:
             st = resumed(self.job, self.start_status, utcnow())
             self.progress.say(f"resuming: {st.stage}, round {st.current_round}/{self.job.spec.rounds}")
+        # Restarts count across the runs of one job: this run's pods start at 0.
+        before = {p.name: p.pod_restarts for p in st.parties} | {AGGREGATOR: st.aggregator_restarts}
         # Sleeps until a pod writes a receipt (inotify), so hand-offs take no polling delay and an
         # idle loop no CPU from the training parties.
         waiter = Waiter([box.dir for box in self.mailboxes.values()], [RECEIPT])
         try:
-            return self._run_loop(st, signer, waiter)
+            return self._run_loop(st, signer, waiter, before)
         finally:
             waiter.close()
 
-    def _run_loop(self, st: FederatedJobStatus, signer: BucketSigner, waiter: Waiter) -> FederatedJobStatus:
+    def _count_restarts(self, st: FederatedJobStatus, before: dict[str, int]) -> None:
+        """Each pod's restarts by this runner, on top of `before` (those of the runs this one resumes)."""
+        for name, pod in self.pods.pods.items():
+            n = before.get(name, 0) + pod.restarts
+            if name == AGGREGATOR:
+                st.aggregator_restarts = n
+            else:
+                st.party(name).pod_restarts = n
+
+    def _run_loop(
+        self, st: FederatedJobStatus, signer: BucketSigner, waiter: Waiter, before: dict[str, int]
+    ) -> FederatedJobStatus:
         status_path, written = self.workdir / STATUS_FILE, ""
         stamp, full_at = None, 0.0
         while True:
@@ -464,6 +478,7 @@ class LocalRun:
             st, events = advance(self.job, st, self._observe())
             self._finalize(st)
             self._apply(st, signer)
+            self._count_restarts(st, before)
             self.progress.update(st, events)
             doc = st.model_dump_json(by_alias=True, exclude_none=True, indent=1)
             if doc != written:  # the file changes a few times a round
