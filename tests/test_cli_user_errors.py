@@ -259,9 +259,10 @@ def test_the_good_file_of_the_corpus_is_valid(tmp_path):
         (["validate", "missing.yaml"], ["cannot read missing.yaml"]),
         (["run", "missing.yaml"], ["cannot read missing.yaml"]),
         (["run", "job.yaml", "--workdir", "job.yaml"], ["--workdir job.yaml is a file"]),
+        (["status", "nowhere"], ["nowhere: cannot read status.json"]),
         (["data", "partition", "job.yaml", "--credentials", "missing.json"], ["--credentials missing.json"]),
     ],
-    ids=["validate-no-file", "run-no-file", "workdir-is-a-file", "partition-no-credentials"],
+    ids=["validate-no-file", "run-no-file", "workdir-is-a-file", "status-no-run", "partition-no-credentials"],
 )
 def test_command_line_mistakes_are_one_line(tmp_path, args, expected):
     _write_case(tmp_path, None, {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM stops a run as Ctrl-C does: every child stopped, the status saying so."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedtune.api.methods import peft_itself_deferred
     from fedtune.documents import load_documents
@@ -59,16 +65,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if workdir.exists() and any(workdir.iterdir()) and not resume:
         raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
     run = LocalRun(docs, workdir, threads=args.threads, resume=resume)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         st = run.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
             f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}\n"
             f"resume with: fedtune run {args.file} --workdir {workdir}",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (signal.SIGTERM if exc.args == ("SIGTERM",) else signal.SIGINT)
     return 0 if st.phase == "Succeeded" else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Say where a local run stands; a status left Running by a runner that is gone is marked so first."""
+    from fedtune.local.run_lock import RunLock, RunnerBusy
+    from fedtune.local.status_file import read_status, settle_lost
+    from fedtune.rounds.conditions import STALLED
+
+    workdir = Path(args.workdir)
+    try:
+        st = read_status(workdir)
+    except OSError as exc:
+        raise SpecError(
+            f"{workdir}: cannot read status.json ({exc.strerror}): name a fedtune run's work directory"
+        ) from None
+    except ValueError:
+        raise SpecError(f"{workdir}/status.json is not a fedtune job status (edited by hand?)") from None
+    live = ""
+    try:
+        with RunLock.acquire(workdir) as lock:
+            st = settle_lost(workdir, lock.previous) or st
+    except RunnerBusy as exc:
+        live = f", its runner ({exc}) is alive"
+    stalled = st.condition(STALLED)
+    why = f" ({stalled.reason})" if stalled is not None and stalled.status == "True" else ""
+    print(f"{workdir}: {st.phase}{why}, {st.stage}, round {st.current_round}, parties {st.parties_ready}{live}")
+    if st.message:
+        print(f"  {st.message}")
+    if any(p.pod_restarts for p in st.parties) or st.aggregator_restarts:
+        restarts = ", ".join(f"{p.name} {p.pod_restarts}" for p in st.parties if p.pod_restarts)
+        print(f"  restarts: {restarts or 'no party'}; aggregator {st.aggregator_restarts}")
+    return 0
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
@@ -203,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--threads", type=_positive, help="torch threads per party (default: cores / parties)")
     run.set_defaults(func=_cmd_run)
+    status = sub.add_parser(
+        "status", help="where a local run stands (a run whose runner was killed is marked Stopped first)"
+    )
+    status.add_argument("workdir", help="the run's work directory")
+    status.set_defaults(func=_cmd_status)
     val = sub.add_parser("validate", help="check a job file and explain what is wrong")
     val.add_argument("file")
     val.set_defaults(func=_cmd_validate)
