@@ -17,6 +17,7 @@ import yaml
 from fedtune import cli
 from fedtune.api.errors import SpecError
 from fedtune.api.methods import peft_itself_deferred
+from fedtune.api.status import FederatedJobStatus
 from fedtune.documents import parse_documents
 from fedtune.local.runner import LocalRun, _shown
 from safetensors.torch import load_file
@@ -184,9 +185,9 @@ def test_strategies_and_methods_run(tiny_seq_cls, toy_data, tmp_path, strategy, 
         assert st.history[1].lora_residual is not None and st.history[1].lora_residual >= 0
 
 
-def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_path):
+def test_dead_party_and_aggregator_are_restarted_counted_and_job_finishes(tiny_seq_cls, toy_data, tmp_path):
     run = LocalRun(
-        # Tiny-model rounds take a fraction of a second: enough of them that bob dies mid-job.
+        # Tiny-model rounds take a fraction of a second: enough of them that both die mid-job.
         parse_documents(job_yaml(tiny_seq_cls, toy_data, rounds=20, samples=40), "j"),
         tmp_path / "run",
         out=io.StringIO(),
@@ -196,26 +197,36 @@ def test_dead_party_is_restarted_and_job_finishes(tiny_seq_cls, toy_data, tmp_pa
     thread = threading.Thread(target=lambda: result.setdefault("st", run.run()))
     thread.start()
     deadline = time.monotonic() + 120
-    while "default/bob" not in run.pods.pods or not run.pods.pods["default/bob"].alive:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    run.pods.pods["default/bob"].signal(signal.SIGKILL)
+    for name in ("default/bob", "aggregator"):
+        while name not in run.pods.pods or not run.pods.pods[name].alive:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        run.pods.pods[name].signal(signal.SIGKILL)
     thread.join(timeout=300)
-    assert result["st"].phase == "Succeeded"
-    assert run.pods.pods["default/bob"].restarts == 1
+    st = result["st"]
+    assert st.phase == "Succeeded"
+    assert run.pods.pods["default/bob"].restarts == 1 and run.pods.pods["aggregator"].restarts == 1
     assert "restarting" in run.progress.out.getvalue()
+    # The status counts what the runner did, and so does the file a person or a dashboard reads.
+    for status in (st, FederatedJobStatus.model_validate_json((tmp_path / "run" / "status.json").read_text())):
+        assert {p.name: p.pod_restarts for p in status.parties} == {"default/alice": 0, "default/bob": 1}
+        assert status.aggregator_restarts == 1
 
 
 def test_ctrl_c_and_kill_leave_nothing_running_and_two_runs_do_not_collide(tiny_seq_cls, toy_data, tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text(job_yaml(tiny_seq_cls, toy_data, rounds=50, samples=40))
     procs, logs = [], []
-    for i in range(2):
-        logs.append(tmp_path / f"out{i}.txt")
+
+    def start(i: int, log: Path) -> subprocess.Popen:
         # the second run names its work directory relative to its working directory
         workdir = str(tmp_path / "w0") if i == 0 else "w1"
         cmd = [sys.executable, "-m", "fedtune.cli", "run", str(job), "--threads", "1", "--workdir", workdir]
-        procs.append(subprocess.Popen(cmd, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT, cwd=tmp_path))
+        logs.append(log)
+        return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path)
+
+    for i in range(2):
+        procs.append(start(i, tmp_path / f"out{i}.txt"))
     try:
         for i in range(2):  # both runs progress side by side on one machine
             _wait_for_round(tmp_path / f"w{i}" / "status.json", 2, procs[i], logs[i], timeout=240)
@@ -223,19 +234,51 @@ def test_ctrl_c_and_kill_leave_nothing_running_and_two_runs_do_not_collide(tiny_
         procs[0].send_signal(signal.SIGINT)  # Ctrl-C: an orderly stop
         procs[1].kill()  # SIGKILL: no cleanup code runs in the runner
         procs[0].wait(timeout=60)
+        procs[1].wait(timeout=60)
+        out = logs[0].read_text()
+        assert procs[0].returncode == 130, out
+        assert "interrupted" in out
+        # What was done is kept, and the status says the run stopped: nothing claims Running.
+        _assert_stopped(tmp_path / "w0", "Interrupted", "stopped by SIGINT (Ctrl-C)")
+        for i in range(2):
+            _wait_until_gone(tmp_path / f"w{i}")
+        # A SIGKILLed runner could not say anything: the next run in its work directory marks it, then resumes.
+        stale = _status(tmp_path / "w1")
+        assert stale["phase"] == "Running"
+        procs.append(start(1, tmp_path / "out2.txt"))
+        _wait_for_round(tmp_path / "w1" / "status.json", stale["currentRound"] + 1, procs[2], logs[2], timeout=240)
+        out = logs[2].read_text()
+        assert f"the last run's runner (pid {procs[1].pid}) ended without finishing" in out, out
+        assert "marked Stopped (RunnerLost)" in out and "resuming:" in out
+        procs[2].send_signal(signal.SIGTERM)  # as a service manager stops it: like Ctrl-C
+        procs[2].wait(timeout=60)
+        assert procs[2].returncode == 143, logs[2].read_text()
+        _assert_stopped(tmp_path / "w1", "Interrupted", "stopped by SIGTERM")
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    out = logs[0].read_text()
-    assert procs[0].returncode == 130, out
-    assert "interrupted" in out
-    assert (tmp_path / "w0" / "status.json").exists()  # what was done is kept
-    for i in range(2):
-        deadline = time.monotonic() + 15
-        while _processes_mentioning(str(tmp_path / f"w{i}")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _processes_mentioning(str(tmp_path / f"w{i}"))
+    _wait_until_gone(tmp_path / "w1")
+
+
+def _status(workdir: Path) -> dict:
+    return json.loads((workdir / "status.json").read_text())
+
+
+def _assert_stopped(workdir: Path, reason: str, message: str) -> None:
+    st = _status(workdir)
+    conditions = {c["type"]: (c["status"], c["reason"]) for c in st["conditions"]}
+    assert st["phase"] == "Stopped" and message in st["message"], st
+    assert conditions["Ready"] == ("False", reason) and conditions["Reconciling"] == ("False", reason)
+    assert conditions["Stalled"] == ("True", reason)
+    assert "Resume with: fedtune run" in st["message"]
+
+
+def _wait_until_gone(workdir: Path) -> None:
+    deadline = time.monotonic() + 15
+    while _processes_mentioning(str(workdir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(str(workdir))
 
 
 def test_local_mode_input_errors(tiny_seq_cls, toy_data, tmp_path):
@@ -249,9 +292,11 @@ def test_local_mode_input_errors(tiny_seq_cls, toy_data, tmp_path):
         LocalRun(parse_documents(yaml.safe_dump_all(shared), "j"), tmp_path / "b")
     docs[-1]["spec"]["labels"] = []  # keep every class of the file: fine here, both are in the job
     docs[0]["spec"]["data"]["labels"] = ["negative", "neutral"]
-    with pytest.raises(SpecError, match="label\\(s\\) positive that the job's spec.data.labels"):
+    with pytest.raises(
+        SpecError, match="label\\(s\\) positive \\(first at line \\d+\\) that the job's spec.data.labels"
+    ):
         LocalRun(parse_documents(yaml.safe_dump_all(docs), "j"), tmp_path / "c", out=io.StringIO()).run()
-    assert not _processes_mentioning(str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()  # found before anything started, or was written
 
 
 def test_run_asks_peft_in_the_background_and_refuses_before_any_ticket(tiny_seq_cls, toy_data, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,13 +17,18 @@ from fedtune.storage.seaweed import SeaweedError
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from fedtune.api.support import verdict
+    from fedtune.data.checks import data_problems
     from fedtune.documents import load_documents
 
     docs = load_documents(args.file, require_parties=False)
     job = docs.job
-    problem, note = verdict(job.spec.model, job.spec.peft, job.spec.data)
+    problems = data_problems(docs)
+    # A file that brings its data to this machine runs here: its model must be here too.
+    problem, note = verdict(job.spec.model, job.spec.peft, job.spec.data, model_here=docs.runs_here)
     if problem:
-        raise SpecError(f"{args.file}: FederatedJob {job.metadata.name}:\n  {problem}")
+        problems.append(f"{args.file}: FederatedJob {job.metadata.name}: {problem}")
+    if problems:
+        raise SpecError("\n".join(problems))
     n = len(docs.parties)
     print(
         f"{args.file}: FederatedJob {job.metadata.name} with {n} Part{'y' if n == 1 else 'ies'}"
@@ -34,6 +40,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if note:
         print(f"  ({note})")
     return 0
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM stops a run as Ctrl-C does: every child stopped, the status saying so."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -48,24 +59,60 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.workdir
         else Path("runs") / f"{docs.job.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
+    if workdir.exists() and not workdir.is_dir():
+        raise SpecError(f"--workdir {workdir} is a file: name a directory (new, or one to resume)")
     resume = (workdir / STATUS_FILE).is_file()
     if workdir.exists() and any(workdir.iterdir()) and not resume:
         raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
     run = LocalRun(docs, workdir, threads=args.threads, resume=resume)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         st = run.run()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
             f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}\n"
             f"resume with: fedtune run {args.file} --workdir {workdir}",
             file=sys.stderr,
         )
-        return 130
+        return 128 + (signal.SIGTERM if exc.args == ("SIGTERM",) else signal.SIGINT)
     return 0 if st.phase == "Succeeded" else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Say where a local run stands; a status left Running by a runner that is gone is marked so first."""
+    from fedtune.local.run_lock import RunLock, RunnerBusy
+    from fedtune.local.status_file import read_status, settle_lost
+    from fedtune.rounds.conditions import STALLED
+
+    workdir = Path(args.workdir)
+    try:
+        st = read_status(workdir)
+    except OSError as exc:
+        raise SpecError(
+            f"{workdir}: cannot read status.json ({exc.strerror}): name a fedtune run's work directory"
+        ) from None
+    except ValueError:
+        raise SpecError(f"{workdir}/status.json is not a fedtune job status (edited by hand?)") from None
+    live = ""
+    try:
+        with RunLock.acquire(workdir) as lock:
+            st = settle_lost(workdir, lock.previous) or st
+    except RunnerBusy as exc:
+        live = f", its runner ({exc}) is alive"
+    stalled = st.condition(STALLED)
+    why = f" ({stalled.reason})" if stalled is not None and stalled.status == "True" else ""
+    print(f"{workdir}: {st.phase}{why}, {st.stage}, round {st.current_round}, parties {st.parties_ready}{live}")
+    if st.message:
+        print(f"  {st.message}")
+    if any(p.pod_restarts for p in st.parties) or st.aggregator_restarts:
+        restarts = ", ".join(f"{p.name} {p.pod_restarts}" for p in st.parties if p.pod_restarts)
+        print(f"  restarts: {restarts or 'no party'}; aggregator {st.aggregator_restarts}")
+    return 0
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
     """Partition a Dataset across the file's Parties and upload the shards with each party's credentials."""
+    from fedtune.data.checks import check_data
     from fedtune.data.partition import plan_shards
     from fedtune.data.sources import load_source
     from fedtune.data.upload import upload_shards
@@ -75,6 +122,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     docs = load_documents(args.file)
     if docs.dataset is None:
         raise SpecError(f"{args.file} has no Dataset document: add one saying the source and how to split it")
+    check_data(docs)
     try:
         creds_doc = json.loads(Path(args.credentials).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -83,8 +131,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     parties = [docs.parties[k] for k in docs.job.party_keys + ([test_party] if test_party else [])]
     buckets = {}
     for p in parties:
-        c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name)
-        if not c:
+        c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name) if isinstance(creds_doc, dict) else None
+        if not isinstance(c, dict) or not {"accessKeyId", "secretAccessKey"} <= set(c):
             raise SpecError(
                 f"--credentials has no entry for party {p.key} (keys: namespace/name or name, "
                 "values: {accessKeyId, secretAccessKey})"
@@ -171,6 +219,16 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
@@ -182,8 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where S3 data, logs, mailboxes and results go (default runs/<job>-<time>); "
         "the work directory of an interrupted run resumes it from its last completed round",
     )
-    run.add_argument("--threads", type=int, help="torch threads per party (default: cores / parties)")
+    run.add_argument("--threads", type=_positive, help="torch threads per party (default: cores / parties)")
     run.set_defaults(func=_cmd_run)
+    status = sub.add_parser(
+        "status", help="where a local run stands (a run whose runner was killed is marked Stopped first)"
+    )
+    status.add_argument("workdir", help="the run's work directory")
+    status.set_defaults(func=_cmd_status)
     val = sub.add_parser("validate", help="check a job file and explain what is wrong")
     val.add_argument("file")
     val.set_defaults(func=_cmd_validate)
@@ -217,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, StorageError, SeaweedError) as exc:  # the user can act on these: say what, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run (which says more itself)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

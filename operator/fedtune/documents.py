@@ -24,6 +24,13 @@ class Documents:
     parties: dict[str, Party]  # namespace/name -> Party
     dataset: Any | None = None  # fedtune.api.dataset.Dataset
     base_dir: Path | None = None  # the job file's directory: relative paths in it are relative to it
+    source: str = "<input>"  # the job file as named: what messages call it
+
+    @property
+    def runs_here(self) -> bool:
+        """The file brings data on this machine (a Dataset, or Parties' own files): it runs here, model included."""
+        own = any(p.spec.data.train_path or p.spec.data.eval_path for p in self.parties.values())
+        return self.dataset is not None or own
 
 
 def _model_for(kind: str):
@@ -60,6 +67,15 @@ def _test_set_problem(job: FederatedJob, parties: dict[str, Party], dataset: Any
     return None
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+    what = ", ".join(x for x in (exc.context, exc.problem) if x)
+    mark = exc.problem_mark or exc.context_mark
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
+
+
 def parse_documents(text: str, source: str = "<input>", require_parties: bool = True) -> Documents:
     """Parse a multi-document YAML string; raises SpecError naming the document and field.
 
@@ -69,7 +85,7 @@ def parse_documents(text: str, source: str = "<input>", require_parties: bool = 
     try:
         raw = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise SpecError(f"{source}: not valid YAML: {exc}") from None
+        raise SpecError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
     jobs, parties, datasets, problems = [], {}, [], []
     for i, doc in enumerate(raw, 1):
         where = f"{source}, document {i}"
@@ -83,7 +99,10 @@ def parse_documents(text: str, source: str = "<input>", require_parties: bool = 
         try:
             obj = _model_for(doc["kind"]).model_validate(doc)
         except ValidationError as exc:
-            problems.append(f"{where} ({doc['kind']} {name}):\n  " + describe(exc).replace("\n", "\n  "))
+            # One problem: one line; several: a line naming the document, then one line each.
+            found = describe(exc)
+            sep = "\n  " if "\n" in found else " "
+            problems.append(f"{where} ({doc['kind']} {name}):{sep}" + found.replace("\n", "\n  "))
             continue
         if doc["kind"] == "FederatedJob":
             jobs.append(obj)
@@ -121,16 +140,18 @@ def parse_documents(text: str, source: str = "<input>", require_parties: bool = 
                     problems.append(f"{source}: Party {key}: {exc}")
     if problems:
         raise SpecError("\n".join(problems))
-    return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None)
+    return Documents(job=jobs[0], parties=parties, dataset=datasets[0] if datasets else None, source=source)
 
 
 def load_documents(path: str | Path, require_parties: bool = True) -> Documents:
     """Read and validate a job file."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"cannot read {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{p}: not UTF-8 text (byte {exc.start}): save the job file as UTF-8") from None
     docs = parse_documents(text, str(p), require_parties)
     docs.base_dir = p.parent
     return docs

@@ -11,7 +11,8 @@ from fedtune.api.base import ApiModel
 
 MAX_HISTORY = 50
 
-JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+# Stopped: local mode only, the runner stopped before the job ended (Ctrl-C, a crash, a kill); resumable.
+JobPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped"]
 PartyPhase = Literal["Pending", "Ready", "Training", "Submitted", "Straggler", "Failed", "Dropped", "Done"]
 Stage = Literal["init", "training", "aggregating", "evaluating", "done"]
 
@@ -91,7 +92,11 @@ class FederatedJobStatus(ApiModel):
     """Observed state of a FederatedJob, driven by the round state machine."""
 
     observed_generation: int | None = Field(None, description="metadata.generation this status reflects.")
-    phase: JobPhase = Field("Pending", description="Pending, Running, Succeeded or Failed.")
+    phase: JobPhase = Field(
+        "Pending",
+        description="Pending, Running, Succeeded, Failed, or Stopped (local mode: its runner stopped before the "
+        "job ended; the run resumes from its work directory).",
+    )
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations of the job.")
     current_round: int = Field(0, description="Round in progress (0 = initialising the global adapter).")
     stage: Stage = Field("init", description="Step of the job: init, training, aggregating, evaluating, done.")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from fedtune.api.errors import SpecError
 from fedtune.api.job import FederatedJob
 from fedtune.api.party import Party
-from fedtune.api.records import DataError, check_records
+from fedtune.api.records import DataError, check_record, check_records
 
 if TYPE_CHECKING:
     from fedtune.storage.s3 import Bucket
@@ -33,7 +33,10 @@ class OwnSplit:
     shown: str  # the path as the job file wrote it
 
 
-def _files(path: Path) -> list[Path]:
+def split_files(written: str, base_dir: Path) -> list[Path]:
+    """The JSON-lines files of a split as the job file wrote it: one file, or a directory's *.jsonl."""
+    path = Path(written).expanduser()
+    path = path if path.is_absolute() else base_dir / path
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix == ".jsonl" and p.is_file())
         if not files:
@@ -44,28 +47,11 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_split(party: Party, written: str, key: str, job: FederatedJob, base_dir: Path) -> OwnSplit:
-    """Read and check one split; a problem is a SpecError naming the party, the file and the line."""
-    path = Path(written).expanduser()
-    path = path if path.is_absolute() else base_dir / path
-    spec = job.spec
-    try:
-        bodies, records = [], []
-        for f in _files(path):
-            body = f.read_bytes()
-            records += check_records(body, spec.data, spec.model.task, source=str(f))
-            bodies.append(body if body.endswith(b"\n") else body + b"\n")  # non-empty: checked above
-    except (DataError, OSError) as exc:
-        raise SpecError(f"Party {party.key}: {exc}") from None
-    return OwnSplit(key=key, body=b"".join(bodies), records=records, shown=written)
+def own_splits(parties: list[Party], evaluator: Party | None = None) -> list[tuple[Party, str, str, str]]:
+    """(party, setting, path as written, bucket key) of every split the parties name on this machine. Pure.
 
-
-def read_own_data(
-    job: FederatedJob, parties: list[Party], base_dir: Path, evaluator: Party | None = None
-) -> dict[str, tuple[OwnSplit | None, OwnSplit]]:
-    """party key -> (train, eval) for parties that name their own files; all of them or none.
-
-    The evaluator (spec.evaluator), if it names a file, gets (None, its held-out test set).
+    Raises SpecError when the parties name them half-way: all of the trainers or none, both splits
+    each, and the evaluator (spec.evaluator) its test set alone (evalPath).
     """
     own = [p for p in parties if p.spec.data.train_path is not None]
     if own and len(own) != len(parties):
@@ -82,17 +68,60 @@ def read_own_data(
             f"Party {evaluator.key} is the job's evaluator (spec.evaluator) and never trains: remove its "
             "spec.data.trainPath and give its held-out test set as evalPath"
         )
-    out: dict[str, tuple[OwnSplit | None, OwnSplit]] = {}
+    out = []
     for p in own:
         d = p.spec.data
-        out[p.key] = (
-            read_split(p, d.train_path, d.train_key, job, base_dir),
-            read_split(p, d.eval_path, d.eval_key, job, base_dir),
-        )
+        out.append((p, "spec.data.trainPath", d.train_path, d.train_key))
+        out.append((p, "spec.data.evalPath", d.eval_path, d.eval_key))
     if evaluator is not None and evaluator.spec.data.eval_path is not None:
         d = evaluator.spec.data
-        out[evaluator.key] = (None, read_split(evaluator, d.eval_path, d.eval_key, job, base_dir))
+        out.append((evaluator, "spec.data.evalPath", d.eval_path, d.eval_key))
     return out
+
+
+def check_split(party: Party, setting: str, written: str, job: FederatedJob, base_dir: Path) -> None:
+    """Check one split a line at a time (nothing is kept); a problem is a SpecError naming the party,
+    the setting, the file and the line."""
+    from fedtune.data.sources import iter_jsonl
+
+    spec = job.spec
+    try:
+        for f in split_files(written, base_dir):
+            for number, record in iter_jsonl(f):
+                check_record(record, spec.data, spec.model.task, number, str(f))
+    except (DataError, OSError) as exc:
+        raise SpecError(f"Party {party.key}: {setting}: {_said(exc)}") from None
+
+
+def _said(exc: Exception) -> str:
+    return f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def read_split(party: Party, setting: str, written: str, key: str, job: FederatedJob, base_dir: Path) -> OwnSplit:
+    """Read and check one split; a problem is a SpecError naming the party, the setting, the file and the line."""
+    spec = job.spec
+    try:
+        bodies, records = [], []
+        for f in split_files(written, base_dir):
+            body = f.read_bytes()
+            records += check_records(body, spec.data, spec.model.task, source=str(f))
+            bodies.append(body if body.endswith(b"\n") else body + b"\n")  # non-empty: checked above
+    except (DataError, OSError) as exc:
+        raise SpecError(f"Party {party.key}: {setting}: {_said(exc)}") from None
+    return OwnSplit(key=key, body=b"".join(bodies), records=records, shown=written)
+
+
+def read_own_data(
+    job: FederatedJob, parties: list[Party], base_dir: Path, evaluator: Party | None = None
+) -> dict[str, tuple[OwnSplit | None, OwnSplit]]:
+    """party key -> (train, eval) for parties that name their own files; all of them or none.
+
+    The evaluator (spec.evaluator), if it names a file, gets (None, its held-out test set).
+    """
+    read: dict[str, list[OwnSplit]] = {}
+    for party, setting, written, key in own_splits(parties, evaluator):
+        read.setdefault(party.key, []).append(read_split(party, setting, written, key, job, base_dir))
+    return {k: (splits[0], splits[1]) if len(splits) == 2 else (None, splits[0]) for k, splits in read.items()}
 
 
 def upload_own_data(splits: Mapping[str, tuple[OwnSplit | None, OwnSplit]], buckets: Mapping[str, Bucket]) -> None:

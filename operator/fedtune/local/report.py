@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedtune.api.job import FederatedJob
 from fedtune.api.status import FederatedJobStatus
+from fedtune.local.status_file import write_atomic
 
 
 def _f(v: float | None, fmt: str) -> str:
@@ -71,7 +72,7 @@ def metrics_document(job: FederatedJob, st: FederatedJobStatus, extra: dict | No
 
 
 def write_metrics(path: Path, doc: dict) -> None:
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    write_atomic(path, json.dumps(doc, indent=2, default=str) + "\n")
 
 
 def plot(

@@ -8,12 +8,14 @@ coordinator another. Only this process holds credentials; pods get presigned URL
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
@@ -30,12 +32,16 @@ from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus
-from fedtune.api.support import verdict
+from fedtune.api.support import local_model_dir, verdict
+from fedtune.data.checks import check_data
 from fedtune.data.own_files import read_own_data
 from fedtune.documents import Documents
 from fedtune.local import report
 from fedtune.local.children import Pod, Pods
 from fedtune.local.progress import Progress
+from fedtune.local.run_lock import RunLock, RunnerBusy
+from fedtune.local.status_file import LIVE_PHASES, STATUS_FILE, settle_lost, write_atomic, write_status
+from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import (
     COORDINATOR,
     aggregator_intent,
@@ -51,7 +57,8 @@ from fedtune.storage.seaweed import Identity, SeaweedServer
 from fedtune.storage.signer import BucketSigner
 
 COORDINATOR_BUCKET = "fedtune-coordinator"
-JOB_FILE, STATUS_FILE = "job.json", "status.json"  # in the work directory: what a resume starts from
+JOB_FILE = "job.json"  # in the work directory, beside STATUS_FILE: what a resume starts from
+AGGREGATOR = "aggregator"  # the aggregator pod's name
 FULL_PASS_SECONDS = 1.0  # the control loop's longest pause between two full passes
 
 
@@ -96,12 +103,6 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _cpu_slots(parties: int, cores: int, threads: int, ranks: int = 1) -> int:
     """How many training parties may compute at once (fedtune.api.cpu_slots), or 0 for no limit.
 
@@ -124,6 +125,17 @@ def _shown(path: Path) -> Path:
         return path.relative_to(Path.cwd())
     except ValueError:
         return path
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the body is done (they are delivered after it)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _bypass_proxy_on_loopback() -> None:
@@ -155,6 +167,10 @@ class LocalRun:
                 "spec.model.source: s3:// sources are read from a real S3 bucket; local mode's embedded "
                 "S3 starts empty, so use a directory (file:///path) or pkg://<package>/<dir>"
             )
+        try:
+            local_model_dir(docs.job.spec.model.source)  # here, before any process starts
+        except FileNotFoundError as exc:
+            raise SpecError(f"{docs.source}: FederatedJob {docs.job.metadata.name}: spec.model.source: {exc}") from None
         self.docs, self.job, self.out = docs, docs.job, out
         self.workdir = Path(workdir).resolve()  # weed runs with cwd=workdir: relative paths would break
         self.start_status: FederatedJobStatus | None = self._saved_status() if resume else None
@@ -171,6 +187,7 @@ class LocalRun:
         self.buckets: dict[str, Bucket] = {}
         self.mailboxes: dict[str, FileMailbox] = {}
         self.pods = Pods()
+        self.status: FederatedJobStatus | None = None  # the last status the control loop wrote
         self._bad_receipts: set[str] = set()
         self.base_dir = docs.base_dir or Path.cwd()
         self._check_buckets()
@@ -351,7 +368,7 @@ class LocalRun:
         worlds = {p.key: self.job.spec.world_size(p.spec.compute.gpus_per_pod) for p in self.members}
         slots = _cpu_slots(len(self.parties), _cores(), self._threads_per_party, max(worlds.values()))
         slot_dir = str(cpu_slots.make_slots(self.workdir / "cpu-slots", slots)) if slots else None
-        pods = [(p.key, "party") for p in self.members] + [("aggregator", "aggregator")]
+        pods = [(p.key, "party") for p in self.members] + [(AGGREGATOR, "aggregator")]
         for name, role in pods:
             box = self.workdir / "mailboxes" / _dirname(name)
             self.mailboxes[name] = FileMailbox(box)
@@ -407,7 +424,7 @@ class LocalRun:
 
     def _observe(self) -> Observation:
         receipts = {p.key: r for p in self.members if (r := self._receipt(p.key, TrainerReceipt))}
-        return Observation(now=utcnow(), receipts=receipts, aggregator=self._receipt("aggregator", AggregatorReceipt))
+        return Observation(now=utcnow(), receipts=receipts, aggregator=self._receipt(AGGREGATOR, AggregatorReceipt))
 
     def _apply(self, st: FederatedJobStatus, signer: BucketSigner) -> None:
         now = utcnow()
@@ -417,7 +434,7 @@ class LocalRun:
             if ticket_id(box.read_ticket() or {}) != intent.id:
                 box.write_ticket(build_trainer_ticket(self.job, intent, by_key[name], st, signer, now).to_wire())
         intent = aggregator_intent(self.job, st)
-        box = self.mailboxes["aggregator"]
+        box = self.mailboxes[AGGREGATOR]
         if intent is not None and ticket_id(box.read_ticket() or {}) != intent.id:
             box.write_ticket(build_aggregator_ticket(self.job, intent, st, signer, now).to_wire())
 
@@ -435,18 +452,35 @@ class LocalRun:
         if self.start_status is None:
             st = new_status(self.job, utcnow())
         else:
+            stopped = self.start_status.condition(cond.STALLED) if self.start_status.phase == "Stopped" else None
             st = resumed(self.job, self.start_status, utcnow())
-            self.progress.say(f"resuming: {st.stage}, round {st.current_round}/{self.job.spec.rounds}")
+            self.progress.say(
+                f"resuming: {st.stage}, round {st.current_round}/{self.job.spec.rounds}"
+                + (f" (the last run stopped: {stopped.reason})" if stopped else "")
+            )
+        # Restarts count across the runs of one job: this run's pods start at 0.
+        before = {p.name: p.pod_restarts for p in st.parties} | {AGGREGATOR: st.aggregator_restarts}
         # Sleeps until a pod writes a receipt (inotify), so hand-offs take no polling delay and an
         # idle loop no CPU from the training parties.
         waiter = Waiter([box.dir for box in self.mailboxes.values()], [RECEIPT])
         try:
-            return self._run_loop(st, signer, waiter)
+            return self._run_loop(st, signer, waiter, before)
         finally:
             waiter.close()
 
-    def _run_loop(self, st: FederatedJobStatus, signer: BucketSigner, waiter: Waiter) -> FederatedJobStatus:
-        status_path, written = self.workdir / STATUS_FILE, ""
+    def _count_restarts(self, st: FederatedJobStatus, before: dict[str, int]) -> None:
+        """Each pod's restarts by this runner, on top of `before` (those of the runs this one resumes)."""
+        for name, pod in self.pods.pods.items():
+            n = before.get(name, 0) + pod.restarts
+            if name == AGGREGATOR:
+                st.aggregator_restarts = n
+            else:
+                st.party(name).pod_restarts = n
+
+    def _run_loop(
+        self, st: FederatedJobStatus, signer: BucketSigner, waiter: Waiter, before: dict[str, int]
+    ) -> FederatedJobStatus:
+        written = ""
         stamp, full_at = None, 0.0
         while True:
             # A full pass (parse receipts, advance, sign, check pods) only when a receipt changed, or
@@ -459,12 +493,14 @@ class LocalRun:
             st, events = advance(self.job, st, self._observe())
             self._finalize(st)
             self._apply(st, signer)
+            self._count_restarts(st, before)
             self.progress.update(st, events)
             doc = st.model_dump_json(by_alias=True, exclude_none=True, indent=1)
             if doc != written:  # the file changes a few times a round
-                _write_atomic(status_path, doc)  # a kill mid-write must not lose what a resume needs
+                write_atomic(self.workdir / STATUS_FILE, doc)  # a kill mid-write must not lose what a resume needs
                 written = doc
                 stamp = None  # the state moved: pass again at once until it settles
+            self.status = st
             if st.phase in ("Succeeded", "Failed"):
                 return st
             for note in self.pods.check():
@@ -494,9 +530,64 @@ class LocalRun:
         return final
 
     def run(self) -> FederatedJobStatus:
-        """Run the job to the end; Ctrl-C stops every child and the S3 server, keeping what was written."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.workdir / JOB_FILE, self._job_json)
+        """Run the job to the end; Ctrl-C stops every child and the S3 server, keeping what was written.
+
+        Whatever ends the run early (Ctrl-C, SIGTERM raised as KeyboardInterrupt, an error), status.json
+        says so: phase Stopped, once every child has stopped.
+        """
+        # Bad data: an error before anything starts or is written (the same checks as `fedtune validate`).
+        check_data(self.docs)
+        own = read_own_data(self.job, self.parties, self.base_dir, self.evaluator)
+        try:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpecError(f"work directory {_shown(self.workdir)}: cannot create it ({exc.strerror})") from None
+        try:
+            lock = RunLock.acquire(self.workdir, {"jobFile": self.docs.source, "started": utcnow().isoformat()})
+        except RunnerBusy as exc:
+            raise SpecError(
+                f"another fedtune run ({exc}) is running in {_shown(self.workdir)}: two would drive one job "
+                "twice; wait for it, or stop it (Ctrl-C in its terminal) and run this again to resume"
+            ) from None
+        try:
+            self._settle_lost(lock)
+            return self._run(own)
+        except BaseException as exc:
+            self._mark_stopped(exc)
+            raise
+        finally:
+            lock.release()
+
+    def _settle_lost(self, lock: RunLock) -> None:
+        """A status left Running by a runner that is gone (killed outright) is marked so before resuming."""
+        if self.start_status is None or self.start_status.phase not in LIVE_PHASES:
+            return
+        self.start_status = settle_lost(self.workdir, lock.previous) or self.start_status
+        who = f"pid {lock.previous['pid']}" if "pid" in lock.previous else "its process"
+        self.progress.say(
+            f"! the last run's runner ({who}) ended without finishing and left status.json saying "
+            "Running: marked Stopped (RunnerLost)"
+        )
+
+    def _mark_stopped(self, exc: BaseException) -> None:
+        """The run ends before the job: say why in status.json, so nothing claims Running when nothing runs."""
+        st = self.status
+        if st is None or st.phase not in LIVE_PHASES:
+            return  # no status written yet, or the job ended on its own
+        if isinstance(exc, KeyboardInterrupt):
+            reason, why = cond.INTERRUPTED, f"stopped by {exc.args[0] if exc.args else 'SIGINT (Ctrl-C)'}"
+        else:
+            reason, why = cond.RUNNER_CRASHED, f"the runner stopped on an error ({type(exc).__name__}: {exc})"
+        message = (
+            f"{why} in {st.stage} of round {st.current_round}/{self.job.spec.rounds}; every child process was "
+            f"stopped. Resume with: fedtune run {self.docs.source} --workdir {_shown(self.workdir)}"
+        )
+        cond.mark_stopped(st, reason, message, utcnow())
+        with _signals_held():  # a second Ctrl-C must not leave the file saying Running
+            write_status(self.workdir, st)
+
+    def _run(self, own: dict) -> FederatedJobStatus:
+        write_atomic(self.workdir / JOB_FILE, self._job_json)
         spec = self.job.spec
         self.progress.say(
             f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties"
@@ -504,9 +595,7 @@ class LocalRun:
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
             f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {_shown(self.workdir)}"
         )
-        peft_verdict = _PeftVerdict(self.job)  # runs while the data is read and the S3 server starts
-        # Bad data: an error before anything starts.
-        own = read_own_data(self.job, self.parties, self.base_dir, self.evaluator)
+        peft_verdict = _PeftVerdict(self.job)  # runs while the data is uploaded and the S3 server starts
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment
         with ExitStack() as stack:
             # The libraries load into the zygote while S3 starts, the verdict is asked and the data uploaded.

@@ -14,6 +14,10 @@ STALLED = "Stalled"
 QUORUM_LOST = "QuorumLost"
 DEGRADED = "Degraded"
 INVALID_SPEC = "InvalidSpec"
+# Why a local run stopped before its job ended (phase Stopped).
+INTERRUPTED = "Interrupted"  # SIGINT (Ctrl-C) or SIGTERM: the runner stopped every child and said so
+RUNNER_CRASHED = "RunnerCrashed"  # an error in the runner itself
+RUNNER_LOST = "RunnerLost"  # the runner vanished without a word (SIGKILL, power loss); seen afterwards
 
 
 def set_condition(
@@ -64,6 +68,15 @@ def mark_succeeded(status: FederatedJobStatus, message: str, now: datetime) -> N
 
 def mark_failed(status: FederatedJobStatus, reason: str, message: str, now: datetime) -> None:
     status.phase = "Failed"
+    status.message = message
+    set_condition(status, READY, "False", reason, message, now)
+    set_condition(status, RECONCILING, "False", reason, "", now)
+    set_condition(status, STALLED, "True", reason, message, now)
+
+
+def mark_stopped(status: FederatedJobStatus, reason: str, message: str, now: datetime) -> None:
+    """The controller stopped before the job ended (local mode): nothing runs, nothing is lost, it resumes."""
+    status.phase = "Stopped"
     status.message = message
     set_condition(status, READY, "False", reason, message, now)
     set_condition(status, RECONCILING, "False", reason, "", now)

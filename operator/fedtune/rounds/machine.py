@@ -71,6 +71,7 @@ def resumed(job: FederatedJob, status: FederatedJobStatus, now: datetime) -> Fed
     st = status.model_copy(deep=True)
     if st.phase in ("Succeeded", "Failed"):
         return st
+    st.phase, st.message = "Running", ""  # a Stopped run runs again
     st.round_deadline = now + timedelta(seconds=job.spec.round_timeout_seconds)
     cond.mark_running(st, f"resumed: {st.stage}, round {st.current_round}/{job.spec.rounds}", now)
     return st
