@@ -189,8 +189,9 @@ def federated_round(source: Path, args: argparse.Namespace, workdir: Path) -> di
     rng = random.Random(1)
     with data.open("w") as fh:
         for _ in range(4 * args.batch * args.steps):
-            words = [f"w{rng.randrange(WORDS)}" for _ in range(args.seq // 2)]
-            fh.write(json.dumps({"prompt": " ".join(words[:8]), "response": " ".join(words[8:])}) + "\n")
+            words = [f"w{rng.randrange(WORDS)}" for _ in range(max(2, args.seq // 2))]
+            cut = min(8, len(words) // 2)  # a short prompt, and never an empty response (the data check refuses it)
+            fh.write(json.dumps({"prompt": " ".join(words[:cut]), "response": " ".join(words[cut:])}) + "\n")
     cfg = trainer_config(source, None, False, args)
     names = ["p0", "p1"]
     job = {
