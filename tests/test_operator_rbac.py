@@ -12,12 +12,9 @@ charts grant that table.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import subprocess
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +23,6 @@ import pytest
 import yaml
 from fedtune.k8s import names
 from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, granted, triples
-from fedtune.k8s.settings import OperatorSettings
 from kube import (
     OPERATOR_NAMESPACE,
     ROOT,
@@ -37,14 +33,12 @@ from kube import (
     Session,
     apply_server_side,
     helm,
+    kube_test,
     operator_rbac,
     wait_bindings_effective,
 )
+from operator_world import FAST_SETTINGS, World, job_pods, make_world, status
 from pod_executor import PodExecutor
-from test_operator import World, make_world, status
-from tiny_models import make_tiny_model
-
-SETTINGS = OperatorSettings(resync_seconds=0.5, metrics_port=0, pod_backoff_seconds=0.5)
 
 
 def resource(entry: dict) -> str:
@@ -78,19 +72,6 @@ class Run:
     roles: dict[str, dict]  # pod ServiceAccount username -> the Role bound to it
 
 
-@contextlib.contextmanager
-def own_kube(session: Session) -> Iterator[KubeTest]:
-    """A `kube` for a module fixture: its own namespaces and objects, removed at the end."""
-    test_id = uuid.uuid4().hex[:6]
-    workdir = session.workdir / f"rbac-{test_id}"
-    workdir.mkdir()
-    kube = KubeTest(session.cluster, workdir, session.operator, test_id)
-    try:
-        yield kube
-    finally:
-        kube.cleanup()
-
-
 def pod_users(kube: KubeTest, namespaces: tuple[str, ...]) -> set[str]:
     return {
         f"system:serviceaccount:{ns}:{sa['metadata']['name']}"
@@ -112,7 +93,7 @@ def mailbox_roles(kube: KubeTest, namespaces: tuple[str, ...]) -> dict[str, dict
 
 def _cluster_wide_run(session: Session, s3world, model: Path) -> Run:
     """A one-party, one-round job to success, a trainer pod lost on the way, then deleted."""
-    with own_kube(session) as kube:
+    with kube_test(session, "rbac") as kube:
         operator = kube.install_operator(f"rbac-cw-{kube.test_id}")
         audit = kube.audit()
         with PodExecutor(kube, kube.workdir / "pods", namespaces=kube.namespaces) as pods:
@@ -158,7 +139,7 @@ def party_operator_access(party_namespace: str, operator_service_account: str) -
 def _namespaced_run(session: Session, s3world, model: Path) -> Run:
     """rbac.clusterWide=false, serving the hub and alice's namespace only (coordinator Role from the
     operator chart, party Role from the fedtune-party chart): a job up to its pods, then deleted."""
-    with own_kube(session) as kube:
+    with kube_test(session, "rbac") as kube:
         # The world first (the operator is not running yet): the chart must name its namespaces.
         w = make_world(kube, s3world, model, parties=("alice",), rounds=1, minParties=1)
         served = (w.hub, w.ns("alice"))
@@ -177,29 +158,15 @@ def _namespaced_run(session: Session, s3world, model: Path) -> Run:
         return Run(operator.name, audit.completed(operator.name), [], served, roles)
 
 
-def job_pods(kube: KubeTest, namespaces: tuple[str, ...]) -> list[dict]:
-    return [p for ns in namespaces for p in kube.list("pods", ns)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "sequence-classification")
-
-
 @pytest.fixture(scope="module")
 def runs(kube_session: Session, s3world, tiny_model) -> dict[str, Run]:
     """Both runs, by operator mode."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(operator_module, "SETTINGS", SETTINGS)
+        mp.setattr(operator_module, "SETTINGS", FAST_SETTINGS)
         return {
             "cluster-wide": _cluster_wide_run(kube_session, s3world, tiny_model),
             "namespaced": _namespaced_run(kube_session, s3world, tiny_model),
         }
-
-
-@pytest.fixture
-def fast_operator(monkeypatch):
-    monkeypatch.setattr(operator_module, "SETTINGS", SETTINGS)
 
 
 def test_the_log_tells_the_operator_from_its_pods(runs):

@@ -15,31 +15,15 @@ from pathlib import Path
 from subprocess import CompletedProcess
 from urllib.parse import urlparse
 
-import fedtune.k8s.operator as operator_module
 import pytest
 import yaml
-from fedtune.k8s.settings import OperatorSettings
 from kube import ROOT, Identity, Kube, KubeTest, helm, kubectl, secret_doc
-from test_operator import condition, make_world, pods_of, status
-from tiny_models import make_tiny_model
+from operator_world import condition, make_world, pods_of, status
 from toy_data import toy_jsonl
 
 OPERATOR_CHART, PARTY_CHART = ROOT / "helm" / "fedtune-operator", ROOT / "helm" / "fedtune-party"
 RBAC = "rbac.authorization.k8s.io/v1/"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "sequence-classification")
-
-
-@pytest.fixture(autouse=True)
-def fast_operator(monkeypatch):
-    monkeypatch.setattr(
-        operator_module,
-        "SETTINGS",
-        OperatorSettings(resync_seconds=0.5, metrics_port=0, pod_backoff_seconds=0.5, max_pod_restarts=3),
-    )
+pytestmark = pytest.mark.usefixtures("fast_operator")
 
 
 def run(client: Kube, tool: str, *args: str, stdin: str | None = None, timeout: float = 120) -> CompletedProcess:
