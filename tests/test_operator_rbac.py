@@ -6,8 +6,8 @@ against the session's kube-apiserver (tests/kube.py). The server's audit log the
 asked and what it was answered: every request is granted by `fedtune.k8s.permissions.PERMISSIONS`
 and none was refused, every verb of the table was asked for (but the justified `unrequested`
 ones), the namespaced mode stays in its namespaces, pods reach their own mailbox Secret and
-nothing else, and a chart missing one verb stops the job. test_helm_chart.py checks that the
-charts grant that table.
+nothing else, and a chart missing one verb stops the job, says so on it, and lets it go on once
+granted again. test_helm_chart.py checks that the charts grant that table.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from kube import (
     operator_rbac,
     wait_bindings_effective,
 )
-from operator_world import FAST_SETTINGS, World, job_pods, make_world, status
+from operator_world import FAST_SETTINGS, World, condition, ended, job_pods, make_world, pods_of, status
 from pod_executor import PodExecutor
 
 
@@ -409,3 +409,74 @@ def test_a_chart_missing_a_verb_stops_the_job(
             assert "forbidden" in ready["message"] and refused[1] in ready["message"], ready
             assert "operator chart's RBAC" in ready["message"], ready
         assert status(w).get("currentRound", 0) == 0
+
+        # The chart as it is, applied again: once the server grants the verb, the job goes on and
+        # its status no longer speaks of a refusal.
+        apply_server_side(kube, operator_rbac({"fullnameOverride": release}, release))
+        kube.wait_for(
+            lambda: may(kube, operator.name, verb, api_group, resource_name, w.hub), timeout=10, what="the verb back"
+        )
+        kube.wait_for(
+            lambda: len(job_pods(kube, served)) == 2 and status(w).get("phase") == "Running",
+            timeout=60,
+            what="the job's pods and its Running status once the verb is granted",
+        )
+        st = status(w)
+        assert not [c for c in st["conditions"] if c["reason"] == "Forbidden"] and not st.get("message"), st
+
+
+def test_a_verb_lost_while_a_job_runs_shows_on_it_and_clears_once_granted_again(
+    kube, s3world, tiny_model, fast_operator
+):
+    """The operator loses `get` on pods (every pass reads the job's pods) while a job runs: Ready says
+    Forbidden. Granted again, Ready and Reconciling say the round is in progress at the next pass,
+    not only when a round next starts (no pod runs meanwhile, so none starts), and the job runs on."""
+    release = f"rbac-lost-{kube.test_id}"
+    full = operator_rbac({"fullnameOverride": release}, release)
+    operator = kube.install_operator(release, docs=full)
+    with kube.run_kopf("fedtune.k8s.operator", identity=operator):
+        w = make_world(kube, s3world, tiny_model, parties=("alice",), rounds=1, minParties=1)
+        kube.wait_for(
+            lambda: status(w).get("phase") == "Running" and len(job_pods(kube)) == 2,
+            timeout=60,
+            what="the job Running, with its pods",
+        )
+        apply_server_side(kube, without_verb(full, "", "pods", "get"))
+        kube.wait_for(lambda: not may(kube, operator.name, "get", "", "pods", w.hub), timeout=10, what="get revoked")
+        ready = kube.wait_for(
+            lambda: (c := condition(w, "Ready")) is not None and c["reason"] == "Forbidden" and c,
+            timeout=30,
+            what="Forbidden on the running job",
+        )
+        assert status(w)["phase"] == "Running" and 'cannot get resource "pods"' in ready["message"], ready
+        assert status(w)["message"] == ready["message"]
+
+        apply_server_side(kube, full)
+        kube.wait_for(lambda: may(kube, operator.name, "get", "", "pods", w.hub), timeout=10, what="get granted")
+        ready = kube.wait_for(
+            lambda: (c := condition(w, "Ready")) is not None and c["reason"] == "RoundInProgress" and c,
+            timeout=30,
+            what="Ready to say the round is in progress again",
+        )
+        assert ready["status"] == "False" and ready["message"] == "loading the base model on every party", ready
+        assert condition(w, "Reconciling")["reason"] == "RoundInProgress" and not status(w).get("message")
+        assert status(w)["stage"] == "init"  # put back by the pass itself, not by a new round
+        with pods_of(kube) as pods:
+            kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        assert not pods.errors, pods.errors
+    assert status(w)["phase"] == "Succeeded", status(w)
+
+
+def may(kube: Kube, user: str, verb: str, api_group: str, resource_name: str, namespace: str) -> bool:
+    """Whether the API server's RBAC allows `user` (a ServiceAccount) `verb` on `resource_name` (with
+    "/<subresource>") in `namespace` now: a SubjectAccessReview, answered from the cache the server
+    authorizes requests by."""
+    res, _, sub = resource_name.partition("/")
+    attrs = {"verb": verb, "group": api_group, "resource": res, "subresource": sub, "namespace": namespace}
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": ["system:serviceaccounts"], "resourceAttributes": attrs},
+    }
+    answer = kube.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+    return bool(answer["status"].get("allowed"))
