@@ -22,7 +22,7 @@ import fedtune.k8s.operator as operator_module
 import pytest
 import yaml
 from fedtune.k8s import names
-from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, granted, triples
+from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, granted, party_rows, triples
 from kube import (
     OPERATOR_NAMESPACE,
     ROOT,
@@ -63,7 +63,8 @@ def namespace(entry: dict) -> str | None:
 @dataclass
 class Run:
     """One operator run: its username, the audit log's ResponseComplete entries of its requests and
-    of its pods' ServiceAccounts, the namespaces it served, and the mailbox Roles it made."""
+    of its pods' ServiceAccounts, the namespaces it served (the hub, then the party's), and the
+    mailbox Roles it made."""
 
     user: str
     operator: list[dict]
@@ -230,13 +231,18 @@ def test_mailbox_roles_were_created_under_escalation_prevention_and_pods_use_onl
 
 def test_a_namespaced_operator_needs_only_roles_in_the_namespaces_it_serves(runs):
     """What makes rbac.clusterWide=false work: namespaced requests stay in the served namespaces,
-    and cluster-scoped ones are the cluster rows (read-only) of the table."""
+    those in a party's namespace within its Role's rows (`party_rows`: on FederatedJobs only kopf's
+    watch), and cluster-scoped ones are the cluster rows (read-only) of the table."""
     run = runs["namespaced"]
     ops = [e for e in run.operator if resource(e)]
     cluster = {p.resource for p in cluster_rows()}
     namespaced = [e for e in ops if resource(e).split("/")[0] not in cluster]
     outside = sorted({(e["verb"], resource(e), namespace(e)) for e in namespaced if namespace(e) not in run.namespaces})
     assert not outside, f"namespaced operator went outside {run.namespaces}: {outside}"
+    # In the party's namespace (the hub is the first served), the party chart's narrower rows suffice.
+    party = {(group(e), resource(e), e["verb"]) for e in namespaced if namespace(e) in run.namespaces[1:]}
+    assert party and not party - triples(party_rows()), sorted(party - triples(party_rows()))
+    assert {v for g, r, v in party if g == "fedtune.io" and r.startswith("federatedjobs")} == {"list", "watch"}
     assert {"namespaces", "nodes", "customresourcedefinitions"} == {resource(e) for e in ops if namespace(e) is None}
 
 

@@ -179,6 +179,12 @@ def test_helm_installs_both_charts_and_the_server_stores_what_they_render(kube, 
                     for r in kube.get(f"{RBAC}clusterroles", None, "admin")["rules"]),
         what="Parties in the built-in admin role",
     )  # fmt: skip
+    # A job's status is the operator's: no namespace admin may write it (nor does the party chart's
+    # Role in alice's namespace, where no job lives, ask it for the operator).
+    admin_rules = kube.get(f"{RBAC}clusterroles", None, "admin")["rules"]
+    assert not [r for r in admin_rules if "federatedjobs/status" in r.get("resources", []) and "patch" in r["verbs"]]
+    party_role = kube.get(f"{RBAC}roles", inst.org, "alice-fedtune-operator")
+    assert not [r for r in party_role["rules"] if "federatedjobs/status" in r["resources"]]
 
     # The Deployment is stored (nothing runs it here); its pod passes PodSecurity `restricted`, which
     # the API server enforces on pods only: a server-side dry run of the pod in the chart's namespace.
