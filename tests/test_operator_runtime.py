@@ -206,6 +206,7 @@ def test_a_running_job_gets_its_round_back_on_ready_once_a_refusal_or_wait_is_ov
             "metadata": {"name": "j", "namespace": "hub"},
             "spec": {
                 "model": {"source": "hf://m", "task": "sequence-classification"},
+                "data": {"labels": ["negative", "positive"]},
                 "rounds": 3,
                 "minParties": 1,
                 "parties": [{"name": "a", "namespace": "org-a"}],
