@@ -26,9 +26,9 @@ of its last pod. Every Party takes part in every job (an organisation in many fe
 API server's audit log gives the operator's requests during the burst: how many of each verb and
 resource, and how long the server took over them.
 
-The same measurement against the test suite's former in-process API emulator (kmock) is kept in
-results/operator_scale_emulator.json (an earlier run, its machine noted there); the report puts
-its figures beside these, per scale.
+The same measurement against the earlier in-process API emulator (which the tests used before the
+real control plane) is kept in results/operator_scale_emulator.json (an earlier run, its machine
+noted there); the report puts its figures beside these, per scale.
 """
 
 from __future__ import annotations
@@ -393,6 +393,14 @@ def requests_table(r: dict) -> str:
     return mlbench.md_table(["operator request", "count", "per job", "server median ms", "server p95 ms"], rows)
 
 
+def controllers_text() -> str:
+    """The controllers kube-controller-manager runs (tests/kube_cluster.py CONTROLLERS, its --controllers)."""
+    from kube_cluster import CONTROLLERS
+
+    names = [c.removesuffix("-controller") for c in CONTROLLERS]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def emulator_figures() -> dict | None:
     """The earlier run against the in-process API emulator (results/operator_scale_emulator.json)."""
     if not EMULATOR_RESULTS.exists():
@@ -534,8 +542,8 @@ def report(args, results: list[dict], info: dict, total: float, emulator: dict |
 {"**SMOKE RUN** (one job): checks the script, not a measurement." if args.smoke else ""}
 
 The real operator (kopf, `fedtune.k8s.operator`, default settings but metrics off) against a real
-control plane ({info["kube-apiserver"]}, {info["etcd"]}, and kube-controller-manager's garbage
-collector, namespace and token controllers; TLS, RBAC, PodSecurity admission), logged in as the
+control plane ({info["kube-apiserver"]}, {info["etcd"]}, and kube-controller-manager running only the
+{controllers_text()} controllers; TLS, RBAC, PodSecurity admission), logged in as the
 operator chart's ServiceAccount with a TokenRequest token, with a real SeaweedFS holding the
 buckets. {args.parties} Parties, each in every job and each in its own namespace (PodSecurity
 `restricted` enforced); every job wants {args.parties + 1} pods ({args.parties} trainers + 1

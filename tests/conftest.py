@@ -1,5 +1,6 @@
-"""Shared fixtures: a real SeaweedFS S3 server (no mocks of S3 anywhere), and a real Kubernetes API
-server for the session (`kube`, `kube_session`: tests/kube.py)."""
+"""Shared fixtures: a real SeaweedFS S3 server (no mocks of S3 anywhere), a real Kubernetes API
+server for the session (`kube`, `kube_session`: tests/kube.py), and the operator tests' `tiny_model`
+and `fast_operator` (tests/operator_world.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fedtune.api.party import StorageSpec
 from fedtune.storage.s3 import Bucket, S3Credentials
 from fedtune.storage.seaweed import Identity, SeaweedServer
 from kube import kube_fixture, kube_session  # noqa: F401  (fixtures: `kube`, `kube_session`)
+from operator_world import fast_operator, tiny_model  # noqa: F401  (fixtures)
 
 S3WORLD_NAMES = ("alice", "bob", "carol", "hub")
 

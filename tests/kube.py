@@ -547,17 +547,25 @@ def kube_session(tmp_path_factory: pytest.TempPathFactory, request: pytest.Fixtu
             print(f"\nkube: control-plane logs and audit log kept in {cluster.dir}")
 
 
-@pytest.fixture(name="kube")
-def kube_fixture(kube_session: Session, request: pytest.FixtureRequest) -> Iterator[KubeTest]:
-    """`kube`: the admin client of one test on the session's API server (import `kube_fixture`)."""
+@contextlib.contextmanager
+def kube_test(session: Session, prefix: str = "test") -> Iterator[KubeTest]:
+    """An admin client with its own id and work directory (`<prefix>-<id>`), removing what it made at
+    the end: the `kube` fixture's, and for a module-scoped fixture that needs its own."""
     test_id = uuid.uuid4().hex[:6]
-    workdir = kube_session.workdir / f"test-{test_id}"
+    workdir = session.workdir / f"{prefix}-{test_id}"
     workdir.mkdir()
-    client = KubeTest(kube_session.cluster, workdir, kube_session.operator, test_id)
+    client = KubeTest(session.cluster, workdir, session.operator, test_id)
     try:
         yield client
     finally:
         client.cleanup()
+
+
+@pytest.fixture(name="kube")
+def kube_fixture(kube_session: Session) -> Iterator[KubeTest]:
+    """`kube`: the admin client of one test on the session's API server (import `kube_fixture`)."""
+    with kube_test(kube_session) as client:
+        yield client
 
 
 def secret_doc(namespace: str, name: str, data: dict[str, str]) -> dict:

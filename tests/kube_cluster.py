@@ -12,8 +12,8 @@ Everything listens on loopback ports picked free at start:
   ServiceAccount, NamespaceLifecycle, ResourceQuota, ...), a service-account issuer and signing
   key (so TokenRequest works), and an audit log of every request at Metadata level;
 - kube-controller-manager with the garbage collector, namespace, service-account, token,
-  resource-quota and ClusterRole-aggregation controllers (no scheduler and no kubelet:
-  tests/pod_executor.py plays both).
+  root-CA publisher, resource-quota and ClusterRole-aggregation controllers (CONTROLLERS; no
+  scheduler and no kubelet: tests/pod_executor.py plays both).
 
 `start` waits for /readyz, the `default` namespace and its `default` ServiceAccount. `stop`
 ends the processes by PID (SIGTERM, then SIGKILL). Logs stay in `workdir` (`*.log`) and the
@@ -23,6 +23,7 @@ fixture prints where they are when a test of the session failed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -67,8 +68,9 @@ class ClusterError(RuntimeError):
 
 
 def kube_bin_dir() -> Path:
-    """Where scripts/build-kube.sh put the binaries (it prints the directory; it builds what is missing
-    only when FEDTUNE_BUILD_KUBE=1, since a cold build takes minutes)."""
+    """Where the binaries are: $FEDTUNE_KUBE_BIN when set, else the directory `scripts/build-kube.sh
+    --where` prints (its cache for the pinned versions; it builds nothing, and `start` says how to
+    build what is missing, since a cold build takes minutes)."""
     env = os.environ.get("FEDTUNE_KUBE_BIN")
     if env:
         return Path(env)
@@ -225,7 +227,7 @@ class KubeCluster:
             deadline = time.monotonic() + timeout
             self._start_etcd()
             self._age_etcd(deadline)
-            self._start_apiserver(timeout)
+            self._start_apiserver()
             self._wait_ready(deadline, READY_CHECKS[:1])  # RBAC's bootstrap roles exist once it is ready
             if before_controllers is not None:
                 before_controllers()
@@ -288,7 +290,7 @@ class KubeCluster:
                 raise ClusterError(f"etcd refused a put: HTTP {resp.status} {resp.data[:200]!r}")
         http.clear()
 
-    def _start_apiserver(self, timeout: float) -> None:
+    def _start_apiserver(self) -> None:
         port = free_port()
         self.url = f"https://127.0.0.1:{port}"
         policy = self.dir / "audit-policy.json"
@@ -386,10 +388,13 @@ class KubeCluster:
         for name in reversed(list(self.procs)):
             proc = self.procs[name]
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                # It may exit between poll() and killpg (its group then gone): the others still get stopped.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         self.procs.clear()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kube import ApiError, Kube
 
+STOP_SECONDS = 120  # longest wait for the loop to end its current request (reads time out after 30 s)
 CACHE_KEYS = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "TORCH_HOME", "TRITON_CACHE_DIR", "FEDTUNE_CACHE")
 
 
@@ -53,15 +54,19 @@ class PodExecutor:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
-        for _, proc in self.procs.values():
+        # The loop may be inside a request (read timeout 30 s): wait for it to end, so that no process
+        # starts after those below were killed (it checks the stop before starting one).
+        self._thread.join(timeout=STOP_SECONDS)
+        for _, proc in list(self.procs.values()):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if self._thread.is_alive() and exc[0] is None:
+            raise RuntimeError(f"the pod executor's loop did not stop within {STOP_SECONDS} s")
 
     def kill(self, namespace: str, name: str) -> None:
         """Crash a pod's process (the executor then reports the pod Failed)."""
-        for pod, proc in self.procs.values():
+        for pod, proc in list(self.procs.values()):
             if (pod["metadata"]["namespace"], pod["metadata"]["name"]) == (namespace, name):
                 proc.kill()
 
@@ -113,6 +118,8 @@ class PodExecutor:
         token.parent.mkdir(parents=True, exist_ok=True)
         token.write_text(self.kube.token_for(meta["namespace"], pod["spec"]["serviceAccountName"], pod=pod))
         token.chmod(0o600)
+        if self._stop.is_set():
+            return  # stopping: start nothing more (__exit__ waits for this loop, then kills what it started)
         cmd = list(pod["spec"]["containers"][0]["command"])
         cmd[0] = sys.executable if cmd[0] == "python" else cmd[0]
         log = (self.workdir / f"{meta['namespace']}--{meta['name']}.log").open("ab")
@@ -171,6 +178,8 @@ class PodExecutor:
                 time.sleep(self.poll)
                 continue
             for uid, pod in pods.items():
+                if self._stop.is_set():
+                    break
                 try:
                     self._step(uid, pod, nodes)
                 except ApiError as exc:

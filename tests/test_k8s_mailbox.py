@@ -126,25 +126,32 @@ def test_round_trip_writes_only_its_key(kube: KubeTest, pod: Pod, mailbox: Secre
     assert base64.b64decode(data["other"]) == b"kept"
 
 
-def test_wait_ticket_wakes_on_a_watch_event(kube: KubeTest, pod: Pod, mailbox: SecretMailbox) -> None:
+def test_wait_ticket_wakes_on_a_watch_event(kube: KubeTest, pod: Pod) -> None:
+    # Watches of 4 s: the wake-up below must beat the end of the watch by a margin a slow machine keeps.
+    mailbox = SecretMailbox.from_uri(f"k8s://{pod.namespace}/pod-0", watch_seconds=4, retry_seconds=1)
     mailbox.write_ticket(ticket(1))
     assert mailbox.wait_ticket(newer_than=None, timeout=1) == ticket(1)  # already there: no wait
 
     got: list[dict] = []
     waiter = threading.Thread(
-        target=lambda: got.append(mailbox.wait_ticket(ticket_id(ticket(1)), poll=0.01, timeout=10))
+        target=lambda: got.append(mailbox.wait_ticket(ticket_id(ticket(1)), poll=0.01, timeout=30))
     )
     audit = kube.audit()
+
+    def watches() -> list[dict]:
+        return [e for e in audit.entries(pod.user, stage="RequestReceived") if e["verb"] == "watch"]
+
     waiter.start()
-    time.sleep(2.5)  # past one server-side watch timeout: the mailbox re-reads and re-watches
+    # The server ends the first watch after watch_seconds; the mailbox re-reads and watches again.
+    kube.wait_for(lambda: len(watches()) >= 2, timeout=20, what="the mailbox's second watch")
     assert not got
     started = time.monotonic()
     mailbox.write_ticket(ticket(2))
-    waiter.join(5)
-    assert got == [ticket(2)] and time.monotonic() - started < 1.5  # an event, not the next watch period
+    waiter.join(10)
+    # An event of the watch in progress, not the re-read at its end (4 s after it began).
+    assert got == [ticket(2)] and time.monotonic() - started < 2.5
     # A GET and a WATCH per watch period (and the write above), not a poll every 10 ms.
-    watches = [e for e in audit.entries(pod.user, stage="RequestReceived") if e["verb"] == "watch"]
-    assert len(watches) >= 2, "the server ended the first watch after watch_seconds and the mailbox watched again"
+    assert len(watches()) == 2
     assert audit.requests(pod.user) <= 7
 
 

@@ -5,7 +5,6 @@ PodSecurity, garbage collection, namespace deletion), and kopf runs against it."
 from __future__ import annotations
 
 import collections
-import time
 
 import kopf
 import pytest
@@ -149,7 +148,6 @@ def test_kopf_runs_against_the_server_and_a_restart_picks_up(kube: KubeTest) -> 
     def job() -> dict:
         return kube.get(FJ, hub, "job") or {}
 
-    started = time.monotonic()
     with kube.run_kopf(registry=registry, namespaces=[hub]):
         kube.create(fj("job", hub))
         kube.wait_for(lambda: job().get("status", {}).get("phase") == "Running", what="the create handler")
@@ -164,5 +162,6 @@ def test_kopf_runs_against_the_server_and_a_restart_picks_up(kube: KubeTest) -> 
         kube.delete(FJ, hub, "job")
         kube.wait_for(lambda: not job(), what="the deletion, once the delete handler released the finalizer")
     assert calls == {"create": 1, "update": 1, "delete": 1}
+    # The garbage collector knows FederatedJobs from its start (kube_session installs the CRDs before the
+    # controller-manager starts); one that discovered them late would collect the Secret ~40 s late.
     kube.wait_for(lambda: kube.get("secrets", hub, "job-mailbox") is None, timeout=30, what="the Secret's GC")
-    assert time.monotonic() - started < 30

@@ -5,163 +5,11 @@ against a real SeaweedFS: create -> pods -> rounds -> Succeeded, restart, failur
 from __future__ import annotations
 
 import time
-import uuid
-from dataclasses import dataclass, field
 
-import fedtune.k8s.operator as operator_module
 import pytest
-from fedtune.k8s.settings import OperatorSettings
-from kube import KubeTest, secret_doc
-from pod_executor import PodExecutor
-from tiny_models import make_tiny_model
-from toy_data import toy_jsonl
+from operator_world import children, condition, ended, job_pods, make_world, pods_of, s3_secret, status
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "sequence-classification")
-
-
-@pytest.fixture(autouse=True)
-def fast_operator(monkeypatch):
-    monkeypatch.setattr(
-        operator_module,
-        "SETTINGS",
-        OperatorSettings(resync_seconds=0.5, metrics_port=0, pod_backoff_seconds=0.5, max_pod_restarts=3),
-    )
-
-
-def _secret(ns: str, name: str, creds) -> dict:
-    return secret_doc(ns, name, {"accessKeyId": creds.access_key_id, "secretAccessKey": creds.secret_access_key})
-
-
-@dataclass
-class World:
-    """The namespaces of one test's job: `hub` (the job's), and one per party (`ns("alice")`)."""
-
-    kube: KubeTest
-    hub: str
-    party_ns: dict[str, str] = field(default_factory=dict)
-    job: dict = field(default_factory=dict)
-
-    def ns(self, party: str) -> str:
-        if party not in self.party_ns:
-            self.party_ns[party] = self.kube.namespace(f"org-{party}")
-        return self.party_ns[party]
-
-    def key(self, party: str) -> str:
-        """How the job's status names a party: "<namespace>/<name>"."""
-        return f"{self.ns(party)}/{party}"
-
-
-def make_world(
-    kube: KubeTest,
-    s3world,
-    model,
-    parties=("alice", "bob"),
-    consent: tuple[str, ...] | None = None,
-    gpus=0,
-    node_gpus=0,
-    s3_model=False,
-    evaluator: str | None = None,
-    **job,
-) -> World:
-    """Namespaces, a node (with `node_gpus` GPUs), credentials, data in each party's bucket, Parties and a FederatedJob.
-
-    `consent`: the namespaces each Party admits jobs from (default: the hub's).
-    `s3_model`: the model files go to the coordinator bucket and the job names them by s3:// URI.
-    `evaluator`: one more Party, named as the job's spec.evaluator (its eval split is the held-out set).
-    """
-    world = World(kube, kube.namespace("hub"))
-    prefix = f"op-{uuid.uuid4().hex[:8]}"
-    source = f"file://{model}"
-    if s3_model:
-        for f in model.rglob("*"):
-            if f.is_file():
-                s3world.bucket("hub").put_bytes(f"{prefix}/model/{f.relative_to(model)}", f.read_bytes())
-        source = f"s3://hub-bkt/{prefix}/model"
-    kube.node(f"cpu-{kube.test_id}", gpus=node_gpus)
-    kube.create(_secret(world.hub, "hub-s3", s3world.creds("hub")))
-    for i, name in enumerate(parties + ((evaluator,) if evaluator else ())):
-        ns = world.ns(name)
-        s3world.bucket(name).put_bytes(f"{prefix}/train.jsonl", toy_jsonl(48, seed=i))
-        s3world.bucket(name).put_bytes(f"{prefix}/eval.jsonl", toy_jsonl(16, seed=100 + i))
-        kube.create(_secret(ns, "s3", s3world.creds(name)))
-        kube.create(
-            {
-                "apiVersion": "fedtune.io/v1alpha1",
-                "kind": "Party",
-                "metadata": {"name": name, "namespace": ns},
-                "spec": {
-                    "storage": {
-                        "endpoint": s3world.endpoint,
-                        "bucket": f"{name}-bkt",
-                        "credentialsSecret": {"name": "s3"},
-                    },
-                    "data": {"trainKey": f"{prefix}/train.jsonl", "evalKey": f"{prefix}/eval.jsonl"},
-                    "compute": {"cpu": "1", "memory": "1Gi", "gpusPerPod": gpus},
-                    "consent": {"allowedNamespaces": list((world.hub,) if consent is None else consent)},
-                },
-            }
-        )
-    spec = {
-        "model": {"source": source, "task": "sequence-classification"},
-        "peft": {"method": "lora", "config": {"r": 4, "target_modules": ["query", "value"]}},
-        "data": {"labels": ["negative", "positive"], "maxLength": 16},
-        "training": {"localEpochs": 1, "batchSize": 8, "learningRate": 0.01},
-        "storage": {"endpoint": s3world.endpoint, "bucket": "hub-bkt", "credentialsSecret": {"name": "hub-s3"}},
-        "rounds": 2,
-        "minParties": len(parties),
-        "roundTimeoutSeconds": 120,
-        "parties": [{"name": p, "namespace": world.ns(p)} for p in parties],
-    }
-    if evaluator:
-        spec["evaluator"] = {"name": evaluator, "namespace": world.ns(evaluator)}
-    spec.update(job)
-    world.job = kube.create(
-        {
-            "apiVersion": "fedtune.io/v1alpha1",
-            "kind": "FederatedJob",
-            "metadata": {"name": "fj1", "namespace": world.hub},
-            "spec": spec,
-        }
-    )
-    return world
-
-
-def pods_of(kube: KubeTest) -> PodExecutor:
-    """A pod executor for this test's namespaces only (other tests' leftovers are not its business)."""
-    return PodExecutor(kube, kube.workdir / "pods", namespaces=kube.namespaces)
-
-
-def status(w: World):
-    return (w.kube.get("fj", w.hub, "fj1") or {}).get("status") or {}
-
-
-def condition(w: World, ctype):
-    return next((c for c in status(w).get("conditions", []) if c["type"] == ctype), None)
-
-
-def job_pods(w: World) -> list[dict]:
-    return [p for ns in w.kube.namespaces for p in w.kube.list("pods", ns)]
-
-
-def children(w: World):
-    out = []
-    for res in (
-        "pods",
-        "secrets",
-        "serviceaccounts",
-        "rbac.authorization.k8s.io/v1/roles",
-        "rbac.authorization.k8s.io/v1/rolebindings",
-    ):
-        for ns in w.kube.namespaces:
-            out += [o for o in w.kube.list(res, ns, labels="fedtune.io/job=fj1")]
-    return out
-
-
-def ended(w: World) -> bool:
-    return status(w).get("phase") in ("Succeeded", "Failed")
+pytestmark = pytest.mark.usefixtures("fast_operator")
 
 
 def test_job_runs_to_success_and_deletion_cleans_every_namespace(kube, s3world, tiny_model):
@@ -238,13 +86,13 @@ def test_invalid_spec_gets_a_condition_not_a_crash_loop(kube, s3world, tiny_mode
         cond = condition(w, "InvalidSpec")
         assert cond["status"] == "True" and "minParties (5) is larger than the number of parties (2)" in cond["message"]
         assert status(w)["phase"] == "Failed" and condition(w, "Stalled")["status"] == "True"
-        assert not job_pods(w)
+        assert not job_pods(kube)
         assert sum(e.get("reason") == "InvalidSpec" for e in kube.list("events", w.hub)) == 1
         # the spec is corrected (GitOps: a new commit): the job starts over and runs
         kube.patch("fj", w.hub, "fj1", {"spec": {"minParties": 2}})
         kube.wait_for(lambda: status(w).get("phase") == "Running", timeout=30, what="Running after the fix")
         assert condition(w, "InvalidSpec") is None
-        kube.wait_for(lambda: len(job_pods(w)) == 3, timeout=30, what="pods after the fix")
+        kube.wait_for(lambda: len(job_pods(kube)) == 3, timeout=30, what="pods after the fix")
 
 
 def test_party_without_consent_blocks_the_job_with_a_clear_condition(kube, s3world, tiny_model):
@@ -254,10 +102,10 @@ def test_party_without_consent_blocks_the_job_with_a_clear_condition(kube, s3wor
         c = condition(w, "PartiesReady")
         assert c["status"] == "False" and c["reason"] == "ConsentDenied"
         assert f"does not consent to jobs from namespace {w.hub}" in c["message"]
-        assert not job_pods(w)
+        assert not job_pods(kube)
         for party in ("alice", "bob"):
             kube.patch("parties", w.ns(party), party, {"spec": {"consent": {"allowedNamespaces": [w.hub]}}})
-        kube.wait_for(lambda: len(job_pods(w)) == 3, timeout=30, what="pods once consent is given")
+        kube.wait_for(lambda: len(job_pods(kube)) == 3, timeout=30, what="pods once consent is given")
 
 
 def test_no_node_fits_sets_unschedulable_instead_of_pending_pods(kube, s3world, tiny_model):
@@ -266,7 +114,7 @@ def test_no_node_fits_sets_unschedulable_instead_of_pending_pods(kube, s3world, 
         kube.wait_for(lambda: condition(w, "Unschedulable"), timeout=30, what="Unschedulable")
         c = condition(w, "Unschedulable")
         assert c["status"] == "True" and "nvidia.com/gpu" in c["message"] and f"cpu-{kube.test_id}" in c["message"]
-        assert not job_pods(w)
+        assert not job_pods(kube)
         # the parties were fine: a PartiesReady=False from before they were Ready must not linger
         kube.wait_for(lambda: (condition(w, "PartiesReady") or {"status": "True"})["status"] == "True", timeout=10)
 
@@ -301,7 +149,7 @@ def test_party_with_wrong_credentials_reports_storage_error(kube, s3world, tiny_
         )
         wrong = S3Credentials(s3world.creds("bob").access_key_id, "not-the-secret-key-0123456789abcdefghijkl")
         carol = w.ns("carol")
-        kube.create(_secret(carol, "s3", wrong))
+        kube.create(s3_secret(carol, "s3", wrong))
         kube.create(
             {
                 "apiVersion": "fedtune.io/v1alpha1",

@@ -6,18 +6,15 @@ against the session's kube-apiserver (tests/kube.py). The server's audit log the
 asked and what it was answered: every request is granted by `fedtune.k8s.permissions.PERMISSIONS`
 and none was refused, every verb of the table was asked for (but the justified `unrequested`
 ones), the namespaced mode stays in its namespaces, pods reach their own mailbox Secret and
-nothing else, and a chart missing one verb stops the job. test_helm_chart.py checks that the
-charts grant that table.
+nothing else, and a chart missing one verb stops the job, says so on it, and lets it go on once
+granted again. test_helm_chart.py checks that the charts grant that table.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import subprocess
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +22,7 @@ import fedtune.k8s.operator as operator_module
 import pytest
 import yaml
 from fedtune.k8s import names
-from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, granted, triples
-from fedtune.k8s.settings import OperatorSettings
+from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, granted, party_rows, triples
 from kube import (
     OPERATOR_NAMESPACE,
     ROOT,
@@ -37,14 +33,12 @@ from kube import (
     Session,
     apply_server_side,
     helm,
+    kube_test,
     operator_rbac,
     wait_bindings_effective,
 )
+from operator_world import FAST_SETTINGS, World, condition, ended, job_pods, make_world, pods_of, status
 from pod_executor import PodExecutor
-from test_operator import World, make_world, status
-from tiny_models import make_tiny_model
-
-SETTINGS = OperatorSettings(resync_seconds=0.5, metrics_port=0, pod_backoff_seconds=0.5)
 
 
 def resource(entry: dict) -> str:
@@ -69,26 +63,14 @@ def namespace(entry: dict) -> str | None:
 @dataclass
 class Run:
     """One operator run: its username, the audit log's ResponseComplete entries of its requests and
-    of its pods' ServiceAccounts, the namespaces it served, and the mailbox Roles it made."""
+    of its pods' ServiceAccounts, the namespaces it served (the hub, then the party's), and the
+    mailbox Roles it made."""
 
     user: str
     operator: list[dict]
     pods: list[dict]
     namespaces: tuple[str, ...]
     roles: dict[str, dict]  # pod ServiceAccount username -> the Role bound to it
-
-
-@contextlib.contextmanager
-def own_kube(session: Session) -> Iterator[KubeTest]:
-    """A `kube` for a module fixture: its own namespaces and objects, removed at the end."""
-    test_id = uuid.uuid4().hex[:6]
-    workdir = session.workdir / f"rbac-{test_id}"
-    workdir.mkdir()
-    kube = KubeTest(session.cluster, workdir, session.operator, test_id)
-    try:
-        yield kube
-    finally:
-        kube.cleanup()
 
 
 def pod_users(kube: KubeTest, namespaces: tuple[str, ...]) -> set[str]:
@@ -112,7 +94,7 @@ def mailbox_roles(kube: KubeTest, namespaces: tuple[str, ...]) -> dict[str, dict
 
 def _cluster_wide_run(session: Session, s3world, model: Path) -> Run:
     """A one-party, one-round job to success, a trainer pod lost on the way, then deleted."""
-    with own_kube(session) as kube:
+    with kube_test(session, "rbac") as kube:
         operator = kube.install_operator(f"rbac-cw-{kube.test_id}")
         audit = kube.audit()
         with PodExecutor(kube, kube.workdir / "pods", namespaces=kube.namespaces) as pods:
@@ -158,7 +140,7 @@ def party_operator_access(party_namespace: str, operator_service_account: str) -
 def _namespaced_run(session: Session, s3world, model: Path) -> Run:
     """rbac.clusterWide=false, serving the hub and alice's namespace only (coordinator Role from the
     operator chart, party Role from the fedtune-party chart): a job up to its pods, then deleted."""
-    with own_kube(session) as kube:
+    with kube_test(session, "rbac") as kube:
         # The world first (the operator is not running yet): the chart must name its namespaces.
         w = make_world(kube, s3world, model, parties=("alice",), rounds=1, minParties=1)
         served = (w.hub, w.ns("alice"))
@@ -177,29 +159,15 @@ def _namespaced_run(session: Session, s3world, model: Path) -> Run:
         return Run(operator.name, audit.completed(operator.name), [], served, roles)
 
 
-def job_pods(kube: KubeTest, namespaces: tuple[str, ...]) -> list[dict]:
-    return [p for ns in namespaces for p in kube.list("pods", ns)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "sequence-classification")
-
-
 @pytest.fixture(scope="module")
 def runs(kube_session: Session, s3world, tiny_model) -> dict[str, Run]:
     """Both runs, by operator mode."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(operator_module, "SETTINGS", SETTINGS)
+        mp.setattr(operator_module, "SETTINGS", FAST_SETTINGS)
         return {
             "cluster-wide": _cluster_wide_run(kube_session, s3world, tiny_model),
             "namespaced": _namespaced_run(kube_session, s3world, tiny_model),
         }
-
-
-@pytest.fixture
-def fast_operator(monkeypatch):
-    monkeypatch.setattr(operator_module, "SETTINGS", SETTINGS)
 
 
 def test_the_log_tells_the_operator_from_its_pods(runs):
@@ -263,13 +231,18 @@ def test_mailbox_roles_were_created_under_escalation_prevention_and_pods_use_onl
 
 def test_a_namespaced_operator_needs_only_roles_in_the_namespaces_it_serves(runs):
     """What makes rbac.clusterWide=false work: namespaced requests stay in the served namespaces,
-    and cluster-scoped ones are the cluster rows (read-only) of the table."""
+    those in a party's namespace within its Role's rows (`party_rows`: on FederatedJobs only kopf's
+    watch), and cluster-scoped ones are the cluster rows (read-only) of the table."""
     run = runs["namespaced"]
     ops = [e for e in run.operator if resource(e)]
     cluster = {p.resource for p in cluster_rows()}
     namespaced = [e for e in ops if resource(e).split("/")[0] not in cluster]
     outside = sorted({(e["verb"], resource(e), namespace(e)) for e in namespaced if namespace(e) not in run.namespaces})
     assert not outside, f"namespaced operator went outside {run.namespaces}: {outside}"
+    # In the party's namespace (the hub is the first served), the party chart's narrower rows suffice.
+    party = {(group(e), resource(e), e["verb"]) for e in namespaced if namespace(e) in run.namespaces[1:]}
+    assert party and not party - triples(party_rows()), sorted(party - triples(party_rows()))
+    assert {v for g, r, v in party if g == "fedtune.io" and r.startswith("federatedjobs")} == {"list", "watch"}
     assert {"namespaces", "nodes", "customresourcedefinitions"} == {resource(e) for e in ops if namespace(e) is None}
 
 
@@ -442,3 +415,74 @@ def test_a_chart_missing_a_verb_stops_the_job(
             assert "forbidden" in ready["message"] and refused[1] in ready["message"], ready
             assert "operator chart's RBAC" in ready["message"], ready
         assert status(w).get("currentRound", 0) == 0
+
+        # The chart as it is, applied again: once the server grants the verb, the job goes on and
+        # its status no longer speaks of a refusal.
+        apply_server_side(kube, operator_rbac({"fullnameOverride": release}, release))
+        kube.wait_for(
+            lambda: may(kube, operator.name, verb, api_group, resource_name, w.hub), timeout=10, what="the verb back"
+        )
+        kube.wait_for(
+            lambda: len(job_pods(kube, served)) == 2 and status(w).get("phase") == "Running",
+            timeout=60,
+            what="the job's pods and its Running status once the verb is granted",
+        )
+        st = status(w)
+        assert not [c for c in st["conditions"] if c["reason"] == "Forbidden"] and not st.get("message"), st
+
+
+def test_a_verb_lost_while_a_job_runs_shows_on_it_and_clears_once_granted_again(
+    kube, s3world, tiny_model, fast_operator
+):
+    """The operator loses `get` on pods (every pass reads the job's pods) while a job runs: Ready says
+    Forbidden. Granted again, Ready and Reconciling say the round is in progress at the next pass,
+    not only when a round next starts (no pod runs meanwhile, so none starts), and the job runs on."""
+    release = f"rbac-lost-{kube.test_id}"
+    full = operator_rbac({"fullnameOverride": release}, release)
+    operator = kube.install_operator(release, docs=full)
+    with kube.run_kopf("fedtune.k8s.operator", identity=operator):
+        w = make_world(kube, s3world, tiny_model, parties=("alice",), rounds=1, minParties=1)
+        kube.wait_for(
+            lambda: status(w).get("phase") == "Running" and len(job_pods(kube)) == 2,
+            timeout=60,
+            what="the job Running, with its pods",
+        )
+        apply_server_side(kube, without_verb(full, "", "pods", "get"))
+        kube.wait_for(lambda: not may(kube, operator.name, "get", "", "pods", w.hub), timeout=10, what="get revoked")
+        ready = kube.wait_for(
+            lambda: (c := condition(w, "Ready")) is not None and c["reason"] == "Forbidden" and c,
+            timeout=30,
+            what="Forbidden on the running job",
+        )
+        assert status(w)["phase"] == "Running" and 'cannot get resource "pods"' in ready["message"], ready
+        assert status(w)["message"] == ready["message"]
+
+        apply_server_side(kube, full)
+        kube.wait_for(lambda: may(kube, operator.name, "get", "", "pods", w.hub), timeout=10, what="get granted")
+        ready = kube.wait_for(
+            lambda: (c := condition(w, "Ready")) is not None and c["reason"] == "RoundInProgress" and c,
+            timeout=30,
+            what="Ready to say the round is in progress again",
+        )
+        assert ready["status"] == "False" and ready["message"] == "loading the base model on every party", ready
+        assert condition(w, "Reconciling")["reason"] == "RoundInProgress" and not status(w).get("message")
+        assert status(w)["stage"] == "init"  # put back by the pass itself, not by a new round
+        with pods_of(kube) as pods:
+            kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        assert not pods.errors, pods.errors
+    assert status(w)["phase"] == "Succeeded", status(w)
+
+
+def may(kube: Kube, user: str, verb: str, api_group: str, resource_name: str, namespace: str) -> bool:
+    """Whether the API server's RBAC allows `user` (a ServiceAccount) `verb` on `resource_name` (with
+    "/<subresource>") in `namespace` now: a SubjectAccessReview, answered from the cache the server
+    authorizes requests by."""
+    res, _, sub = resource_name.partition("/")
+    attrs = {"verb": verb, "group": api_group, "resource": res, "subresource": sub, "namespace": namespace}
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": ["system:serviceaccounts"], "resourceAttributes": attrs},
+    }
+    answer = kube.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+    return bool(answer["status"].get("allowed"))

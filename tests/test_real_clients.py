@@ -15,31 +15,15 @@ from pathlib import Path
 from subprocess import CompletedProcess
 from urllib.parse import urlparse
 
-import fedtune.k8s.operator as operator_module
 import pytest
 import yaml
-from fedtune.k8s.settings import OperatorSettings
 from kube import ROOT, Identity, Kube, KubeTest, helm, kubectl, secret_doc
-from test_operator import condition, make_world, pods_of, status
-from tiny_models import make_tiny_model
+from operator_world import condition, make_world, pods_of, status
 from toy_data import toy_jsonl
 
 OPERATOR_CHART, PARTY_CHART = ROOT / "helm" / "fedtune-operator", ROOT / "helm" / "fedtune-party"
 RBAC = "rbac.authorization.k8s.io/v1/"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "bert", "sequence-classification")
-
-
-@pytest.fixture(autouse=True)
-def fast_operator(monkeypatch):
-    monkeypatch.setattr(
-        operator_module,
-        "SETTINGS",
-        OperatorSettings(resync_seconds=0.5, metrics_port=0, pod_backoff_seconds=0.5, max_pod_restarts=3),
-    )
+pytestmark = pytest.mark.usefixtures("fast_operator")
 
 
 def run(client: Kube, tool: str, *args: str, stdin: str | None = None, timeout: float = 120) -> CompletedProcess:
@@ -195,6 +179,12 @@ def test_helm_installs_both_charts_and_the_server_stores_what_they_render(kube, 
                     for r in kube.get(f"{RBAC}clusterroles", None, "admin")["rules"]),
         what="Parties in the built-in admin role",
     )  # fmt: skip
+    # A job's status is the operator's: no namespace admin may write it (nor does the party chart's
+    # Role in alice's namespace, where no job lives, ask it for the operator).
+    admin_rules = kube.get(f"{RBAC}clusterroles", None, "admin")["rules"]
+    assert not [r for r in admin_rules if "federatedjobs/status" in r.get("resources", []) and "patch" in r["verbs"]]
+    party_role = kube.get(f"{RBAC}roles", inst.org, "alice-fedtune-operator")
+    assert not [r for r in party_role["rules"] if "federatedjobs/status" in r["resources"]]
 
     # The Deployment is stored (nothing runs it here); its pod passes PodSecurity `restricted`, which
     # the API server enforces on pods only: a server-side dry run of the pod in the chart's namespace.

@@ -1,7 +1,9 @@
 {{/*
-What the operator needs in a namespace it serves: the namespaced rows of
-fedtune.k8s.permissions.PERMISSIONS (same as fedtune-operator's "namespacedRules"; why each verb
-is needed is documented there). tests/test_helm_chart.py fails when they differ.
+What the operator needs in a party's namespace: fedtune.k8s.permissions.party_rows(), the
+namespaced rows of PERMISSIONS (fedtune-operator's "namespacedRules") but for FederatedJobs, which
+live in coordinator namespaces: here the operator only watches them, and never writes a job's
+status. Why each verb is needed is documented there. tests/test_helm_chart.py fails when they
+differ. Whoever installs this chart must hold every verb granted here (escalation prevention).
 */}}
 {{- define "fedtune-party.operatorRules" -}}
 - apiGroups: [""]
@@ -21,9 +23,13 @@ is needed is documented there). tests/test_helm_chart.py fails when they differ.
   resources: [roles, rolebindings]
   verbs: [get, list, create, delete]
 - apiGroups: [fedtune.io]
-  resources: [federatedjobs, parties]
+  resources: [parties]
   verbs: [get, list, watch, patch]
 - apiGroups: [fedtune.io]
-  resources: [federatedjobs/status, parties/status]
+  resources: [parties/status]
   verbs: [patch]
+- apiGroups: [fedtune.io]
+  # kopf watches FederatedJobs in every namespace the operator serves; none runs here.
+  resources: [federatedjobs]
+  verbs: [list, watch]
 {{- end }}

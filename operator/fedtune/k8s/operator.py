@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import kopf
@@ -28,6 +29,7 @@ from fedtune.k8s.settings import OperatorSettings
 from fedtune.rounds import conditions as cond
 
 GROUP, VERSION = "fedtune.io", "v1alpha1"
+FORBIDDEN = "Forbidden"  # the reason on a job's Ready/Reconciling while the API server refuses the operator
 SETTINGS = OperatorSettings.from_env()
 log = logging.getLogger("fedtune.operator")
 _wakers: dict[tuple[str, str], asyncio.Event] = {}
@@ -112,13 +114,20 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
                     done = await _reconcile_once(body)
             except InvalidSpec as exc:
                 # Said once per generation (condition + event); the daemon stays to see a corrected spec.
-                await _fail_invalid(body, str(exc))
+                await _reported(_fail_invalid(body, str(exc)), namespace, name)
                 done = False
             except ApiException as exc:
                 if exc.status not in (401, 403):  # a hiccup (429, 5xx, a conflict): retry at the next resync
-                    log.exception("reconcile of %s/%s failed; retrying soon", namespace, name)
+                    log.warning(
+                        "reconcile of %s/%s: the API server answered %s (%s); retrying in %.1fs",
+                        namespace,
+                        name,
+                        exc.status,
+                        _api_message(exc),
+                        SETTINGS.resync_seconds,
+                    )
                 elif body is not None:
-                    await _report_forbidden(body, exc)
+                    await _reported(_report_forbidden(body, exc), namespace, name)
                 else:
                     log.error("the operator may not read FederatedJob %s/%s: %s", namespace, name, _api_message(exc))
                 done = False
@@ -175,30 +184,39 @@ def _api_message(exc: ApiException) -> str:
         return f"HTTP {exc.status} {exc.reason or ''}".strip()
 
 
+async def _reported(report: Awaitable[None], namespace: str, name: str) -> None:
+    """Write a report onto the job. One that fails itself (refused too, an API hiccup, anything) is
+    logged in a line and tried again at the next resync, instead of ending the daemon into kopf's backoff."""
+    try:
+        await report
+    except Exception as exc:  # noqa: BLE001 - the daemon must go on: the next pass reports again
+        why = _api_message(exc) if isinstance(exc, ApiException) else f"{type(exc).__name__}: {exc}"
+        log.error("could not record that on FederatedJob %s/%s: %s", namespace, name, why)
+
+
 async def _report_forbidden(body: dict, exc: ApiException) -> None:
     """The API server refused the operator something (RBAC): say so on the job, not only in the log.
 
     The job's other conditions would otherwise keep describing an earlier wait; Ready=False with
-    reason Forbidden names what was refused and the fix. Patching the status may itself be refused:
-    then the log is all there is."""
+    reason Forbidden names what was refused and the fix (reconcile puts them back once a pass gets
+    through). A job that has ended keeps its outcome: the log says what was refused."""
     meta = body["metadata"]
     message = (
         f"the API server refused the operator: {_api_message(exc)}; grant it with the operator chart's RBAC "
         "(rbac.create) or, with rbac.clusterWide=false, the party chart's operatorAccess in that namespace"
     )
     log.error("reconcile of %s/%s: %s", meta["namespace"], meta["name"], message)
+    if (body.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return
     now = utcnow()
     status = pending_status(body, now)
-    cond.set_condition(status, cond.READY, "False", "Forbidden", message, now)
-    cond.set_condition(status, cond.RECONCILING, "True", "Forbidden", message, now)
+    cond.set_condition(status, cond.READY, "False", FORBIDDEN, message, now)
+    cond.set_condition(status, cond.RECONCILING, "True", FORBIDDEN, message, now)
     status.message = message
     new = status.to_wire()
     if new != body.get("status"):
         url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
-        try:
-            await kube().patch(url + "/status", {"status": new})
-        except ApiException as again:
-            log.error("cannot record that on %s/%s either: %s", meta["namespace"], meta["name"], _api_message(again))
+        await kube().patch(url + "/status", {"status": new})
 
 
 @kopf.on.delete(GROUP, VERSION, "federatedjobs")

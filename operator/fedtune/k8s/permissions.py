@@ -3,7 +3,8 @@
 Kept exact, not merely sufficient, and checked both ways by tests:
 - tests/test_helm_chart.py renders the charts and asserts their ClusterRole / Roles grant exactly
   these rules (cluster-wide mode: all of them; namespaced mode: the cluster-scoped rows in the
-  ClusterRole, the namespaced rows in a Role per namespace);
+  ClusterRole, the namespaced rows in a Role per coordinator namespace, and `party_rows()` in the
+  fedtune-party chart's Role in a party's namespace);
 - tests/test_operator_rbac.py runs the real operator (kopf + fedtune's own client) through jobs
   against a real kube-apiserver, as a ServiceAccount bound by exactly the chart's RBAC, reads
   every request it sent from the server's audit log, and asserts each is covered here and none
@@ -24,11 +25,18 @@ Where the verbs come from:
   RoleBinding, mailbox Secret and Pod, and `get` each when create answers 409 (already there);
   `patch` tickets into mailboxes, the job's status and accepted-spec annotation; `list` nodes
   for the fit check; `list`+`delete` every child by label when a job is deleted or a pod failed.
+
+In a party's namespace (namespaced mode: the fedtune-party chart's Role) no job lives: the operator
+only watches FederatedJobs there (kopf watches each resource in every namespace it serves), so it
+holds no other verb on them, and none on their status (`party_verbs`). The Role is installed by the
+namespace's admins, who must hold every verb it grants (escalation prevention): the operator chart
+adds its fedtune.io verbs to the built-in `admin` role, so whatever it grants there every namespace
+admin gets too (writing a job's status, the operator's record of its rounds, must not be one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 RBAC = "rbac.authorization.k8s.io"
 FEDTUNE = "fedtune.io"
@@ -44,6 +52,7 @@ class Permission:
     verbs: tuple[str, ...]
     why: str
     unrequested: tuple[str, ...] = ()  # held, never requested by the operator: `why` says what for
+    party_verbs: tuple[str, ...] | None = None  # held in a party's namespace: None = all `verbs`, () = none
 
     @property
     def cluster_scoped(self) -> bool:
@@ -65,8 +74,14 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission(RBAC, "roles", ("get", "list", "create", "delete"), "per-pod mailbox Role"),
     Permission(RBAC, "rolebindings", ("get", "list", "create", "delete"), "binds the mailbox Role to the pod"),
     Permission("", "events", ("create",), "kopf.event: rounds, retries, failures"),
-    Permission(FEDTUNE, "federatedjobs", ("get", "list", "watch", "patch"), "daemon, finalizer, annotations"),
-    Permission(FEDTUNE, "federatedjobs/status", ("patch",), "job status"),
+    Permission(
+        FEDTUNE,
+        "federatedjobs",
+        ("get", "list", "watch", "patch"),
+        "daemon, finalizer, annotations; in a party's namespace kopf only watches (no job lives there)",
+        party_verbs=("list", "watch"),
+    ),
+    Permission(FEDTUNE, "federatedjobs/status", ("patch",), "job status (coordinator namespaces)", party_verbs=()),
     Permission(FEDTUNE, "parties", ("get", "list", "watch", "patch"), "Party handlers (kopf annotations); jobs read"),
     Permission(FEDTUNE, "parties/status", ("patch",), "Party status (StorageReady, Ready)"),
     Permission("", "nodes", ("list",), "can some node hold the pod (check_nodes)"),
@@ -91,5 +106,16 @@ def cluster_rows() -> tuple[Permission, ...]:
 
 
 def namespaced_rows() -> tuple[Permission, ...]:
-    """Rows on namespaced resources: a Role per served namespace when not cluster-wide."""
+    """Rows on namespaced resources: a Role per coordinator namespace when not cluster-wide."""
     return tuple(p for p in PERMISSIONS if not p.cluster_scoped)
+
+
+def party_rows() -> tuple[Permission, ...]:
+    """The namespaced rows as held in a party's namespace (the fedtune-party chart's Role): each row's
+    `party_verbs`; rows left without a verb are dropped."""
+    out = []
+    for p in namespaced_rows():
+        verbs = p.verbs if p.party_verbs is None else p.party_verbs
+        if verbs:
+            out.append(replace(p, verbs=verbs, unrequested=tuple(v for v in p.unrequested if v in verbs)))
+    return tuple(out)

@@ -44,6 +44,7 @@ from fedtune.storage.model_files import ModelSourceError, model_file_urls
 from fedtune.storage.signer import BucketSigner
 
 AGGREGATOR = "aggregator"
+ROUND_IN_PROGRESS = "RoundInProgress"  # Ready's reason while a round runs (conditions.mark_running)
 
 
 @dataclass
@@ -101,6 +102,7 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
     for ctype in ("PartiesReady", "Unschedulable"):
         if st.condition(ctype) is not None:
             cond.set_condition(st, ctype, "True" if ctype == "PartiesReady" else "False", "AllGood", "", now)
+    _back_to_running(job, st, now)
     if st.phase == "Pending":
         fresh = new_status(job, now)
         fresh_types = {c.type for c in fresh.conditions}
@@ -126,6 +128,24 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
     if st.condition("ModelSourceReady") is not None:
         cond.set_condition(st, "ModelSourceReady", "True", "ModelFilesFound", "", now)
     return out
+
+
+def _back_to_running(job: FederatedJob, st: FederatedJobStatus, now: datetime) -> None:
+    """A running job's Ready and Reconciling say the round is in progress (machine.py sets them when a
+    round starts). A refusal (reason Forbidden: the operator's RBAC lacked a verb) or a wait (a Party
+    not Ready) since then replaced them, with `message`; once a pass gets past both, put them back,
+    or they would describe the old trouble until the next round starts. (A Pending job gets fresh
+    conditions when it starts.)"""
+    ready = st.condition(cond.READY)
+    if st.phase != "Running" or ready is None or ready.reason == ROUND_IN_PROGRESS:
+        return
+    if st.message == ready.message:
+        st.message = ""
+    if st.stage == "init" and st.attempt == 0:
+        doing = "loading the base model on every party"
+    else:
+        doing = f"round {st.current_round}/{job.spec.rounds}, attempt {st.attempt}"
+    cond.mark_running(st, doing, now)
 
 
 def _names(job: FederatedJob, key: str) -> ChildNames:
