@@ -106,7 +106,7 @@ def test_a_writer_killed_mid_write_leaves_the_last_status_whole(tmp_path):
 def test_stopped_is_honest_and_resumable():
     job = parse_documents(job_yaml(Path("/model"), Path("/data.jsonl")), "j").job
     st = new_status(job, NOW)
-    cond.mark_stopped(st, cond.INTERRUPTED, "stopped by SIGINT (Ctrl-C)", NOW)
+    cond.mark_halted(st, "Stopped", cond.INTERRUPTED, "stopped by SIGINT (Ctrl-C)", NOW)
     assert st.phase == "Stopped" and st.message == "stopped by SIGINT (Ctrl-C)"
     assert {c.type: (c.status, c.reason) for c in st.conditions} == {
         "Ready": ("False", "Interrupted"),

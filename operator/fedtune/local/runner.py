@@ -582,7 +582,7 @@ class LocalRun:
             f"{why} in {st.stage} of round {st.current_round}/{self.job.spec.rounds}; every child process was "
             f"stopped. Resume with: fedtune run {self.docs.source} --workdir {_shown(self.workdir)}"
         )
-        cond.mark_stopped(st, reason, message, utcnow())
+        cond.mark_halted(st, "Stopped", reason, message, utcnow())
         with _signals_held():  # a second Ctrl-C must not leave the file saying Running
             write_status(self.workdir, st)
 

@@ -76,6 +76,6 @@ def settle_lost(workdir: Path, holder: dict, now: datetime | None = None) -> Fed
         return None
     written = datetime.fromtimestamp((Path(workdir) / STATUS_FILE).stat().st_mtime, UTC)
     now = now or datetime.now(UTC)
-    cond.mark_stopped(st, cond.RUNNER_LOST, lost_message(st, holder, written, workdir), now)
+    cond.mark_halted(st, "Stopped", cond.RUNNER_LOST, lost_message(st, holder, written, workdir), now)
     write_status(workdir, st)
     return st

@@ -66,17 +66,12 @@ def mark_succeeded(status: FederatedJobStatus, message: str, now: datetime) -> N
     set_condition(status, STALLED, "False", "Succeeded", "", now)
 
 
-def mark_failed(status: FederatedJobStatus, reason: str, message: str, now: datetime) -> None:
-    status.phase = "Failed"
-    status.message = message
-    set_condition(status, READY, "False", reason, message, now)
-    set_condition(status, RECONCILING, "False", reason, "", now)
-    set_condition(status, STALLED, "True", reason, message, now)
-
-
-def mark_stopped(status: FederatedJobStatus, reason: str, message: str, now: datetime) -> None:
-    """The controller stopped before the job ended (local mode): nothing runs, nothing is lost, it resumes."""
-    status.phase = "Stopped"
+def mark_halted(
+    status: FederatedJobStatus, phase: Literal["Failed", "Stopped"], reason: str, message: str, now: datetime
+) -> None:
+    """Nothing runs any more: the job Failed (final), or its controller Stopped before the job ended (local
+    mode: nothing is lost, it resumes). Either way not Ready, not Reconciling, Stalled, saying why."""
+    status.phase = phase
     status.message = message
     set_condition(status, READY, "False", reason, message, now)
     set_condition(status, RECONCILING, "False", reason, "", now)
