@@ -131,7 +131,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     parties = [docs.parties[k] for k in docs.job.party_keys + ([test_party] if test_party else [])]
     buckets = {}
     for p in parties:
-        c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name) if isinstance(creds_doc, dict) else None
+        c = (creds_doc.get(p.key) or creds_doc.get(p.metadata.name)) if isinstance(creds_doc, dict) else None
         if not isinstance(c, dict) or not {"accessKeyId", "secretAccessKey"} <= set(c):
             raise SpecError(
                 f"--credentials has no entry for party {p.key} (keys: namespace/name or name, "
