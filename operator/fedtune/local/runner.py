@@ -301,15 +301,6 @@ class LocalRun:
         except ValueError as exc:
             raise SpecError(f"Dataset {ds.metadata.name}: {exc}") from None
         dealt = self.parties + ([self.evaluator] if test_party else [])
-        if self.job.spec.model.task == "sequence-classification":
-            found = {str(r.get(label_key)) for tr, ev in shards.values() for r in (*tr, *ev)}
-            unknown = sorted(found - set(schema.labels))
-            if unknown:
-                raise SpecError(
-                    f"the Dataset yields label(s) {', '.join(unknown)} that the job's spec.data.labels "
-                    f"({', '.join(schema.labels)}) does not list: add them there, or keep only the "
-                    "job's classes with the Dataset's spec.labels"
-                )
         self._baselines(dict(shards), label_key)
         summary = upload_shards(
             shards,
