@@ -206,3 +206,50 @@ def test_a_crashing_runner_leaves_stopped_and_the_run_resumes(tiny_seq_cls, toy_
     assert final.phase == "Succeeded", out.getvalue()
     assert "the last run stopped: RunnerCrashed" in out.getvalue()
     assert [h.round for h in final.history] == [0, 1, 2]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _look(workdir: Path, seconds: float) -> subprocess.Popen:
+    """A `fedtune status`-like look: holds the lock without writing in it, for `seconds`."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fedtune.local.run_lock import RunLock\n"
+            "lock = RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(float(sys.argv[2]))",
+            str(workdir),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_look_holding_the_lock_is_waited_for_not_blamed_on_the_dead_runner(tmp_path, capsys):
+    dead = _dead_pid()
+    workdir = _stale_workdir(tmp_path, pid=dead)
+    look = _look(workdir, 0.5)
+    try:
+        start = time.monotonic()
+        with RunLock.acquire(workdir, {"jobFile": "/abs/job.yaml"}) as lock:  # waits for the look to let go
+            assert lock.previous["pid"] == dead  # the look did not overwrite what the last runner wrote
+        assert time.monotonic() - start < 5
+    finally:
+        look.kill()
+        look.wait()
+    (workdir / "runner.lock").write_text(json.dumps({"pid": dead, "jobFile": "/abs/job.yaml"}))
+    look = _look(workdir, 60)  # a look that does not let go: refused after a while, without blaming the dead pid
+    try:
+        with pytest.raises(RunnerBusy, match=f"not the runner it names, pid {dead}, which has ended") as info:
+            RunLock.acquire(workdir, wait=0.2)
+        assert not info.value.live
+    finally:
+        look.kill()
+        look.wait()

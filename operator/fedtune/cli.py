@@ -80,7 +80,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     """Say where a local run stands; a status left Running by a runner that is gone is marked so first."""
-    from fedtune.local.run_lock import RunLock, RunnerBusy
+    from fedtune.local.run_lock import LOCK_FILE, RunLock, RunnerBusy
     from fedtune.local.status_file import read_status, settle_lost
     from fedtune.rounds.conditions import STALLED
 
@@ -98,7 +98,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         with RunLock.acquire(workdir) as lock:
             st = settle_lost(workdir, lock.previous) or st
     except RunnerBusy as exc:
-        live = f", its runner ({exc}) is alive"
+        if exc.live:
+            live = f", its runner ({exc}) is alive"
+        else:
+            live = f", cannot tell whether its runner is alive ({LOCK_FILE} is held by a process that is {exc})"
     stalled = st.condition(STALLED)
     why = f" ({stalled.reason})" if stalled is not None and stalled.status == "True" else ""
     print(f"{workdir}: {st.phase}{why}, {st.stage}, round {st.current_round}, parties {st.parties_ready}{live}")

@@ -39,7 +39,7 @@ from fedtune.documents import Documents
 from fedtune.local import report
 from fedtune.local.children import Pod, Pods
 from fedtune.local.progress import Progress
-from fedtune.local.run_lock import RunLock, RunnerBusy
+from fedtune.local.run_lock import LOCK_FILE, RunLock, RunnerBusy
 from fedtune.local.status_file import LIVE_PHASES, STATUS_FILE, settle_lost, write_atomic, write_status
 from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import (
@@ -536,6 +536,11 @@ class LocalRun:
         try:
             lock = RunLock.acquire(self.workdir, {"jobFile": self.docs.source, "started": utcnow().isoformat()})
         except RunnerBusy as exc:
+            if not exc.live:
+                raise SpecError(
+                    f"{_shown(self.workdir / LOCK_FILE)} is held by a process that is {exc} (a `fedtune status` "
+                    "that did not let go?): run this again in a moment"
+                ) from None
             raise SpecError(
                 f"another fedtune run ({exc}) is running in {_shown(self.workdir)}: two would drive one job "
                 "twice; wait for it, or stop it (Ctrl-C in its terminal) and run this again to resume"
