@@ -62,18 +62,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if workdir.exists() and not workdir.is_dir():
         raise SpecError(f"--workdir {workdir} is a file: name a directory (new, or one to resume)")
     resume = (workdir / STATUS_FILE).is_file()
-    if workdir.exists() and any(workdir.iterdir()) and not resume:
+    try:
+        used = workdir.exists() and any(workdir.iterdir())
+    except OSError as exc:
+        raise SpecError(
+            f"work directory {workdir}: cannot read it ({exc.strerror}): pick another with --workdir"
+        ) from None
+    if used and not resume:
         raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
     run = LocalRun(docs, workdir, threads=args.threads, resume=resume)
     signal.signal(signal.SIGTERM, _terminated)
     try:
         st = run.run()
     except KeyboardInterrupt as exc:
-        print(
-            f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}\n"
-            f"resume with: fedtune run {args.file} --workdir {workdir}",
-            file=sys.stderr,
-        )
+        if (workdir / STATUS_FILE).is_file():
+            print(
+                f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}\n"
+                f"resume with: fedtune run {args.file} --workdir {workdir}",
+                file=sys.stderr,
+            )
+        else:  # stopped before the run took its work directory: nothing to resume
+            print("\ninterrupted before the run started: nothing to resume", file=sys.stderr)
         return 128 + (signal.SIGTERM if exc.args == ("SIGTERM",) else signal.SIGINT)
     return 0 if st.phase == "Succeeded" else 1
 
@@ -95,13 +104,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise SpecError(f"{workdir}/status.json is not a fedtune job status (edited by hand?)") from None
     live = ""
     try:
-        with RunLock.acquire(workdir) as lock:
-            st = settle_lost(workdir, lock.previous) or st
+        lock = RunLock.acquire(workdir)  # without writing in it: the lock keeps naming the last runner
     except RunnerBusy as exc:
         if exc.live:
             live = f", its runner ({exc}) is alive"
         else:
             live = f", cannot tell whether its runner is alive ({LOCK_FILE} is held by a process that is {exc})"
+    except OSError as exc:  # a work directory this user may read but not write: report what the file says
+        live = f", cannot tell whether its runner is alive (cannot open {workdir / LOCK_FILE}: {exc.strerror})"
+    else:
+        with lock:
+            try:
+                st = settle_lost(workdir, lock.previous) or st
+            except OSError as exc:
+                live = f", its runner is gone (status.json not updated: {exc.strerror})"
     stalled = st.condition(STALLED)
     why = f" ({stalled.reason})" if stalled is not None and stalled.status == "True" else ""
     print(f"{workdir}: {st.phase}{why}, {st.stage}, round {st.current_round}, parties {st.parties_ready}{live}")

@@ -18,6 +18,7 @@ INVALID_SPEC = "InvalidSpec"
 INTERRUPTED = "Interrupted"  # SIGINT (Ctrl-C) or SIGTERM: the runner stopped every child and said so
 RUNNER_CRASHED = "RunnerCrashed"  # an error in the runner itself
 RUNNER_LOST = "RunnerLost"  # the runner vanished without a word (SIGKILL, power loss); seen afterwards
+STARTING = "Starting"  # a local run's storage, data and base model are getting ready (phase Pending)
 
 
 def set_condition(
@@ -57,6 +58,15 @@ def mark_running(status: FederatedJobStatus, message: str, now: datetime) -> Non
     set_condition(status, READY, "False", "RoundInProgress", message, now)
     set_condition(status, RECONCILING, "True", "RoundInProgress", message, now)
     set_condition(status, STALLED, "False", "RoundInProgress", "", now)
+
+
+def mark_starting(status: FederatedJobStatus, message: str, now: datetime) -> None:
+    """A local runner holds the job and gets it ready (phase Pending): not Ready yet, Reconciling."""
+    status.phase = "Pending"
+    status.message = message
+    set_condition(status, READY, "False", STARTING, message, now)
+    set_condition(status, RECONCILING, "True", STARTING, message, now)
+    set_condition(status, STALLED, "False", STARTING, "", now)
 
 
 def mark_succeeded(status: FederatedJobStatus, message: str, now: datetime) -> None:
