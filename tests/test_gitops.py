@@ -8,7 +8,7 @@
   health checks and `wait: true` compute) on the same objects.
 - The statuses come from the operator: `reconcile` and `reconcile_party` (waits, consent,
   rejected spec changes, storage errors, against a real SeaweedFS), the round machine's
-  `new_status`, and the condition helpers `mark_running` / `mark_succeeded` / `mark_failed`.
+  `new_status`, and the condition helpers `mark_running` / `mark_succeeded` / `mark_halted`.
 - The Argo CD Application, Flux Kustomization and argocd-cm patch parse, name what they must,
   and point at FederatedJob manifests that validate against the CRD.
 """
@@ -201,7 +201,7 @@ def quorum_lost() -> FederatedJobStatus:
     st = running(3)
     msg = "1 parties left, spec.minParties=2"
     cond.set_condition(st, cond.QUORUM_LOST, "True", cond.QUORUM_LOST, msg, NOW)
-    cond.mark_failed(st, cond.QUORUM_LOST, msg, NOW)
+    cond.mark_halted(st, "Failed", cond.QUORUM_LOST, msg, NOW)
     return st
 
 
@@ -210,7 +210,7 @@ def invalid_spec() -> FederatedJobStatus:
     st = FederatedJobStatus(observed_generation=1)
     msg = "spec.storage (the coordinator bucket, with credentialsSecret) is required on Kubernetes"
     cond.set_condition(st, cond.INVALID_SPEC, "True", cond.INVALID_SPEC, msg, NOW)
-    cond.mark_failed(st, cond.INVALID_SPEC, msg, NOW)
+    cond.mark_halted(st, "Failed", cond.INVALID_SPEC, msg, NOW)
     return st
 
 

@@ -12,7 +12,7 @@ from fedtune.api.errors import SpecError
 from fedtune.api.party import Party
 from fedtune.data.own_files import read_own_data
 from fedtune.data.partition import plan_shards
-from fedtune.data.sources import load_jsonl
+from fedtune.data.sources import load_source
 from fedtune.documents import parse_documents
 from fedtune.local.report import round_table
 from fedtune.local.runner import LocalRun
@@ -212,7 +212,8 @@ def test_local_run_reports_the_held_out_test_set_every_round(tiny_seq_cls, tmp_p
     assert "test acc" in round_table(st) and "test acc" in log
     # the majority baseline of the held-out set is that of the 60 records the Dataset held out
     ds = parse_documents(text, "j").dataset
-    held = plan_shards(load_jsonl(data), ds, ["default/alice", "default/bob"], "default/referee")["default/referee"][1]
+    records = load_source(f"file://{data}")
+    held = plan_shards(records, ds, ["default/alice", "default/bob"], "default/referee")["default/referee"][1]
     share = max(sum(r["label"] == lab for r in held) for lab in ("negative", "positive")) / len(held)
     assert doc["testMajorityBaseline"] == pytest.approx(share)
     assert f"majority-class baseline on the held-out test set: {share:.3f}" in log

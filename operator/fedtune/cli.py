@@ -62,25 +62,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if workdir.exists() and not workdir.is_dir():
         raise SpecError(f"--workdir {workdir} is a file: name a directory (new, or one to resume)")
     resume = (workdir / STATUS_FILE).is_file()
-    if workdir.exists() and any(workdir.iterdir()) and not resume:
+    try:
+        used = workdir.exists() and any(workdir.iterdir())
+    except OSError as exc:
+        raise SpecError(
+            f"work directory {workdir}: cannot read it ({exc.strerror}): pick another with --workdir"
+        ) from None
+    if used and not resume:
         raise SpecError(f"work directory {workdir} is not empty: pick another with --workdir (nothing was overwritten)")
     run = LocalRun(docs, workdir, threads=args.threads, resume=resume)
     signal.signal(signal.SIGTERM, _terminated)
     try:
         st = run.run()
     except KeyboardInterrupt as exc:
-        print(
-            f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}\n"
-            f"resume with: fedtune run {args.file} --workdir {workdir}",
-            file=sys.stderr,
-        )
+        if (workdir / STATUS_FILE).is_file():
+            print(
+                f"\ninterrupted: every child process was stopped; partial results and logs in {workdir}\n"
+                f"resume with: fedtune run {args.file} --workdir {workdir}",
+                file=sys.stderr,
+            )
+        else:  # stopped before the run took its work directory: nothing to resume
+            print("\ninterrupted before the run started: nothing to resume", file=sys.stderr)
         return 128 + (signal.SIGTERM if exc.args == ("SIGTERM",) else signal.SIGINT)
     return 0 if st.phase == "Succeeded" else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     """Say where a local run stands; a status left Running by a runner that is gone is marked so first."""
-    from fedtune.local.run_lock import RunLock, RunnerBusy
+    from fedtune.local.run_lock import LOCK_FILE, RunLock, RunnerBusy
     from fedtune.local.status_file import read_status, settle_lost
     from fedtune.rounds.conditions import STALLED
 
@@ -95,10 +104,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
         raise SpecError(f"{workdir}/status.json is not a fedtune job status (edited by hand?)") from None
     live = ""
     try:
-        with RunLock.acquire(workdir) as lock:
-            st = settle_lost(workdir, lock.previous) or st
+        lock = RunLock.acquire(workdir)  # without writing in it: the lock keeps naming the last runner
     except RunnerBusy as exc:
-        live = f", its runner ({exc}) is alive"
+        if exc.live:
+            live = f", its runner ({exc}) is alive"
+        else:
+            live = f", cannot tell whether its runner is alive ({LOCK_FILE} is held by a process that is {exc})"
+    except OSError as exc:  # a work directory this user may read but not write: report what the file says
+        live = f", cannot tell whether its runner is alive (cannot open {workdir / LOCK_FILE}: {exc.strerror})"
+    else:
+        with lock:
+            try:
+                st = settle_lost(workdir, lock.previous) or st
+            except OSError as exc:
+                live = f", its runner is gone (status.json not updated: {exc.strerror})"
     stalled = st.condition(STALLED)
     why = f" ({stalled.reason})" if stalled is not None and stalled.status == "True" else ""
     print(f"{workdir}: {st.phase}{why}, {st.stage}, round {st.current_round}, parties {st.parties_ready}{live}")
@@ -131,7 +150,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     parties = [docs.parties[k] for k in docs.job.party_keys + ([test_party] if test_party else [])]
     buckets = {}
     for p in parties:
-        c = creds_doc.get(p.key) or creds_doc.get(p.metadata.name) if isinstance(creds_doc, dict) else None
+        c = (creds_doc.get(p.key) or creds_doc.get(p.metadata.name)) if isinstance(creds_doc, dict) else None
         if not isinstance(c, dict) or not {"accessKeyId", "secretAccessKey"} <= set(c):
             raise SpecError(
                 f"--credentials has no entry for party {p.key} (keys: namespace/name or name, "

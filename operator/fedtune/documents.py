@@ -27,10 +27,21 @@ class Documents:
     source: str = "<input>"  # the job file as named: what messages call it
 
     @property
+    def real_storage(self) -> bool:
+        """Some bucket of the file is a real store (an endpoint or a credentials Secret, as on Kubernetes):
+        local mode fills in neither, and a local-mode file names neither."""
+        stores = [p.spec.storage for p in self.parties.values()]
+        if self.job.spec.storage is not None:
+            stores.append(self.job.spec.storage)
+        return any(s.endpoint or s.credentials_secret for s in stores)
+
+    @property
     def runs_here(self) -> bool:
-        """The file brings data on this machine (a Dataset, or Parties' own files): it runs here, model included."""
+        """The file runs on this machine, model included: its Parties bring their own files, or it deals a
+        Dataset out into local mode's buckets. A Dataset beside real stores is for `fedtune data partition`
+        (a Kubernetes trial: the shards go to the parties' buckets and the job runs on the cluster)."""
         own = any(p.spec.data.train_path or p.spec.data.eval_path for p in self.parties.values())
-        return self.dataset is not None or own
+        return own or (self.dataset is not None and not self.real_storage)
 
 
 def _model_for(kind: str):

@@ -104,11 +104,6 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: no examples (empty file)")
 
 
-def load_jsonl(path: str | Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file, in order; blank lines are skipped (errors: see iter_jsonl)."""
-    return [obj for _, obj in iter_jsonl(path)]
-
-
 def source_path(source: str) -> Path | None:
     """The file a ``file://`` source names (relative paths: to the working directory); None for a corpus."""
     # file:///abs/path -> /abs/path; file://rel/path -> rel/path

@@ -169,7 +169,7 @@ async def _fail_invalid(body: dict, message: str) -> None:
     status = FederatedJobStatus(observed_generation=meta.get("generation"))
     now = utcnow()
     cond.set_condition(status, cond.INVALID_SPEC, "True", cond.INVALID_SPEC, message, now)
-    cond.mark_failed(status, cond.INVALID_SPEC, message, now)
+    cond.mark_halted(status, "Failed", cond.INVALID_SPEC, message, now)
     if st.get("phase") in (None, "Pending", "Failed"):  # never over a running job's status
         url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
         await kube().patch(url + "/status", {"status": status.to_wire()})

@@ -39,8 +39,15 @@ from fedtune.documents import Documents
 from fedtune.local import report
 from fedtune.local.children import Pod, Pods
 from fedtune.local.progress import Progress
-from fedtune.local.run_lock import RunLock, RunnerBusy
-from fedtune.local.status_file import LIVE_PHASES, STATUS_FILE, settle_lost, write_atomic, write_status
+from fedtune.local.run_lock import LOCK_FILE, RunLock, RunnerBusy
+from fedtune.local.status_file import (
+    LIVE_PHASES,
+    STATUS_FILE,
+    settle_lost,
+    where_stopped,
+    write_atomic,
+    write_status,
+)
 from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import (
     COORDINATOR,
@@ -173,6 +180,8 @@ class LocalRun:
             raise SpecError(f"{docs.source}: FederatedJob {docs.job.metadata.name}: spec.model.source: {exc}") from None
         self.docs, self.job, self.out = docs, docs.job, out
         self.workdir = Path(workdir).resolve()  # weed runs with cwd=workdir: relative paths would break
+        # The job file as the lock and status.json name it: they are read later, from anywhere.
+        self.job_file = str(Path(docs.source).resolve()) if docs.base_dir is not None else docs.source
         self.start_status: FederatedJobStatus | None = self._saved_status() if resume else None
         if not self.job.metadata.uid:
             self.job.metadata.uid = uuid.uuid4().hex[:12]
@@ -301,15 +310,6 @@ class LocalRun:
         except ValueError as exc:
             raise SpecError(f"Dataset {ds.metadata.name}: {exc}") from None
         dealt = self.parties + ([self.evaluator] if test_party else [])
-        if self.job.spec.model.task == "sequence-classification":
-            found = {str(r.get(label_key)) for tr, ev in shards.values() for r in (*tr, *ev)}
-            unknown = sorted(found - set(schema.labels))
-            if unknown:
-                raise SpecError(
-                    f"the Dataset yields label(s) {', '.join(unknown)} that the job's spec.data.labels "
-                    f"({', '.join(schema.labels)}) does not list: add them there, or keep only the "
-                    "job's classes with the Dataset's spec.labels"
-                )
         self._baselines(dict(shards), label_key)
         summary = upload_shards(
             shards,
@@ -542,31 +542,68 @@ class LocalRun:
             self.workdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpecError(f"work directory {_shown(self.workdir)}: cannot create it ({exc.strerror})") from None
+        lock = None
         try:
-            lock = RunLock.acquire(self.workdir, {"jobFile": self.docs.source, "started": utcnow().isoformat()})
-        except RunnerBusy as exc:
-            raise SpecError(
-                f"another fedtune run ({exc}) is running in {_shown(self.workdir)}: two would drive one job "
-                "twice; wait for it, or stop it (Ctrl-C in its terminal) and run this again to resume"
-            ) from None
-        try:
-            self._settle_lost(lock)
+            with _signals_held():  # a Ctrl-C now lands once status.json can say where the run stopped
+                lock = self._take_lock()
+                self._begin(lock)
             return self._run(own)
         except BaseException as exc:
             self._mark_stopped(exc)
             raise
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
+
+    def _unwritable(self, exc: OSError) -> SpecError:
+        what = f"{Path(exc.filename).name}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
+        return SpecError(
+            f"work directory {_shown(self.workdir)}: cannot write in it ({what}): make it writable, or start "
+            "afresh in another --workdir"
+        )
+
+    def _take_lock(self) -> RunLock:
+        """This runner's hold on the work directory (one runner per directory), recording the job file."""
+        try:
+            return RunLock.acquire(self.workdir, {"jobFile": self.job_file, "started": utcnow().isoformat()})
+        except RunnerBusy as exc:
+            if not exc.live:
+                raise SpecError(
+                    f"{_shown(self.workdir / LOCK_FILE)} is held by a process that is {exc} (a `fedtune status` "
+                    "that did not let go?): run this again in a moment"
+                ) from None
+            raise SpecError(
+                f"another fedtune run ({exc}) is running in {_shown(self.workdir)}: two would drive one job "
+                "twice; wait for it, or stop it (Ctrl-C in its terminal) and run this again to resume"
+            ) from None
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+
+    def _begin(self, lock: RunLock) -> None:
+        """With the lock held, before anything slow starts (S3, data, the base model): settle a status a lost
+        runner left, then write job.json and a Pending status, so a run stopped from here on leaves a work
+        directory that says so and resumes."""
+        try:
+            self._settle_lost(lock)
+            write_atomic(self.workdir / JOB_FILE, self._job_json)
+            now = utcnow()
+            st = new_status(self.job, now) if self.start_status is None else self.start_status.model_copy(deep=True)
+            cond.mark_starting(st, "starting: the embedded S3 server, the data, the base model", now)
+            write_status(self.workdir, st)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+        self.status = st
 
     def _settle_lost(self, lock: RunLock) -> None:
         """A status left Running by a runner that is gone (killed outright) is marked so before resuming."""
         if self.start_status is None or self.start_status.phase not in LIVE_PHASES:
             return
+        phase = self.start_status.phase
         self.start_status = settle_lost(self.workdir, lock.previous) or self.start_status
         who = f"pid {lock.previous['pid']}" if "pid" in lock.previous else "its process"
         self.progress.say(
             f"! the last run's runner ({who}) ended without finishing and left status.json saying "
-            "Running: marked Stopped (RunnerLost)"
+            f"{phase}: marked Stopped (RunnerLost)"
         )
 
     def _mark_stopped(self, exc: BaseException) -> None:
@@ -578,16 +615,16 @@ class LocalRun:
             reason, why = cond.INTERRUPTED, f"stopped by {exc.args[0] if exc.args else 'SIGINT (Ctrl-C)'}"
         else:
             reason, why = cond.RUNNER_CRASHED, f"the runner stopped on an error ({type(exc).__name__}: {exc})"
+        # Read later, from anywhere: the paths are absolute.
         message = (
-            f"{why} in {st.stage} of round {st.current_round}/{self.job.spec.rounds}; every child process was "
-            f"stopped. Resume with: fedtune run {self.docs.source} --workdir {_shown(self.workdir)}"
+            f"{why} {where_stopped(st, self.job.spec.rounds)}; every child process was stopped. "
+            f"Resume with: fedtune run {self.job_file} --workdir {self.workdir}"
         )
-        cond.mark_stopped(st, reason, message, utcnow())
+        cond.mark_halted(st, "Stopped", reason, message, utcnow())
         with _signals_held():  # a second Ctrl-C must not leave the file saying Running
             write_status(self.workdir, st)
 
     def _run(self, own: dict) -> FederatedJobStatus:
-        write_atomic(self.workdir / JOB_FILE, self._job_json)
         spec = self.job.spec
         self.progress.say(
             f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties"

@@ -56,14 +56,20 @@ def read_status(workdir: Path) -> FederatedJobStatus:
     return FederatedJobStatus.model_validate_json((Path(workdir) / STATUS_FILE).read_text(encoding="utf-8"))
 
 
+def where_stopped(st: FederatedJobStatus, rounds: int | None = None) -> str:
+    """Where a run was when its runner stopped: 'while starting' or 'in training of round 3/5'. Pure."""
+    if st.phase == "Pending":
+        return "while starting"
+    return f"in {st.stage} of round {st.current_round}" + (f"/{rounds}" if rounds else "")
+
+
 def lost_message(st: FederatedJobStatus, holder: dict, last_written: datetime, workdir: Path) -> str:
     """What a status left Running by a runner that is gone says instead. Pure."""
     who = f"pid {holder['pid']}" if "pid" in holder else "its process"
     job_file = holder.get("jobFile", "JOB.yaml")
     return (
-        f"the runner ({who}) ended without finishing, in {st.stage} of round {st.current_round}; its last "
-        f"status was written at {last_written:%Y-%m-%d %H:%M:%S} UTC. Resume with: fedtune run {job_file} "
-        f"--workdir {workdir}"
+        f"the runner ({who}) ended without finishing, {where_stopped(st)}; its last status was written at "
+        f"{last_written:%Y-%m-%d %H:%M:%S} UTC. Resume with: fedtune run {job_file} --workdir {workdir}"
     )
 
 
@@ -76,6 +82,7 @@ def settle_lost(workdir: Path, holder: dict, now: datetime | None = None) -> Fed
         return None
     written = datetime.fromtimestamp((Path(workdir) / STATUS_FILE).stat().st_mtime, UTC)
     now = now or datetime.now(UTC)
-    cond.mark_stopped(st, cond.RUNNER_LOST, lost_message(st, holder, written, workdir), now)
+    message = lost_message(st, holder, written, Path(workdir).resolve())  # read later, from anywhere
+    cond.mark_halted(st, "Stopped", cond.RUNNER_LOST, message, now)
     write_status(workdir, st)
     return st

@@ -18,6 +18,7 @@ INVALID_SPEC = "InvalidSpec"
 INTERRUPTED = "Interrupted"  # SIGINT (Ctrl-C) or SIGTERM: the runner stopped every child and said so
 RUNNER_CRASHED = "RunnerCrashed"  # an error in the runner itself
 RUNNER_LOST = "RunnerLost"  # the runner vanished without a word (SIGKILL, power loss); seen afterwards
+STARTING = "Starting"  # a local run's storage, data and base model are getting ready (phase Pending)
 
 
 def set_condition(
@@ -59,6 +60,15 @@ def mark_running(status: FederatedJobStatus, message: str, now: datetime) -> Non
     set_condition(status, STALLED, "False", "RoundInProgress", "", now)
 
 
+def mark_starting(status: FederatedJobStatus, message: str, now: datetime) -> None:
+    """A local runner holds the job and gets it ready (phase Pending): not Ready yet, Reconciling."""
+    status.phase = "Pending"
+    status.message = message
+    set_condition(status, READY, "False", STARTING, message, now)
+    set_condition(status, RECONCILING, "True", STARTING, message, now)
+    set_condition(status, STALLED, "False", STARTING, "", now)
+
+
 def mark_succeeded(status: FederatedJobStatus, message: str, now: datetime) -> None:
     status.phase = "Succeeded"
     set_condition(status, READY, "True", "Succeeded", message, now)
@@ -66,17 +76,12 @@ def mark_succeeded(status: FederatedJobStatus, message: str, now: datetime) -> N
     set_condition(status, STALLED, "False", "Succeeded", "", now)
 
 
-def mark_failed(status: FederatedJobStatus, reason: str, message: str, now: datetime) -> None:
-    status.phase = "Failed"
-    status.message = message
-    set_condition(status, READY, "False", reason, message, now)
-    set_condition(status, RECONCILING, "False", reason, "", now)
-    set_condition(status, STALLED, "True", reason, message, now)
-
-
-def mark_stopped(status: FederatedJobStatus, reason: str, message: str, now: datetime) -> None:
-    """The controller stopped before the job ended (local mode): nothing runs, nothing is lost, it resumes."""
-    status.phase = "Stopped"
+def mark_halted(
+    status: FederatedJobStatus, phase: Literal["Failed", "Stopped"], reason: str, message: str, now: datetime
+) -> None:
+    """Nothing runs any more: the job Failed (final), or its controller Stopped before the job ended (local
+    mode: nothing is lost, it resumes). Either way not Ready, not Reconciling, Stalled, saying why."""
+    status.phase = phase
     status.message = message
     set_condition(status, READY, "False", reason, message, now)
     set_condition(status, RECONCILING, "False", reason, "", now)

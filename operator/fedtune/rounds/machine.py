@@ -375,7 +375,7 @@ def _retry(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime, why: s
     if st.attempt >= spec.max_round_retries:
         msg = f"{why}; gave up after {st.attempt + 1} attempt(s) (spec.maxRoundRetries={spec.max_round_retries})"
         cond.set_condition(st, cond.QUORUM_LOST, "True", cond.QUORUM_LOST, msg, now)
-        cond.mark_failed(st, cond.QUORUM_LOST, msg, now)
+        cond.mark_halted(st, "Failed", cond.QUORUM_LOST, msg, now)
         st.stage = "done"
         events.append(Event("Warning", cond.QUORUM_LOST, msg))
         return
@@ -403,7 +403,7 @@ def _drop_failing(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime,
     if len(active(st)) < spec.min_parties:
         msg = f"{len(active(st))} parties left, spec.minParties={spec.min_parties}"
         cond.set_condition(st, cond.QUORUM_LOST, "True", cond.QUORUM_LOST, msg, now)
-        cond.mark_failed(st, cond.QUORUM_LOST, msg, now)
+        cond.mark_halted(st, "Failed", cond.QUORUM_LOST, msg, now)
         st.stage = "done"
         events.append(Event("Warning", cond.QUORUM_LOST, msg))
 
