@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterable
@@ -90,6 +91,26 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def read_capped(path: Path, limit: int) -> bytes | None:
+    """The bytes of a regular file, at most `limit` + 1 of them (enough to tell it is too big); None if
+    there is none. For what a pod wrote: a symlink is not followed, and a FIFO or a device is refused
+    (OSError) rather than waited on."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 class FileMailbox:
     """A mailbox directory shared by one pod and the control plane."""
 
@@ -109,6 +130,10 @@ class FileMailbox:
 
     def write_receipt(self, receipt: dict[str, Any]) -> None:
         write_json_atomic(self.dir / RECEIPT, receipt)
+
+    def raw(self, name: str, limit: int) -> bytes | None:
+        """TICKET's or RECEIPT's bytes as they are (see read_capped): the control plane's reading."""
+        return read_capped(self.dir / name, limit)
 
     def wait_ticket(
         self, newer_than: str | None, poll: float = POLL_SECONDS, timeout: float | None = None

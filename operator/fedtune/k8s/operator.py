@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import kopf
 from kubernetes.client.rest import ApiException
 
+from fedtune.api.receipts import Rejections
 from fedtune.k8s import metrics
 from fedtune.k8s.kube import Kube, api_client, path
 from fedtune.k8s.names import LABEL_JOB, LABEL_JOB_NAMESPACE, LABEL_MANAGED_BY, job_selector
@@ -100,6 +101,7 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
     """Reconcile the job until it ends; level-triggered, so a restart simply carries on."""
     key = (namespace, name)
     waker = _wakers.setdefault(key, asyncio.Event())
+    rejections = Rejections()  # the job's refused receipts, each an event once
     try:
         while not stopped:
             body = None
@@ -111,7 +113,7 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
                 if refused is not None and refused == body["metadata"].get("generation"):
                     done = False  # refused and not edited since: nothing to do until it is
                 else:
-                    done = await _reconcile_once(body)
+                    done = await _reconcile_once(body, rejections)
             except InvalidSpec as exc:
                 # Said once per generation (condition + event); the daemon stays to see a corrected spec.
                 await _reported(_fail_invalid(body, str(exc)), namespace, name)
@@ -145,10 +147,10 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
         _wakers.pop(key, None)
 
 
-async def _reconcile_once(body: dict) -> bool:
+async def _reconcile_once(body: dict, rejections: Rejections) -> bool:
     """One reconcile and its writes. True when the job is over and every pod was told to exit."""
     meta = body["metadata"]
-    out = await reconcile(body, kube(), SETTINGS, utcnow())
+    out = await reconcile(body, kube(), SETTINGS, utcnow(), rejections)
     url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
     new = out.status.to_wire()
     if new != body.get("status"):

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import json
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -178,14 +177,3 @@ async def check_schedulable(job: FederatedJob, parties: dict[str, Party], kube: 
             problems.append(reason)
     if problems:
         raise Wait("Unschedulable", "NoNodeFits", "; ".join(problems))
-
-
-def decode_mailbox(secret: dict[str, Any] | None, key: str) -> dict | None:
-    """ticket.json or receipt.json of a mailbox Secret, or None."""
-    raw = ((secret or {}).get("data") or {}).get(key)
-    if not raw:
-        return None
-    try:
-        return json.loads(base64.b64decode(raw))
-    except ValueError:
-        return None

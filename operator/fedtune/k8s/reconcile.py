@@ -8,15 +8,14 @@ Secrets on every pass, so an operator restart continues where the last one stopp
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from pydantic import ValidationError
-
 from fedtune.api.job import FederatedJob
-from fedtune.api.mailbox import ticket_id
 from fedtune.api.party import Party
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
+from fedtune.api.receipts import Rejections
 from fedtune.api.status import FederatedJobStatus
 from fedtune.k8s import preconditions as pre
 from fedtune.k8s.builders import (
@@ -27,6 +26,7 @@ from fedtune.k8s.builders import (
     trainer_context,
 )
 from fedtune.k8s.kube import Kube, object_path, path
+from fedtune.k8s.mailbox_secrets import held_ticket, read_secret_receipt
 from fedtune.k8s.names import ChildNames, aggregator_names, trainer_names
 from fedtune.k8s.settings import OperatorSettings
 from fedtune.rounds import conditions as cond
@@ -43,7 +43,10 @@ from fedtune.storage import layout
 from fedtune.storage.model_files import ModelSourceError, model_file_urls
 from fedtune.storage.signer import BucketSigner
 
+log = logging.getLogger(__name__)
+
 AGGREGATOR = "aggregator"
+RECEIPT_REJECTED = "ReceiptRejected"  # the event saying a pod's receipt was refused, and why
 ROUND_IN_PROGRESS = "RoundInProgress"  # Ready's reason while a round runs (conditions.mark_running)
 
 
@@ -62,8 +65,13 @@ def pending_status(body: dict, now: datetime) -> FederatedJobStatus:
     return st
 
 
-async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: datetime) -> Outcome:
-    """One pass. Raises pre.InvalidSpec for specs that cannot run; returns Pending statuses for waits."""
+async def reconcile(
+    body: dict, kube: Kube, settings: OperatorSettings, now: datetime, rejections: Rejections | None = None
+) -> Outcome:
+    """One pass. Raises pre.InvalidSpec for specs that cannot run; returns Pending statuses for waits.
+
+    `rejections` remembers the refused receipts already reported (the job's daemon keeps one), so
+    each is an event once, not at every pass."""
     refused = pre.refused_generation(body)
     if refused is not None and refused != body["metadata"].get("generation"):
         body = {**body, "status": None}  # the refused spec was edited: judge it afresh, from the start
@@ -112,11 +120,7 @@ async def reconcile(body: dict, kube: Kube, settings: OperatorSettings, now: dat
     st.observed_generation = job.metadata.generation
     await _ensure_pods(job, body, parties, st, kube, settings, now, out.events)
     secrets = await _mailboxes(job, kube)
-    obs = Observation(
-        now=now,
-        receipts={k: r for k in job.member_keys if (r := _receipt(secrets.get(k), TrainerReceipt))},
-        aggregator=_receipt(secrets.get(AGGREGATOR), AggregatorReceipt),
-    )
+    obs = _observe(job, secrets, now, rejections or Rejections(), out.events)
     st, events = advance(job, st, obs)
     out.status, out.events = st, out.events + events
     await _finalize(job, st, buckets)
@@ -223,12 +227,20 @@ async def _mailboxes(job: FederatedJob, kube: Kube) -> dict[str, dict | None]:
     return out
 
 
-def _receipt(secret: dict | None, model):
-    raw = pre.decode_mailbox(secret, "receipt.json")
-    try:
-        return model.model_validate(raw) if raw else None
-    except ValidationError:
-        return None  # a pod writes only its own receipt; a malformed one is as good as none
+def _observe(
+    job: FederatedJob, secrets: dict[str, dict | None], now: datetime, rejections: Rejections, events: list[Event]
+) -> Observation:
+    """The receipts in the mailbox Secrets; a refused one counts as none, and is reported once."""
+    uid = job.metadata.uid
+    reads = {k: read_secret_receipt(secrets.get(k), TrainerReceipt, job=uid, party=k) for k in job.member_keys}
+    aggregator = read_secret_receipt(secrets.get(AGGREGATOR), AggregatorReceipt, job=uid)
+    for key, read in [*reads.items(), (AGGREGATOR, aggregator)]:
+        n = _names(job, key)
+        if (note := rejections.report(f"pod {n.namespace}/{n.pod}", read)) is not None:
+            log.warning("FederatedJob %s/%s: %s", job.metadata.namespace, job.metadata.name, note)
+            events.append(Event("Warning", RECEIPT_REJECTED, note))
+    receipts = {k: read.receipt for k, read in reads.items() if read.receipt is not None}
+    return Observation(now=now, receipts=receipts, aggregator=aggregator.receipt)
 
 
 async def _finalize(job: FederatedJob, st: FederatedJobStatus, buckets: dict) -> None:
@@ -261,7 +273,8 @@ async def _write_tickets(
     model_files: dict[str, str] | None = None  # s3:// model sources: listed once per pass
     for key, intent in intents.items():
         secret = secrets.get(key)
-        if secret is None or ticket_id(pre.decode_mailbox(secret, "ticket.json") or {}) == intent.id:
+        held = held_ticket(secret)
+        if secret is None or (held is not None and held.id == intent.id):
             continue
         if intent.kind == "exit" or signer is None:
             ticket = {"kind": "exit", "job": job.metadata.uid, "round": intent.round, "attempt": intent.attempt}

@@ -21,16 +21,24 @@ from functools import cached_property
 from pathlib import Path
 from typing import TextIO
 
-from pydantic import ValidationError
-
 from fedtune.api import cpu_slots
 from fedtune.api.errors import SpecError
 from fedtune.api.job import FederatedJob
 from fedtune.api.launch import pod_command
-from fedtune.api.mailbox import RECEIPT, TICKET, FileMailbox, Waiter, ticket_id
+from fedtune.api.mailbox import RECEIPT, TICKET, FileMailbox, Waiter
 from fedtune.api.methods import ask_peft
 from fedtune.api.party import StorageSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
+from fedtune.api.receipts import (
+    MAX_RECEIPT_BYTES,
+    MAX_TICKET_BYTES,
+    AnyReceipt,
+    Rejections,
+    TicketRef,
+    read_receipt,
+    rejected,
+    stored_ticket,
+)
 from fedtune.api.status import FederatedJobStatus
 from fedtune.api.support import local_model_dir, verdict
 from fedtune.data.checks import check_data
@@ -75,6 +83,19 @@ def utcnow() -> datetime:
 
 def _dirname(key: str) -> str:
     return key.replace("/", "--")
+
+
+def _held(box: FileMailbox) -> TicketRef | None:
+    """The ticket a mailbox holds; None if it holds none, or something a pod put there."""
+    try:
+        return stored_ticket(box.raw(TICKET, MAX_TICKET_BYTES))
+    except OSError:
+        return None
+
+
+def _held_id(box: FileMailbox) -> str | None:
+    held = _held(box)
+    return held.id if held else None
 
 
 class _PeftVerdict(threading.Thread):
@@ -197,7 +218,7 @@ class LocalRun:
         self.mailboxes: dict[str, FileMailbox] = {}
         self.pods = Pods()
         self.status: FederatedJobStatus | None = None  # the last status the control loop wrote
-        self._bad_receipts: set[str] = set()
+        self._rejections = Rejections()  # refused receipts, each said once
         self.base_dir = docs.base_dir or Path.cwd()
         self._check_buckets()
 
@@ -399,26 +420,28 @@ class LocalRun:
 
     # -- control loop ----------------------------------------------------------------------------
 
-    def _receipt(self, name: str, model):
-        raw = self.mailboxes[name].read_receipt()
-        if raw is None:
-            return None
+    def _receipt(self, name: str, model: type[AnyReceipt]) -> AnyReceipt | None:
+        """The receipt in `name`'s mailbox, if it is one this job can take (see fedtune.api.receipts)."""
+        box = self.mailboxes[name]
         try:
-            return model.model_validate(raw)
-        except ValidationError as exc:
-            if name not in self._bad_receipts:
-                self._bad_receipts.add(name)
-                self.progress.say(f"! ignoring a malformed receipt from {name}: {exc.errors()[0]['msg']}")
-            return None
+            raw = box.raw(RECEIPT, MAX_RECEIPT_BYTES)
+        except OSError as exc:  # a pod put something else than a file there
+            read = rejected(str(exc).encode(), f"{RECEIPT} cannot be read: {exc}")
+        else:
+            party = name if model is TrainerReceipt else None
+            read = read_receipt(raw, model, job=self.job.metadata.uid, party=party, held=_held(box))
+        if (note := self._rejections.report(name, read)) is not None:
+            self.progress.say("! " + note)
+        return read.receipt
 
     def _receipt_stamp(self) -> tuple:
         """Identity of every receipt file now (receipts are replaced atomically: a new inode each time)."""
         out = []
         for box in self.mailboxes.values():
             try:
-                info = os.stat(box.dir / RECEIPT)
+                info = os.stat(box.dir / RECEIPT, follow_symlinks=False)
                 out.append((info.st_ino, info.st_mtime_ns, info.st_size))
-            except FileNotFoundError:
+            except OSError:
                 out.append(None)
         return tuple(out)
 
@@ -431,11 +454,11 @@ class LocalRun:
         by_key = {p.key: p for p in self.members}
         for name, intent in trainer_intents(self.job, st).items():
             box = self.mailboxes[name]
-            if ticket_id(box.read_ticket() or {}) != intent.id:
+            if _held_id(box) != intent.id:
                 box.write_ticket(build_trainer_ticket(self.job, intent, by_key[name], st, signer, now).to_wire())
         intent = aggregator_intent(self.job, st)
         box = self.mailboxes[AGGREGATOR]
-        if intent is not None and ticket_id(box.read_ticket() or {}) != intent.id:
+        if intent is not None and _held_id(box) != intent.id:
             box.write_ticket(build_aggregator_ticket(self.job, intent, st, signer, now).to_wire())
 
     def _finalize(self, st: FederatedJobStatus) -> None:
