@@ -1,6 +1,7 @@
 """Receipts as the control plane reads them (fedtune.api.receipts, fedtune.k8s.mailbox_secrets):
 whatever a pod leaves in its mailbox is a receipt or a reason, never an exception. Property tests
-throw arbitrary bytes, arbitrary JSON and mutations of a valid receipt at both readers."""
+throw arbitrary bytes, arbitrary JSON and mutations of a valid receipt at both readers. And a pod
+whose receipt was overwritten with garbage works its ticket again instead of crashing."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 from datetime import UTC, datetime
 
 import pytest
-from fedtune.api.mailbox import read_capped
+from fedtune.api.mailbox import FileMailbox, read_capped
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.receipts import (
     MAX_RECEIPT_BYTES,
@@ -22,6 +23,8 @@ from fedtune.api.receipts import (
 )
 from fedtune.api.status import Metrics
 from fedtune.k8s.mailbox_secrets import held_ticket, read_secret_receipt
+from fedtune_trainer.k8s_mailbox import SecretMailbox
+from fedtune_trainer.mailbox import own_receipt
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -197,6 +200,21 @@ def test_a_secret_receipt_is_judged_against_the_ticket_the_secret_holds():
         assert got.receipt is None and got.rejection.startswith("receipt.json in the Secret is not base64 (")
     assert held_ticket(secret(ticket="!!")) is None and held_ticket(None) is None
     assert read_secret_receipt(None, AggregatorReceipt, job=UID) == ReceiptRead()
+
+
+# --- the pod's own look at its receipt -----------------------------------------------------------------
+
+
+def test_a_pod_takes_an_unreadable_receipt_of_its_own_for_none(tmp_path):
+    box = FileMailbox(tmp_path)
+    box.write_receipt(trainer_wire())
+    assert own_receipt(box) == trainer_wire()
+    for garbage in (b"\xff\xfe", b"plain text", b"[1, 2]"):
+        (tmp_path / "receipt.json").write_bytes(garbage)
+        assert own_receipt(box) is None  # so it works its ticket again and writes a receipt over it
+    secret_box = SecretMailbox("ns", "mailbox", api="http://127.0.0.1:9")  # never called: only decoding
+    with pytest.raises(ValueError, match="receipt.json in Secret ns/mailbox is not base64 JSON"):
+        secret_box._decode(secret(b64(b"\xff")), "receipt.json")
 
 
 # --- properties ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from safetensors.torch import save as save_safetensors
 
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox
+from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox, own_receipt
 from fedtune_trainer.strategies import Strategy, aggregate_round, make_strategy
 from fedtune_trainer.tensorfile import TensorFile
 from fedtune_trainer.verify import UpdateRejected, open_verified
@@ -205,7 +205,7 @@ def serve(mailbox_uri: str, poll: float = POLL_SECONDS) -> int:
     while True:
         raw = mailbox.wait_ticket(newer_than=last, poll=poll)
         last = ticket_id(raw)
-        answered = answers(mailbox.read_receipt(), raw)
+        answered = answers(own_receipt(mailbox), raw)
         if raw.get("kind") == "exit":
             # Checked before full validation: a pod must stop even on a terse exit ticket.
             if not answered:

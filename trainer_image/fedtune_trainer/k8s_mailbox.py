@@ -39,6 +39,10 @@ class MailboxError(RuntimeError):
     """The mailbox Secret cannot be used (missing, forbidden, bad credentials, bad content)."""
 
 
+class BadDocument(MailboxError, ValueError):
+    """A document in the Secret is not base64 JSON (something overwrote it)."""
+
+
 class SecretMailbox:
     """The mailbox of one pod, kept in the Secret `namespace/name` (interface of FileMailbox)."""
 
@@ -276,7 +280,7 @@ class SecretMailbox:
         try:
             return decode_doc(secret, key)
         except ValueError as exc:
-            raise MailboxError(f"{key} in Secret {self.namespace}/{self.name} is not base64 JSON: {exc}") from exc
+            raise BadDocument(f"{key} in Secret {self.namespace}/{self.name} is not base64 JSON: {exc}") from exc
 
 
 def encode_doc(doc: dict[str, Any]) -> str:

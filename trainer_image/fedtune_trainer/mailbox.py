@@ -43,6 +43,17 @@ def as_int(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
+def own_receipt(mailbox: Mailbox) -> dict[str, Any] | None:
+    """The receipt in the pod's mailbox; None when there is none, or one that cannot be read (something
+    overwrote it): a ticket it would have answered is then worked again, and the receipt replaced."""
+    try:
+        receipt = mailbox.read_receipt()
+    except ValueError as exc:  # not UTF-8, not JSON, not base64 (k8s_mailbox.BadDocument)
+        log.warning("the receipt in the mailbox cannot be read (%s): it answers no ticket", exc)
+        return None
+    return receipt if isinstance(receipt, dict) else None
+
+
 def answers(receipt: dict[str, Any] | None, ticket: dict[str, Any]) -> bool:
     """Whether a mailbox receipt already answers this raw ticket (the pod restarted after answering)."""
     if receipt is None:

@@ -24,7 +24,7 @@ from fedtune.api.status import Metrics, utcnow
 from pydantic import ValidationError
 
 from fedtune_trainer import transfer
-from fedtune_trainer.mailbox import Mailbox, answers, as_int, deliver, open_mailbox
+from fedtune_trainer.mailbox import Mailbox, answers, as_int, deliver, open_mailbox, own_receipt
 from fedtune_trainer.ranks import SOLO, Ranks, from_env
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ def _lead(mailbox: Mailbox, rt: PartyRuntime, ranks: Ranks, poll: float) -> int:
     while True:
         raw = mailbox.wait_ticket(newer_than=last, poll=poll)
         last = ticket_id(raw)
-        answered = answers(mailbox.read_receipt(), raw)
+        answered = answers(own_receipt(mailbox), raw)
         if raw.get("kind") == "exit":
             ranks.hand_out(raw)
             if not answered:
