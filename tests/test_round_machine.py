@@ -238,3 +238,19 @@ def test_silent_initialiser_is_replaced_after_the_deadline():
     st = sim.run()
     assert st.phase == "Succeeded"
     assert "RoundRetry" in reasons(sim) and st.history[0].participants == ["default/b"]
+
+
+def test_an_aggregator_answer_about_updates_it_was_not_sent_retries_the_round():
+    # The aggregator's pod writes its receipt: names it was not sent must not reach st.party (KeyError).
+    sim = Sim(make_job(rounds=1, retries=1))
+    while sim.st.stage != "aggregating":
+        sim.step()
+    bogus = AggregatorReceipt(
+        job="uid-1", round=1, attempt=0, ok=True, accepted=["default/a", "nobody"], rejected={"x/ghost": "?"}
+    )
+    st, events = advance(sim.job, sim.st, Observation(now=sim.now, receipts=dict(sim.receipts), aggregator=bogus))
+    assert st.stage == "training" and st.attempt == 1 and st.history[-1].round == 0
+    assert events[-1].reason == "RoundRetry"
+    assert "the aggregator answered about updates it was not sent: nobody, x/ghost" in events[-1].message
+    sim.st = st  # the job goes on: the retry's answers are taken
+    assert sim.run().phase == "Succeeded" and sim.st.history[-1].attempt == 1

@@ -212,6 +212,12 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
         if obs.now >= st.round_deadline:
             _retry(spec, st, obs.now, f"round {rnd}: the aggregator did not answer before the deadline", events)
         return
+    offered = {p.name for p in active(st) if p.state == "Submitted"}
+    strangers = sorted((set(a.accepted) | set(a.rejected)) - offered)
+    if strangers:  # the aggregator's pod wrote that receipt: its names are checked like the rest of it
+        named = ", ".join(strangers)[:200]
+        why = f"round {rnd}: the aggregator answered about updates it was not sent: {named}"
+        return _retry(spec, st, obs.now, why, events)
     for name, reason in a.rejected.items():
         p = st.party(name)
         _party_failed(
