@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -66,9 +67,13 @@ class PodExecutor:
 
     def kill(self, namespace: str, name: str) -> None:
         """Crash a pod's process (the executor then reports the pod Failed)."""
+        self.signal(namespace, name, signal.SIGKILL)
+
+    def signal(self, namespace: str, name: str, sig: int) -> None:
+        """Send `sig` to a pod's process (SIGSTOP holds it still, SIGCONT lets it go on)."""
         for pod, proc in list(self.procs.values()):
-            if (pod["metadata"]["namespace"], pod["metadata"]["name"]) == (namespace, name):
-                proc.kill()
+            if (pod["metadata"]["namespace"], pod["metadata"]["name"]) == (namespace, name) and proc.poll() is None:
+                proc.send_signal(sig)
 
     def token_file(self, pod: dict) -> Path:
         meta = pod["metadata"]

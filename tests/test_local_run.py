@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -364,3 +365,50 @@ def test_paths_are_shown_as_typed(tmp_path, monkeypatch):
     assert _shown(tmp_path / "runs" / "q1" / "final") == Path("runs/q1/final")
     outside = tmp_path.parent / "elsewhere"
     assert _shown(outside) == outside  # not under the current directory: absolute, as resolved
+
+
+def test_garbage_in_a_party_mailbox_is_refused_with_a_reason_and_the_job_goes_on(tiny_seq_cls, toy_data, tmp_path):
+    run = LocalRun(
+        parse_documents(job_yaml(tiny_seq_cls, toy_data, rounds=2, samples=40), "j"),
+        tmp_path / "run",
+        out=io.StringIO(),
+        threads=1,
+    )
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault("st", run.run()))
+    thread.start()
+    deadline = time.monotonic() + 120
+
+    def until(what, predicate):
+        while not predicate():
+            assert time.monotonic() < deadline and thread.is_alive(), f"waiting for {what}"
+            time.sleep(0.01)
+
+    def bob_submitted() -> bool:
+        st = run.status
+        return st is not None and st.current_round >= 1 and st.party("default/bob").state == "Submitted"
+
+    until("an update of bob's", bob_submitted)
+    bob = run.pods.pods["default/bob"]
+    bob.signal(signal.SIGSTOP)  # its answer is taken: held still, it cannot overwrite what is written below
+    try:
+        receipt = tmp_path / "run" / "mailboxes" / "default--bob" / "receipt.json"
+        for garbage, reason in (
+            (b"\xff\xfe\x00\x01binary", "not UTF-8 text (byte 0: invalid start byte)"),
+            (b"hello, I am plain text\n", "not JSON (Expecting value at line 1, column 1)"),
+        ):
+            (receipt.parent / ".garbage").write_bytes(garbage)
+            os.replace(receipt.parent / ".garbage", receipt)  # as a pod replaces it: the runner wakes up
+            note = f"! ignoring the receipt of default/bob: {reason}"
+            until(note, lambda note=note: note in run.progress.out.getvalue())
+            time.sleep(1.5)  # more passes of the control loop (one a second at least) find the same bytes
+    finally:
+        bob.signal(signal.SIGCONT)
+    thread.join(timeout=300)
+    out = run.progress.out.getvalue()
+    assert "st" in result, out
+    st = result["st"]
+    assert st.phase == "Succeeded", out
+    assert [h.round for h in st.history] == [0, 1, 2]
+    for reason in ("not UTF-8 text (byte 0: invalid start byte)", "not JSON (Expecting value at line 1, column 1)"):
+        assert out.count(f"! ignoring the receipt of default/bob: {reason}") == 1, out

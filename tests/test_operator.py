@@ -4,9 +4,12 @@ against a real SeaweedFS: create -> pods -> rounds -> Succeeded, restart, failur
 
 from __future__ import annotations
 
+import base64
+import signal
 import time
 
 import pytest
+from fedtune.k8s.names import trainer_names
 from operator_world import children, condition, ended, job_pods, make_world, pods_of, s3_secret, status
 
 pytestmark = pytest.mark.usefixtures("fast_operator")
@@ -212,3 +215,32 @@ def test_a_two_gpu_party_runs_its_pod_command_as_two_ranks(kube, s3world, tiny_m
     assert "alice/rank0 INFO rank 0 of 2" in log and "alice/rank1 INFO rank 1 of 2" in log
     assert "alice/rank1 INFO [" in log and "rank 1: ticket train-r1-a0 from rank 0" in log
     assert "rank 1: exit ticket: stopping" in log
+
+
+def test_garbage_in_a_pod_mailbox_secret_is_an_event_and_the_job_goes_on(kube, s3world, tiny_model):
+    with pods_of(kube) as pods, kube.run_kopf("fedtune.k8s.operator"):
+        w = make_world(kube, s3world, tiny_model)
+        bob = trainer_names(w.hub, "fj1", w.key("bob"))
+        kube.wait_for(lambda: f"{bob.namespace}/{bob.pod}" in pods.started, timeout=60, what="bob's pod")
+        # Held still before it answers its init ticket, bob writes nothing over the garbage below, and
+        # the job waits for it (rounds of the tiny model take a fraction of a second).
+        pods.signal(bob.namespace, bob.pod, signal.SIGSTOP)
+        try:
+            # A pod may patch its own mailbox Secret with anything the API server takes.
+            garbage = base64.b64encode(b"\xff\xfe\x00 not a receipt").decode()
+            kube.patch("secrets", bob.namespace, bob.secret, {"data": {"receipt.json": garbage}})
+            note = f"ignoring the receipt of pod {bob.namespace}/{bob.pod}: not UTF-8 text (byte 0: invalid start byte)"
+
+            def rejections() -> list[dict]:
+                return [e for e in kube.list("events", w.hub) if e.get("reason") == "ReceiptRejected"]
+
+            kube.wait_for(rejections, timeout=30, what="a ReceiptRejected event")
+            time.sleep(2)  # more reconciles (one each 0.5 s at least) find the same bytes
+            assert status(w)["phase"] == "Running"
+        finally:
+            pods.signal(bob.namespace, bob.pod, signal.SIGCONT)
+        # bob takes the garbage for no receipt, answers its ticket and writes its receipt over it
+        kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        st = status(w)
+    assert st["phase"] == "Succeeded", st
+    assert [e["message"] for e in rejections()] == [note]
