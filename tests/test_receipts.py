@@ -112,6 +112,8 @@ def assert_judged(got: ReceiptRead, raw: bytes | None) -> None:
         (b" " * MAX_RECEIPT_BYTES + b"{}", f"more than {MAX_RECEIPT_BYTES} bytes"),
         (encode(trainer_wire(round="two")), "not a TrainerReceipt: round: Input should be a valid integer"),
         (encode(trainer_wire(surprise=1)), "not a TrainerReceipt: surprise: unknown field"),
+        (encode(trainer_wire(numSamples=-1)), "numSamples: Input should be greater than or equal to 0"),
+        (encode(trainer_wire(bytesUp=2**53 + 1)), "bytesUp: Input should be less than or equal to 9007199254740992"),
         (encode({"kind": "train"}), "not a TrainerReceipt: job: required field is missing (and 3 more)"),
         (encode(trainer_wire(job="uid-OTHER")), "for job 'uid-OTHER', not this job (uid-1)"),
         (encode(trainer_wire(party="default/bob")), "from party 'default/bob', not default/alice"),

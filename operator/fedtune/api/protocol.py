@@ -7,13 +7,17 @@ format has one definition. Tickets carry presigned URLs only, never credentials.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from fedtune.api.base import ApiModel
 from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
 from fedtune.api.status import Metrics
+
+# Counts a pod reports (samples, bytes): never negative, and exact in every JSON reader (2**53), so
+# that the sums of a round stay far inside the 64-bit integers a Kubernetes status holds.
+Count = Annotated[int, Field(ge=0, le=2**53)]
 
 # init: load the model, report its fingerprint; the designated party also uploads global 0.
 # train: evaluate the received global adapter on the local eval split, then train and upload.
@@ -123,16 +127,16 @@ class TrainerReceipt(ApiModel):
     attempt: int = 0
     ok: bool
     error: str | None = None
-    num_samples: int = 0
-    num_eval_samples: int = 0
+    num_samples: Count = 0
+    num_eval_samples: Count = 0
     metrics: Metrics = Field(
         default_factory=Metrics,
         description="eval* of the received global adapter (before local training); trainLoss of local training.",
     )
     sha256: str | None = Field(None, description="sha256 of the uploaded update (or of global 0 on init).")
-    update_bytes: int | None = Field(None, description="Size of the uploaded update (or of global 0 on init).")
-    bytes_up: int = 0
-    bytes_down: int = 0
+    update_bytes: Count | None = Field(None, description="Size of the uploaded update (or of global 0 on init).")
+    bytes_up: Count = 0
+    bytes_down: Count = 0
     base_model_fingerprint: str | None = None
     timings: Timings = Field(default_factory=Timings)
     finished_at: datetime | None = None
@@ -191,8 +195,8 @@ class AggregatorReceipt(ApiModel):
     accepted: list[str] = Field(default_factory=list)
     rejected: dict[str, str] = Field(default_factory=dict, description="party -> why its update was refused.")
     sha256: str | None = Field(None, description="sha256 of the new global adapter.")
-    bytes_up: int = 0
-    bytes_down: int = 0
+    bytes_up: Count = 0
+    bytes_down: Count = 0
     state_sha256: str | None = None
     lora_residual: float | None = Field(None, description="Relative Frobenius residual of exact LoRA re-factoring.")
     duration_seconds: float = 0.0
