@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -254,3 +255,21 @@ def test_an_aggregator_answer_about_updates_it_was_not_sent_retries_the_round():
     assert "the aggregator answered about updates it was not sent: nobody, x/ghost" in events[-1].message
     sim.st = st  # the job goes on: the retry's answers are taken
     assert sim.run().phase == "Succeeded" and sim.st.history[-1].attempt == 1
+
+
+def test_metrics_whose_mean_overflows_are_left_out_not_infinite():
+    # Each value is a finite float a receipt may carry; weighted by samples they overflow to inf, which
+    # no JSON (a Kubernetes status patch) can hold.
+    sim = Sim(make_job(rounds=1))
+    answer = sim.answer
+
+    def huge_metrics():
+        answer()
+        for name, r in sim.receipts.items():
+            sim.receipts[name] = r.model_copy(update={"metrics": Metrics(train_loss=1e308, eval_accuracy=1e308)})
+
+    sim.answer = huge_metrics
+    st = sim.run()
+    assert st.phase == "Succeeded"
+    assert st.history[1].metrics.train_loss is None and st.history[1].metrics.eval_accuracy is None
+    json.dumps(st.to_wire(), allow_nan=False)  # what the operator patches

@@ -17,6 +17,7 @@ an evaluator that keeps failing is dropped without failing the job (condition De
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -415,9 +416,12 @@ def _drop_failing(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime,
 
 
 def _weighted(pairs: list[tuple[float | None, int | None]]) -> float | None:
+    """The weighted mean of the values that are there; None when there are none, or when it overflows
+    (pods report the values: a mean of 1e308s is no number a Kubernetes status can hold)."""
     pairs = [(v, w) for v, w in pairs if v is not None and w]
     total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None
+    mean = sum(v * w for v, w in pairs) / total if total else None
+    return mean if mean is None or math.isfinite(mean) else None
 
 
 def _record(st: FederatedJobStatus, rec: RoundRecord) -> None:
