@@ -96,7 +96,7 @@ async def test_job_daemon_retries_after_a_transient_error(monkeypatch):
 
     calls = []
 
-    async def flaky_once(body):
+    async def flaky_once(body, rejections):
         calls.append(body["metadata"]["name"])
         if len(calls) == 1:
             raise RuntimeError("HTTP 500 from the API server")
@@ -154,7 +154,7 @@ async def test_a_server_hiccup_is_one_warning_line_with_the_servers_words(monkey
 
     calls = []
 
-    async def busy_once(body):
+    async def busy_once(body, rejections):
         calls.append(1)
         if len(calls) == 1:
             raise _api_exception(429, "the server is busy, try again")
@@ -177,7 +177,7 @@ async def test_a_refusal_whose_report_fails_too_does_not_end_the_daemon(monkeypa
 
     calls, patches = [], []
 
-    async def refused_once(body):
+    async def refused_once(body, rejections):
         calls.append(1)
         if len(calls) == 1:
             raise _api_exception(403, 'pods is forbidden: cannot create resource "pods"')
