@@ -210,6 +210,27 @@ def freeze(pid: int, seconds: float) -> None:
         os.kill(pid, signal.SIGCONT)
 
 
+def start_operator(kube: Any, namespaces: Iterable[str], log: Path) -> subprocess.Popen:
+    """The operator as it is deployed (`fedtune operator`, the chart's command) in a process of its own, so
+    that it can be SIGKILLed: as the chart's ServiceAccount, watching `namespaces`, with the quick settings
+    of tests/operator_world.py's FAST_SETTINGS, logging text lines to `log` (appended)."""
+    env = dict(
+        os.environ,
+        KUBECONFIG=str(kube.as_identity(kube.operator).kubeconfig),
+        FEDTUNE_RESYNC_SECONDS="0.5",
+        FEDTUNE_POD_BACKOFF_SECONDS="0.5",
+        FEDTUNE_MAX_POD_RESTARTS="3",
+        FEDTUNE_METRICS_PORT="0",
+        FEDTUNE_LOG_FORMAT="text",
+        FEDTUNE_WATCH_SERVER_TIMEOUT="10",
+        FEDTUNE_WATCH_CLIENT_TIMEOUT="20",
+    )
+    cmd = [sys.executable, "-m", "fedtune.cli", "operator", "--liveness", ""]
+    cmd += [f"--namespace={ns}" for ns in namespaces]
+    with log.open("ab") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
 # --- what every fault test asserts ---------------------------------------------------------------
 
 
@@ -237,7 +258,7 @@ def assert_no_orphans(job: LocalJob, timeout: float = 15) -> None:
 
     def alive() -> list[str]:
         left = [f"{role} (pid {pid})" for (pid, started), role in job.seen.items() if _running(pid, started)]
-        return left + _mentioning(str(job.workdir))
+        return left + processes_mentioning(str(job.workdir))
 
     try:
         wait_for(lambda: not alive(), timeout, "the run's processes to end")
@@ -253,7 +274,8 @@ def _running(pid: int, started: float) -> bool:
         return False
 
 
-def _mentioning(text: str) -> list[str]:
+def processes_mentioning(text: str) -> list[str]:
+    """Live processes with `text` in an argument of their command line, as "pid N: command line"."""
     out = []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         cmdline = proc.info["cmdline"] or []
