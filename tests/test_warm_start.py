@@ -17,7 +17,7 @@ from fedtune.api.launch import pod_command
 from fedtune.api.mailbox import FileMailbox
 from fedtune.api.protocol import TrainerReceipt, TrainerTicket
 from fedtune.api.status import utcnow
-from fedtune.local.children import Pod, Zygote
+from fedtune.local.children import Pod, Zygote, ended
 from trainer_helpers import config, tiny_paths
 
 CLS = "sequence-classification"
@@ -94,6 +94,19 @@ def test_without_a_zygote_a_pod_is_a_plain_process(tmp_path):
     assert pod.proc is not None  # fell back to its own interpreter
     wait_for(lambda: not pod.alive, what="the pod to exit")
     assert pod.returncode == 0
+
+
+@pytest.mark.parametrize(
+    "code,said",
+    [
+        (1, "exited with code 1"),
+        (0, "exited with code 0"),
+        (-9, "was killed by SIGKILL"),
+        (-200, "was killed by signal 200"),
+    ],
+)
+def test_how_a_pod_ended_is_said_by_its_signal_name(code, said):
+    assert ended(code) == said
 
 
 def test_no_more_holders_than_slots_at_once(tmp_path):

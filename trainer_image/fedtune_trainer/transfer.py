@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 _HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=10, read=300))
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 CHUNK = 1024 * 1024  # a streamed download is read, hashed and written this much at a time
+# An object store this slow to answer one request is said in the pod's log: a paused or overloaded server
+# only delays a round (the read timeout is far longer), and the log is where the delay is explained.
+SLOW_ANSWER_SECONDS = 5.0
 _T = TypeVar("_T")
 
 
@@ -69,10 +72,14 @@ def _send(
     method: str, url: str, body: object = None, *, what: str | None = None, stream: bool = False
 ) -> urllib3.BaseHTTPResponse:
     """One request. Returns the 2xx response; raises _Transient (worth retrying) or TransferError."""
+    start = time.monotonic()
     try:
         resp = _HTTP.request(method, url, body=body, preload_content=not stream)
     except urllib3.exceptions.HTTPError as exc:
         raise _Transient(f"{type(exc).__name__} for {redact(url)}") from None
+    finally:
+        if (waited := time.monotonic() - start) > SLOW_ANSWER_SECONDS:
+            log.warning("%s %s: the object store took %.1f s to answer", what or method, redact(url), waited)
     if 200 <= resp.status < 300:
         return resp
     reason = _explain(resp.status, resp.data, url)

@@ -102,6 +102,7 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
     key = (namespace, name)
     waker = _wakers.setdefault(key, asyncio.Event())
     rejections = Rejections()  # the job's refused receipts, each an event once
+    first = True
     try:
         while not stopped:
             body = None
@@ -109,6 +110,9 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
                 body = await kube().get(path(f"{GROUP}/{VERSION}", "federatedjobs", namespace, name))
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     return
+                if first:
+                    _say_taking_over(body)
+                    first = False
                 refused = refused_generation(body)
                 if refused is not None and refused == body["metadata"].get("generation"):
                     done = False  # refused and not edited since: nothing to do until it is
@@ -145,6 +149,23 @@ async def drive_job(name: str, namespace: str, stopped: kopf.DaemonStopped, **_)
                 pass
     finally:
         _wakers.pop(key, None)
+
+
+def _say_taking_over(body: dict) -> None:
+    """A job already running when this operator starts driving it was left by another operator run (it was
+    restarted, killed, or replaced): say where it is taken over, for the log to explain the gap."""
+    st = body.get("status") or {}
+    if st.get("phase") == "Running":
+        meta = body["metadata"]
+        log.info(
+            "FederatedJob %s/%s was Running before this operator drove it: taking over at round %s/%s (%s, attempt %s)",
+            meta["namespace"],
+            meta["name"],
+            st.get("currentRound", 0),
+            (body.get("spec") or {}).get("rounds", "?"),
+            st.get("stage", "?"),
+            st.get("attempt", 0),
+        )
 
 
 async def _reconcile_once(body: dict, rejections: Rejections) -> bool:

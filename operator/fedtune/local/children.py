@@ -116,6 +116,16 @@ class Zygote:
             self.proc.wait()
 
 
+def ended(code: int | None) -> str:
+    """How a pod's process ended, as a person reads it: "exited with code 1", "was killed by SIGKILL"."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 @dataclass
 class Pod:
     """One child process standing in for a Kubernetes pod, running the pod's command (fedtune.api.launch)."""
@@ -211,13 +221,14 @@ class Pods:
                 if pod.restarts >= MAX_RESTARTS:
                     pod.gave_up = True
                     notes.append(
-                        f"{pod.name} exited with code {code} {pod.restarts + 1} times; not restarting "
-                        f"(see {pod.log_path})"
+                        f"{pod.name} {ended(code)} ({pod.restarts + 1} times); not restarting "
+                        f"(pid {pod.pid}; see {pod.log_path})"
                     )
                     continue
                 pod.next_start = now + 2.0**pod.restarts
                 notes.append(
-                    f"{pod.name} exited with code {code}; restarting in {2**pod.restarts:.0f}s (see {pod.log_path})"
+                    f"{pod.name} {ended(code)}; restarting in {2**pod.restarts:.0f}s "
+                    f"(pid {pod.pid}; see {pod.log_path})"
                 )
             elif now >= pod.next_start:
                 pod.restarts += 1
