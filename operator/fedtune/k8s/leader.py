@@ -21,7 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import urllib3
 from kubernetes import client
+from kubernetes.client.rest import ApiException
 from kubernetes.leaderelection import electionconfig, leaderelection
 from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
@@ -35,21 +37,28 @@ NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class _Leases(client.CoordinationV1Api):
-    """The three Lease calls LeaseLock makes, each with a timeout: the library sets none, and a call
-    hung on a dead connection would stall a standby for good."""
+    """The three Lease calls LeaseLock makes, each with a timeout (the library sets none: a call hung
+    on a dead connection would stall a standby for good), and a connection failure or timeout turned
+    into the ApiException the library takes for a failed try (it would end the election otherwise)."""
 
     def __init__(self, api: client.ApiClient, timeout: float):
         super().__init__(api)
         self.timeout = timeout
 
-    def read_namespaced_lease(self, name, namespace, **kwargs):
-        return super().read_namespaced_lease(name, namespace, _request_timeout=self.timeout, **kwargs)
+    def _call(self, method, *args):
+        try:
+            return method(*args, _request_timeout=self.timeout)
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiException(status=0, reason=f"API server unreachable: {type(exc).__name__}") from exc
 
-    def create_namespaced_lease(self, namespace, body, **kwargs):
-        return super().create_namespaced_lease(namespace, body, _request_timeout=self.timeout, **kwargs)
+    def read_namespaced_lease(self, name, namespace):
+        return self._call(super().read_namespaced_lease, name, namespace)
 
-    def replace_namespaced_lease(self, name, namespace, body, **kwargs):
-        return super().replace_namespaced_lease(name, namespace, body, _request_timeout=self.timeout, **kwargs)
+    def create_namespaced_lease(self, namespace, body):
+        return self._call(super().create_namespaced_lease, namespace, body)
+
+    def replace_namespaced_lease(self, name, namespace, body):
+        return self._call(super().replace_namespaced_lease, name, namespace, body)
 
 
 class _Lock(LeaseLock):
