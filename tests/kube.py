@@ -59,6 +59,7 @@ RESOURCES: dict[str, tuple[str, bool, tuple[str, ...]]] = {
     "rbac.authorization.k8s.io/v1/clusterrolebindings": ("ClusterRoleBinding", False, ()),
     "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", True, ("netpol",)),
     "apps/v1/deployments": ("Deployment", True, ("deploy",)),
+    "coordination.k8s.io/v1/leases": ("Lease", True, ()),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, ("crd",)),
     "fedtune.io/v1alpha1/federatedjobs": ("FederatedJob", True, ("fj",)),
     "fedtune.io/v1alpha1/parties": ("Party", True, ()),

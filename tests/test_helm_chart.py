@@ -19,7 +19,14 @@ import pytest
 import yaml
 from fedtune.api.party import Party
 from fedtune.k8s.names import aggregator_labels, trainer_labels
-from fedtune.k8s.permissions import PERMISSIONS, cluster_rows, namespaced_rows, party_rows, triples
+from fedtune.k8s.permissions import (
+    LEADER_ELECTION,
+    PERMISSIONS,
+    cluster_rows,
+    namespaced_rows,
+    party_rows,
+    triples,
+)
 from fedtune.k8s.settings import OperatorSettings
 from test_crds import schema_errors
 
@@ -130,7 +137,9 @@ def test_every_rendered_manifest_is_valid(name):
     ("chart", "sets", "message"),
     [
         (OPERATOR, ["replicaCount=abc"], "replicaCount"),
-        (OPERATOR, ["replicaCount=2"], "replicaCount"),  # standalone kopf: two would both reconcile
+        (OPERATOR, ["replicaCount=2", "leaderElection.enabled=false"], "needs leaderElection.enabled"),
+        (OPERATOR, ["leaderElection.renewDeadlineSeconds=15"], "below leaseDurationSeconds"),
+        (OPERATOR, ["leaderElection.retryPeriodSeconds=9"], "above 1.2 x retryPeriodSeconds"),
         (OPERATOR, ["settings.resyncSeconds=0"], "resyncSeconds"),
         (OPERATOR, ["unknownKey=1"], "unknownKey"),
         (OPERATOR, ["rbac.clusterWide=false"], "needs watchNamespaces"),
@@ -201,7 +210,9 @@ def test_operator_deployment_is_hardened_and_probed():
     (dep,) = only(render(OPERATOR), "Deployment")
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas by default, one elected to drive jobs; a rolling update brings a standby up first.
+    assert dep["spec"]["replicas"] == 2
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert c["securityContext"] == {
@@ -238,6 +249,43 @@ def test_settings_become_the_operators_environment(name):
         assert settings.resync_seconds == 5 and not settings.check_nodes and settings.log_format == "text"
 
 
+@needs_helm
+def test_leader_election_is_on_by_default_and_off_means_one_replica_and_recreate():
+    (dep,) = only(render(OPERATOR), "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = OperatorSettings.from_env(env)
+    assert settings.leader_election and dep["spec"]["replicas"] == 2
+    assert (settings.leader_election_namespace, settings.leader_election_lease) == (
+        "fedtune-system",
+        "fedtune-operator",
+    )
+    docs = render(OPERATOR, [], "leaderElection.enabled=false", "replicaCount=1")
+    (dep,) = only(docs, "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not OperatorSettings.from_env(env).leader_election
+    assert dep["spec"]["strategy"] == {"type": "Recreate"} and not only(docs, "Role")
+
+
+@needs_helm
+def test_the_lease_role_is_the_leader_election_table_on_the_one_lease_in_the_release_namespace():
+    docs = render(OPERATOR)
+    (role,), (binding,) = only(docs, "Role"), only(docs, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "fedtune-system"
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["subjects"] == [OPERATOR_SA]
+    expected = [
+        {
+            "apiGroups": [p.group],
+            "resources": [p.resource],
+            **({"resourceNames": ["fedtune-operator"]} if p.own_object else {}),
+            "verbs": list(p.verbs),
+        }
+        for p in LEADER_ELECTION
+    ]
+    assert role["rules"] == expected
+    # The first rule names no object: the harness checks a binding took effect with its first verb.
+    assert "resourceNames" not in role["rules"][0]
+
+
 # --- RBAC: the rendered rules are the permissions table -------------------------------------
 
 
@@ -247,7 +295,7 @@ def test_cluster_wide_cluster_role_is_the_permissions_table():
     (role,), (binding,) = operator_cluster_roles(docs), only(docs, "ClusterRoleBinding")
     assert rule_triples(role["rules"]) == triples(PERMISSIONS)
     assert binding["subjects"] == [OPERATOR_SA]
-    assert not only(docs, "Role")
+    assert [r["metadata"]["name"] for r in only(docs, "Role")] == ["fedtune-operator-leader-election"]
 
 
 @needs_helm
@@ -256,7 +304,10 @@ def test_namespaced_mode_splits_the_table_between_cluster_role_and_roles():
     (cluster_role,) = operator_cluster_roles(docs)
     assert rule_triples(cluster_role["rules"]) == triples(cluster_rows())
     assert all(v in ("get", "list", "watch") for _, _, v in triples(cluster_rows())), "cluster rows are read-only"
-    (role,), (binding,) = only(docs, "Role"), only(docs, "RoleBinding")
+    ((role,), (binding,)) = (
+        [d for d in only(docs, kind) if not d["metadata"]["name"].endswith("-leader-election")]
+        for kind in ("Role", "RoleBinding")
+    )
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "research-coordinator"
     assert rule_triples(role["rules"]) == triples(namespaced_rows())
     (dep,) = only(docs, "Deployment")

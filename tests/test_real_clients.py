@@ -188,7 +188,13 @@ def test_helm_installs_both_charts_and_the_server_stores_what_they_render(kube, 
 
     # The Deployment is stored (nothing runs it here); its pod passes PodSecurity `restricted`, which
     # the API server enforces on pods only: a server-side dry run of the pod in the chart's namespace.
-    template = kube.get("deployments", inst.ops, inst.operator)["spec"]["template"]
+    deployment = kube.get("deployments", inst.ops, inst.operator)
+    # Two replicas by default, electing their leader through a Lease their Role names, in their namespace.
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    lease_role = kube.get(f"{RBAC}roles", inst.ops, f"{inst.operator}-leader-election")
+    assert [r.get("resourceNames") for r in lease_role["rules"]] == [None, [inst.operator]]
+    assert {"coordination.k8s.io"} == {g for r in lease_role["rules"] for g in r["apiGroups"]}
+    template = deployment["spec"]["template"]
     assert template["spec"]["serviceAccountName"] == inst.operator
     assert template["spec"]["containers"][0]["args"][1:] == [f"--namespace={inst.hub}", f"--namespace={inst.org}"]
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "operator", **template["metadata"]},

@@ -229,6 +229,12 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     logging.getLogger("fedtune").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     import fedtune.k8s.operator  # noqa: F401  (registers the handlers)
 
+    if settings.leader_election:  # one of several replicas: kopf starts only in the Lease's holder
+        from fedtune.k8s.leader import Election
+
+        candidate = Election(settings)
+        candidate.start()
+        candidate.wait_until_leading(args.liveness or None)
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace or (),

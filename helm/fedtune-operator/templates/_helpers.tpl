@@ -35,6 +35,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- fail (printf "rbac.coordinatorNamespaces: %s is not in watchNamespaces; the operator would hold rights there but never serve it" .) }}
 {{- end }}
 {{- end }}
+{{- with .Values.leaderElection }}
+{{- if and (gt (int $.Values.replicaCount) 1) (not .enabled) }}
+{{- fail "replicaCount above 1 needs leaderElection.enabled: without it every replica would reconcile every job" }}
+{{- end }}
+{{- if ge (int .renewDeadlineSeconds) (int .leaseDurationSeconds) }}
+{{- fail "leaderElection.renewDeadlineSeconds must be below leaseDurationSeconds (a leader must give up before a standby takes over)" }}
+{{- end }}
+{{- if le (float64 .renewDeadlineSeconds) (mulf 1.2 .retryPeriodSeconds) }}
+{{- fail "leaderElection.renewDeadlineSeconds must be above 1.2 x retryPeriodSeconds (room for more than one renewal try)" }}
+{{- end }}
+{{- end }}
 {{- if and .Values.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "serviceMonitor.enabled needs metrics.enabled (there is nothing to scrape)" }}
 {{- end }}

@@ -21,15 +21,20 @@ PARTY_STATE = Gauge("fedtune_party_state", "1 for the state each party of a job 
 JOB_PHASE = Gauge("fedtune_job_phase", "1 for the phase each job is in", ["job", "phase"])
 CURRENT_ROUND = Gauge("fedtune_job_current_round", "Round in progress", ["job"])
 PARTY_READY = Gauge("fedtune_party_ready", "1 when a Party's bucket answers to its credentials", ["party"])
+LEADER = Gauge("fedtune_operator_leader", "1 when this replica drives jobs (runs kopf), 0 while it stands by")
 
 _PHASES = ("Pending", "Running", "Succeeded", "Failed")
 _STATES = ("Pending", "Ready", "Training", "Submitted", "Straggler", "Failed", "Dropped", "Done")
 _counted: dict[str, int] = {}  # job -> last round counted, so re-reconciles never double count
+_serving: set[int] = set()
 
 
 def serve(port: int) -> None:
-    """Expose /metrics on `port` (a background thread)."""
-    start_http_server(port)
+    """Expose /metrics on `port` (a background thread), once per process: a standby serves it
+    before kopf's startup asks again."""
+    if port not in _serving:
+        start_http_server(port)
+        _serving.add(port)
 
 
 def observe_job(namespace: str, name: str, st: FederatedJobStatus, events: list[Event]) -> None:

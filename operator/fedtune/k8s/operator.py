@@ -67,6 +67,7 @@ async def startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.posting.level = logging.WARNING
     if SETTINGS.metrics_port:
         metrics.serve(SETTINGS.metrics_port)
+    metrics.LEADER.set(1)  # kopf runs: this replica drives jobs (the only one, with leader election)
 
 
 @kopf.on.probe(id="jobs")

@@ -26,6 +26,11 @@ Where the verbs come from:
   `patch` tickets into mailboxes, the job's status and accepted-spec annotation; `list` nodes
   for the fit check; `list`+`delete` every child by label when a job is deleted or a pod failed.
 
+Leader election (`leader.py`, on in the chart) has its own table, `LEADER_ELECTION`: a Role in the
+operator's own namespace, on its one Lease where the verb allows a name. Only the operator process
+(`fedtune operator`) elects, so tests/test_operator_failover.py checks that table the same two ways,
+from the audit log of two such processes and a takeover (test_operator_rbac.py runs kopf alone).
+
 In a party's namespace (namespaced mode: the fedtune-party chart's Role) no job lives: the operator
 only watches FederatedJobs there (kopf watches each resource in every namespace it serves), so it
 holds no other verb on them, and none on their status (`party_verbs`). The Role is installed by the
@@ -39,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 RBAC = "rbac.authorization.k8s.io"
+COORDINATION = "coordination.k8s.io"
 FEDTUNE = "fedtune.io"
 CLUSTER_SCOPED = frozenset({"nodes", "namespaces", "customresourcedefinitions"})
 
@@ -53,6 +59,7 @@ class Permission:
     why: str
     unrequested: tuple[str, ...] = ()  # held, never requested by the operator: `why` says what for
     party_verbs: tuple[str, ...] | None = None  # held in a party's namespace: None = all `verbs`, () = none
+    own_object: bool = False  # on the operator's own object only (resourceNames: the chart's full name)
 
     @property
     def cluster_scoped(self) -> bool:
@@ -87,6 +94,24 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("", "nodes", ("list",), "can some node hold the pod (check_nodes)"),
     Permission("", "namespaces", ("list", "watch"), "kopf, only with --namespace: follows the served namespaces"),
     Permission("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch"), "kopf notices new CRDs"),
+)
+
+
+# In the operator's own namespace, with leader election on (the operator chart's `leaderElection.enabled`).
+LEADER_ELECTION: tuple[Permission, ...] = (
+    Permission(
+        COORDINATION,
+        "leases",
+        ("create",),
+        "the first candidate creates the Lease; RBAC cannot limit create to a name",
+    ),
+    Permission(
+        COORDINATION,
+        "leases",
+        ("get", "update"),
+        "candidates read the Lease; the leader renews it, a standby takes it over once it expired",
+        own_object=True,
+    ),
 )
 
 
