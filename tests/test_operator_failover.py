@@ -238,10 +238,17 @@ def test_killing_the_active_operator_hands_over_and_the_job_loses_and_repeats_no
             )
             kube.wait_for(lambda: ended(w), timeout=300, what="the end")
             assert not pods.errors, pods.errors
+            # No pod process outlives the job: the new leader told every pod to exit, and each did.
+            kube.wait_for(
+                lambda: all(p.poll() is not None for _, p in pods.procs.values()), 60, what="the pods to exit"
+            )
+            assert {proc.returncode for _, proc in pods.procs.values()} == {0}
     finally:
         for op in ops:
             stop(op)
         kube.delete("leases", OPERATOR_NAMESPACE, release)
+    # Neither operator outlives the test: the killed one died of its SIGKILL, the leader stopped on SIGTERM.
+    assert active.proc.returncode == -signal.SIGKILL and standby.proc.returncode == 0
 
     # The job: Succeeded, every round once in the history and aggregated once across the takeover.
     st = status(w)
