@@ -144,7 +144,10 @@ class DeepSpeedSpec(ApiModel):
 class StrategySpec(ApiModel):
     """Server-side aggregation strategy and its parameters."""
 
-    name: str = Field("fedavg", description="fedavg, fedprox, fedadam, fedyogi, fedadagrad or fedavgm.")
+    name: str = Field(
+        "fedavg",
+        description="fedavg, fedprox, fedadam, fedyogi, fedadagrad or fedavgm (robust rules: aggregator.robust).",
+    )
     params: dict[str, float] = Field(default_factory=dict, description="Strategy parameters (see docs).")
 
     @model_validator(mode="after")
