@@ -13,6 +13,7 @@ import pytest
 import torch
 from fedtune.api.mailbox import FileMailbox
 from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket, Download, UpdateIn
+from fedtune.api.robust import RobustSpec
 from fedtune.api.status import utcnow
 from fedtune.storage.s3 import StorageError
 from fedtune_trainer.aggregator import handle, serve, update_limit
@@ -43,9 +44,16 @@ class Round:
         return Download(url=self.hub.presign_get(key, EXPIRY), sha256=sha)
 
     def add_update(
-        self, party: str, tensors, num_samples: int, claimed_sha: str | None = None, data: bytes | None = None
+        self,
+        party: str,
+        tensors,
+        num_samples: int,
+        claimed_sha: str | None = None,
+        data: bytes | None = None,
+        store: str | None = None,
     ) -> None:
-        bucket = self.s3.bucket(party)
+        """`store`: the S3 identity holding the update, when `party` has none of its own (e.g. "hub")."""
+        bucket = self.s3.bucket(store or party)
         key = self.key(f"round-{self.rnd}/update.safetensors")
         sha = bucket.put_bytes(key, save(tensors) if data is None else data)
         url = bucket.presign_get(key, EXPIRY)
@@ -94,6 +102,33 @@ def test_three_good_updates_give_fedavg(s3world):
     assert receipt.sha256 == hashlib.sha256(raw).hexdigest() and receipt.bytes_up == len(raw)
     assert receipt.bytes_down > 0 and receipt.duration_seconds > 0 and receipt.finished_at is not None
     assert receipt.lora_residual is None and receipt.state_sha256 is None
+
+
+def test_a_robust_rule_in_the_ticket_outvotes_an_attacker_read_from_s3(s3world):
+    rnd = Round(s3world, job_id(), 1)
+    rnd.add_update("alice", upd(1.0, 2.0, 0.0), 1)
+    rnd.add_update("bob", upd(3.0, 6.0, 4.0), 1)
+    rnd.add_update("carol", upd(6.0, 0.0, 4.0), 1)
+    rnd.add_update("mallory", upd(1e30, -1e30, 1e30), 1000, store="hub")  # finite: verification lets it through
+    receipt = handle(rnd.ticket(rnd.put_global(GLOBAL0), min_updates=4, robust=RobustSpec(rule="median")))
+
+    assert receipt.ok, receipt.error
+    assert receipt.accepted == ["alice", "bob", "carol", "mallory"]
+    # per coordinate, the mean of the middle two: w = [(3 + 6)/2, (0 + 2)/2] = [4.5, 1.0]; bias = 4
+    new = rnd.new_global()
+    torch.testing.assert_close(new[W], torch.tensor([[4.5, 1.0]]))
+    torch.testing.assert_close(new[BIAS], torch.tensor([4.0]))
+
+
+def test_too_few_updates_for_krum_fail_the_round_with_the_reason(s3world):
+    rnd = Round(s3world, job_id(), 1)
+    for party in ("alice", "bob", "carol"):
+        rnd.add_update(party, upd(1.0, 2.0, 0.0), 1)
+    receipt = handle(rnd.ticket(rnd.put_global(GLOBAL0), min_updates=2, robust=RobustSpec(rule="krum")))
+
+    assert not receipt.ok and receipt.sha256 is None
+    assert receipt.error.startswith("aggregator.robust: krum with byzantine 1 needs more than 2*1+2 = 4 updates")
+    assert "a round may have 3" in receipt.error
 
 
 def test_nan_update_is_rejected_and_round_goes_on_with_quorum(s3world):

@@ -71,6 +71,31 @@ CASES = [
     ({"roundsx": 3}, ["spec.roundsx", "unknown field"]),
     ({"parties": [{"name": "alice"}, {"name": "alice"}]}, ["party default/alice is listed twice"]),
     ({"parties": [{"name": "alice"}, {"name": "dave"}]}, ["names default/dave but no such Party"]),
+    # quickstart: 3 parties, minParties 2
+    (
+        {"aggregator.robust": {"rule": "krum"}},
+        ["aggregator.robust: krum with byzantine 1 needs more than 2*1+2 = 4 updates", "may have 2", "at least 5"],
+    ),
+    (
+        {"aggregator.robust": {"rule": "multiKrum", "byzantine": 0, "multiKrumSelect": 4}},
+        ["aggregator.robust: multiKrumSelect (4) is more than n - byzantine = 3", "at most 3"],
+    ),
+    (
+        {"aggregator.robust": {"rule": "trimmedMean"}},
+        ["aggregator.robust: trimmedMean with trimFraction 0.25 trims nothing of 2 updates", "raise minParties"],
+    ),
+    (
+        {"aggregator.robust": {"rule": "median"}, "aggregator.loraMode": "exact"},
+        ["rule median with loraMode exact is not supported", "use loraMode average, or rule krum"],
+    ),
+    (
+        {"aggregator.robust": {"rule": "median", "trimFraction": 0.2}},
+        ["spec.aggregator.robust", "trimFraction applies to rule trimmedMean only", "remove it or change the rule"],
+    ),
+    ({"aggregator.robust": {"rule": "mean", "byzantine": 1}}, ["byzantine applies to rules krum and multiKrum"]),
+    ({"aggregator.robust": {"rule": "bulyan"}}, ["spec.aggregator.robust.rule", "'median'"]),
+    ({"aggregator.robust": {"normBound": 0}}, ["spec.aggregator.robust.normBound", "greater than 0"]),
+    ({"aggregator.robust": {"rule": "trimmedMean", "trimFraction": 0.5}}, ["trimFraction", "less than 0.5"]),
 ]
 
 
@@ -115,6 +140,22 @@ def test_quickstart_parses_with_defaults():
     assert spec.strategy.resolved() == {}
     assert d.dataset.spec.partition.method == "dirichlet"
     assert spec.global_batch(0) == 16
+
+
+@pytest.mark.parametrize(
+    "robust, lora_mode",
+    [
+        ({"rule": "median", "normBound": 5.0}, "average"),
+        ({"rule": "trimmedMean", "trimFraction": 0.34}, "average"),  # floor(0.34 * 3) = 1 per end
+        ({"rule": "krum", "byzantine": 0}, "exact"),
+        ({"rule": "multiKrum", "byzantine": 0, "multiKrumSelect": 2, "normBound": 1.0}, "exact"),
+        ({"normBound": 1.0}, "exact"),
+    ],
+)
+def test_robust_aggregation_parses_where_the_parties_allow_it(robust, lora_mode):
+    changes = {"aggregator.robust": robust, "aggregator.loraMode": lora_mode, "minParties": 3}
+    spec = parse_documents(with_job(**changes), "job.yaml").job.spec
+    assert spec.aggregator.robust.to_wire() == {"rule": "mean", **robust}
 
 
 def test_global_batch_checks_world_size():

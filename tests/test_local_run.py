@@ -186,6 +186,30 @@ def test_strategies_and_methods_run(tiny_seq_cls, toy_data, tmp_path, strategy, 
         assert st.history[1].lora_residual is not None and st.history[1].lora_residual >= 0
 
 
+def test_robust_aggregation_runs_end_to_end(tiny_seq_cls, toy_data, tmp_path):
+    """A job file selects a robust rule; the aggregator applies it every round under a server optimiser."""
+    robust = {"rule": "multiKrum", "byzantine": 0, "multiKrumSelect": 2, "normBound": 50.0}
+    text = job_yaml(
+        tiny_seq_cls,
+        toy_data,
+        parties=("alice", "bob", "carol"),
+        rounds=2,
+        strategy={"name": "fedavgm", "params": {"momentum": 0.5}},
+        lora_mode="exact",
+        samples=40,
+    )
+    docs = list(yaml.safe_load_all(text))
+    docs[0]["spec"]["aggregator"]["robust"] = robust
+    st, out = run_local(yaml.safe_dump_all(docs), tmp_path / "run")
+    assert st.phase == "Succeeded", out
+    assert "aggregation exact, robust multiKrum (byzantine 0, multiKrumSelect 2, normBound 50.0)" in out
+    assert all(len(h.participants) == 3 for h in st.history[1:])
+    log = (tmp_path / "run" / "logs" / "aggregator.log").read_text()
+    assert log.count("multiKrum kept update(s)") == 2 and log.count("of 3") >= 2, log
+    metrics = json.loads((tmp_path / "run" / "final" / "metrics.json").read_text())
+    assert metrics["robust"] == robust
+
+
 def test_dead_party_and_aggregator_are_restarted_counted_and_job_finishes(tiny_seq_cls, toy_data, tmp_path):
     run = LocalRun(
         # Tiny-model rounds take a fraction of a second: enough of them that both die mid-job.

@@ -137,7 +137,7 @@ def _aggregate_in(ticket: AggregatorTicket, strategy: Strategy, workdir: Path, r
         log.error("round %d: %s", ticket.round, receipt.error)
         return
 
-    new_global, residual = aggregate_round(global_prev, updates, weights, strategy, ticket.lora_mode)
+    new_global, residual = aggregate_round(global_prev, updates, weights, strategy, ticket.lora_mode, ticket.robust)
     blob = serialise(new_global)
     state = strategy.state_dict()
     if state and not ticket.state_out:
@@ -153,11 +153,13 @@ def _aggregate_in(ticket: AggregatorTicket, strategy: Strategy, workdir: Path, r
     receipt.lora_residual = residual
     receipt.ok = True
     log.info(
-        "round %d: aggregated %d update(s) with %s (%s), residual %s",
+        "round %d: aggregated %d update(s) of %s with %s (%s, robust %s), residual %s",
         ticket.round,
         len(updates),
+        receipt.accepted,
         strategy.name,
         ticket.lora_mode,
+        ticket.robust.to_wire() if ticket.robust else "off",
         residual,
     )
 

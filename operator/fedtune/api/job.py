@@ -10,6 +10,7 @@ from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
 from fedtune.api.methods import PROMPT_LEARNING, TASK_TYPES, check_peft_config, strategy_params
 from fedtune.api.party import StorageSpec
 from fedtune.api.quantization import QuantizationSpec
+from fedtune.api.robust import RobustSpec
 from fedtune.api.status import FederatedJobStatus
 
 Task = Literal["sequence-classification", "causal-lm"]
@@ -143,7 +144,10 @@ class DeepSpeedSpec(ApiModel):
 class StrategySpec(ApiModel):
     """Server-side aggregation strategy and its parameters."""
 
-    name: str = Field("fedavg", description="fedavg, fedprox, fedadam, fedyogi, fedadagrad or fedavgm.")
+    name: str = Field(
+        "fedavg",
+        description="fedavg, fedprox, fedadam, fedyogi, fedadagrad or fedavgm (robust rules: aggregator.robust).",
+    )
     params: dict[str, float] = Field(default_factory=dict, description="Strategy parameters (see docs).")
 
     @model_validator(mode="after")
@@ -161,6 +165,11 @@ class AggregatorSpec(ApiModel):
 
     lora_mode: Literal["average", "exact"] = Field(
         "average", description="average: A and B separately; exact: mean of B·A re-factored by truncated SVD."
+    )
+    robust: RobustSpec | None = Field(
+        None,
+        description="Byzantine-robust aggregation: a rule over the parties' deltas in place of the weighted "
+        "mean (median, trimmedMean, krum, multiKrum) and/or norm bounding; the strategy steps on the result.",
     )
     cpu: str = Field("1", description="CPU request of the aggregator pod.")
     memory: str = Field("4Gi", description="Memory request of the aggregator pod.")
@@ -251,6 +260,12 @@ class FederatedJobSpec(ApiModel):
                     "model.quantization: a GGUF file is already quantised and is dequantised on loading; "
                     "remove model.ggufFile or model.quantization"
                 )
+        robust = self.aggregator.robust
+        if robust is not None:
+            fewest = min(max(self.min_parties, 1), n)
+            out.extend(f"aggregator.robust: {p}" for p in robust.count_problems(fewest, n))
+            if (p := robust.lora_mode_problem(self.aggregator.lora_mode)) is not None:
+                out.append(f"aggregator.robust: {p}")
         if self.strategy.name == "fedprox" and self.deepspeed.enabled and self.deepspeed.zero_stage == 3:
             out.append("fedprox with deepspeed.zeroStage 3 is not supported (partitioned weights); use stage <= 2")
         zero3 = self.deepspeed.enabled and self.deepspeed.zero_stage == 3

@@ -13,6 +13,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 
 from fedtune.api.base import ApiModel
 from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
+from fedtune.api.robust import RobustSpec
 from fedtune.api.status import Metrics
 
 # Counts a pod reports (samples, bytes): never negative, and exact in every JSON reader (2**53), so
@@ -170,6 +171,7 @@ class AggregatorTicket(ApiModel):
     strategy: str = "fedavg"
     strategy_params: dict[str, float] = Field(default_factory=dict)
     lora_mode: Literal["average", "exact"] = "average"
+    robust: RobustSpec | None = Field(None, description="Byzantine-robust rule and norm bound, if any.")
     min_updates: int = 1
     global_in: Download | None = None
     state_in: Download | None = Field(None, description="Server optimiser state of the previous round.")

@@ -63,6 +63,7 @@ def metrics_document(job: FederatedJob, st: FederatedJobStatus, extra: dict | No
         "strategy": job.spec.strategy.name,
         "peftMethod": job.spec.peft.method,
         "loraMode": job.spec.aggregator.lora_mode,
+        "robust": job.spec.aggregator.robust.to_wire() if job.spec.aggregator.robust else None,
         "rounds": [h.to_wire() for h in st.history],
         "parties": [p.to_wire() for p in st.parties],
         "finalAdapter": st.final_adapter,

@@ -39,6 +39,7 @@ from fedtune.api.receipts import (
     rejected,
     stored_ticket,
 )
+from fedtune.api.robust import RobustSpec
 from fedtune.api.status import FederatedJobStatus
 from fedtune.api.support import local_model_dir, verdict
 from fedtune.data.checks import check_data
@@ -79,6 +80,14 @@ FULL_PASS_SECONDS = 1.0  # the control loop's longest pause between two full pas
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _robust_words(robust: RobustSpec | None) -> str:
+    """What the start line says of robust aggregation: ', robust <rule> (<settings>)', or nothing."""
+    if robust is None:
+        return ""
+    settings = ", ".join(f"{k} {v}" for k, v in robust.to_wire().items() if k != "rule")
+    return f", robust {robust.rule}" + (f" ({settings})" if settings else "")
 
 
 def _dirname(key: str) -> str:
@@ -653,7 +662,8 @@ class LocalRun:
             f"job {self.job.metadata.name} (uid {self.job.metadata.uid}): {len(self.parties)} parties"
             f"{f' and evaluator {self.evaluator.metadata.name}' if self.evaluator else ''}, "
             f"{spec.rounds} rounds, {spec.peft.method} on {spec.model.source}, strategy "
-            f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}; workdir {_shown(self.workdir)}"
+            f"{spec.strategy.name}, aggregation {spec.aggregator.lora_mode}{_robust_words(spec.aggregator.robust)}; "
+            f"workdir {_shown(self.workdir)}"
         )
         peft_verdict = _PeftVerdict(self.job)  # runs while the data is uploaded and the S3 server starts
         _bypass_proxy_on_loopback()  # before the pods start: they inherit the environment

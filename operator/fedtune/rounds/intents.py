@@ -209,6 +209,7 @@ def build_aggregator_ticket(
     ttl = url_ttl(intent.deadline, now)
     t.strategy, t.strategy_params = spec.strategy.name, spec.strategy.resolved()
     t.lora_mode, t.min_updates = spec.aggregator.lora_mode, spec.min_parties
+    t.robust = spec.aggregator.robust
     t.global_in = Download(
         url=signer.presign_get(COORDINATOR, layout.global_key(uid, rnd - 1), ttl), sha256=st.global_sha256
     )

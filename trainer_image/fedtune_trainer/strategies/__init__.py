@@ -1,7 +1,8 @@
 """Server-side aggregation strategies over name -> tensor dicts (no I/O, no peft import).
 
 One round: `combine` the accepted client updates (sample-weighted; LoRA pairs averaged or
-re-factored exactly, see `lora`), then let the strategy step from the previous global
+re-factored exactly, see `lora`) — or, with `aggregator.robust`, combine them by a
+Byzantine-robust rule (see `robust`) — then let the strategy step from the previous global
 adapter towards that combination (`Strategy.aggregate`).
 
 With loraMode "exact" and a server optimiser (fedadam, fedyogi, fedadagrad, fedavgm) the
@@ -18,12 +19,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from fedtune.api.methods import STRATEGIES, strategy_params
+from fedtune.api.robust import RobustSpec
 
 from fedtune_trainer.strategies.base import Strategy, Tensors, weighted_mean
 from fedtune_trainer.strategies.fedavg import FedAvg, FedProx
 from fedtune_trainer.strategies.fedavgm import FedAvgM
 from fedtune_trainer.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from fedtune_trainer.strategies.lora import LORA_MODES, combine
+from fedtune_trainer.strategies.robust import robust_combine
 
 # Explicit registry: the names (and parameters) come from fedtune.api.methods.STRATEGIES,
 # which the operator validates specs against; a test keeps the two in step.
@@ -49,14 +52,20 @@ def aggregate_round(
     weights: Sequence[float],
     strategy: Strategy,
     lora_mode: str = "average",
+    robust: RobustSpec | None = None,
 ) -> tuple[Tensors, float | None]:
     """The next global adapter from the previous one and the round's accepted updates.
 
+    With `robust`, its rule (and norm bound) replaces the weighted mean of the updates and the
+    strategy steps on that (`robust.robust_combine`).
     Returns (new_global, residual): residual is the largest relative Frobenius residual of
     the exact LoRA re-factoring over modules, or None when nothing was re-factored.
     Updates the strategy's state (its moments) as a side effect.
     """
-    combined, residual = combine(updates, weights, lora_mode)
+    if robust is None:
+        combined, residual = combine(updates, weights, lora_mode)
+    else:
+        combined, residual, _ = robust_combine(global_prev, updates, weights, robust, lora_mode)
     return strategy.aggregate(global_prev, combined), residual
 
 
@@ -75,5 +84,6 @@ __all__ = [
     "aggregate_round",
     "combine",
     "make_strategy",
+    "robust_combine",
     "weighted_mean",
 ]
