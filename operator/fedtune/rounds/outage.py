@@ -43,7 +43,10 @@ def paused(
     down = (now - st.storage_unavailable_since).total_seconds()
     if down >= bound:
         fail(
-            st, f"{storage_error} for {down:.0f}s, longer than spec.storageOutageTimeoutSeconds ({bound}s)", now, events
+            st,
+            f"{storage_error}; unavailable for {down:.0f}s, longer than spec.storageOutageTimeoutSeconds ({bound}s)",
+            now,
+            events,
         )
         return True
     message = f"{storage_error}; round {st.current_round} paused since {st.storage_unavailable_since:%H:%M:%S}"
@@ -56,7 +59,7 @@ def paused(
 
 def fail(st: FederatedJobStatus, why: str, now: datetime, events: list[Event]) -> None:
     """End the job for a storage that does not come back."""
-    msg = f"{why}: bring the storage back (or raise spec.storageOutageTimeoutSeconds) and run the job again"
+    msg = f"{why}; bring the storage back (or raise spec.storageOutageTimeoutSeconds) and run the job again"
     cond.set_condition(st, cond.STORAGE_UNAVAILABLE, "True", cond.STORAGE_UNAVAILABLE, msg, now)
     cond.mark_halted(st, "Failed", cond.STORAGE_UNAVAILABLE, msg, now)
     st.stage = "done"
