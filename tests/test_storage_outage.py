@@ -9,10 +9,12 @@ table and the partial results printed. (The pure rules: tests/test_round_machine
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -22,11 +24,10 @@ import yaml
 from fedtune.api.status import FederatedJobStatus
 from fedtune.documents import parse_documents
 from fedtune.local.runner import LocalRun
+from fedtune.storage.probe import unavailable
 from test_local_run import _processes_mentioning, job_yaml
 from tiny_models import make_tiny_model
 from toy_data import toy_jsonl
-
-pytestmark = pytest.mark.chaos
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,7 @@ def _job(model: Path, data: Path, **spec) -> list[dict]:
     return list(yaml.safe_load_all(job_yaml(model, data, parties=("alice", "bob", "carol"), **spec)))
 
 
+@pytest.mark.chaos
 def test_seaweedfs_killed_mid_round_is_restarted_and_the_job_finishes_with_every_round_once(
     tiny_seq_cls, toy_data, tmp_path
 ):
@@ -109,6 +111,7 @@ def test_seaweedfs_killed_mid_round_is_restarted_and_the_job_finishes_with_every
     assert [r["round"] for r in metrics["rounds"]] == list(range(rounds + 1))
 
 
+@pytest.mark.chaos
 def test_a_storage_that_never_answers_again_fails_the_job_after_the_bound_naming_it(tiny_seq_cls, toy_data, tmp_path):
     docs = _job(tiny_seq_cls, toy_data, rounds=30, samples=40, timeout=60)
     docs[0]["spec"]["storageOutageTimeoutSeconds"] = 8
@@ -141,3 +144,31 @@ def test_a_storage_that_never_answers_again_fails_the_job_after_the_bound_naming
     while _processes_mentioning(str(workdir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _processes_mentioning(str(workdir))
+
+
+class _Broken(http.server.BaseHTTPRequestHandler):
+    def do_HEAD(self) -> None:  # noqa: N802 - the standard library's name
+        self.send_response(503)
+        self.end_headers()
+
+    def log_message(self, *_) -> None:
+        pass
+
+
+def test_the_probe_tells_an_answering_endpoint_from_a_refused_a_silent_and_a_failing_one(s3world):
+    assert unavailable(s3world.endpoint) is None  # S3 answers an anonymous HEAD (403): it is there
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    assert unavailable(refused) == "connection refused"
+    with socket.socket() as silent:  # takes connections, never answers: a frozen server
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        assert unavailable(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3) == "no answer within 0.3s"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Broken)  # a proxy in front of a dead store
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert unavailable(f"http://127.0.0.1:{server.server_address[1]}") == "it answers HTTP 503"
+    finally:
+        server.shutdown()
+        server.server_close()
