@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 import uuid
@@ -187,6 +188,20 @@ def test_unreachable_update_is_rejected_not_fatal(s3world):
     assert receipt.ok and receipt.accepted == ["alice"]
     assert receipt.rejected["bob"].startswith("update from bob: GET failed: HTTP 404")
     assert "X-Amz-Signature" not in receipt.rejected["bob"]  # URLs are redacted
+
+
+def test_an_update_the_storage_cannot_serve_fails_the_round_as_the_storages_not_the_partys(s3world, monkeypatch):
+    monkeypatch.setattr("fedtune_trainer.transfer.time.sleep", lambda _: None)  # the retries, without the waits
+    rnd = Round(s3world, job_id(), 1)
+    rnd.add_update("alice", upd(1.0, 2.0, 0.0), 1)
+    with socket.socket() as closed:  # a port nothing listens on: an S3 endpoint that is down
+        closed.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{closed.getsockname()[1]}/bob-bkt/update.safetensors?X-Amz-Signature=s"
+    rnd.updates.append(UpdateIn(party="bob", url=gone, sha256="0" * 64, num_samples=1))
+    receipt = handle(rnd.ticket(rnd.put_global(GLOBAL0)))
+    assert not receipt.ok and receipt.fault == "storage" and receipt.storage_failed
+    assert "GET failed after 5 attempts" in receipt.error and "127.0.0.1" in receipt.error
+    assert "bob" not in receipt.rejected  # bob is not blamed for the storage
 
 
 def test_server_state_round_trips_between_rounds(s3world):

@@ -6,6 +6,7 @@ mid-job and a failed trainer pod are faults of the chaos suite: tests/test_chaos
 from __future__ import annotations
 
 import base64
+import os
 import signal
 import time
 
@@ -211,3 +212,42 @@ def test_garbage_in_a_pod_mailbox_secret_is_an_event_and_the_job_goes_on(kube, s
         st = status(w)
     assert st["phase"] == "Succeeded", st
     assert [e["message"] for e in rejections()] == [note]
+
+
+@pytest.mark.chaos
+def test_an_s3_endpoint_gone_mid_round_pauses_the_job_and_blames_no_party(kube, s3world, tiny_model):
+    server = s3world.server  # the session's SeaweedFS: every bucket of the job is there
+    with pods_of(kube) as pods, kube.run_kopf("fedtune.k8s.operator"):
+        # maxRoundRetries 0, maxPartyFailures 1: a single retry counted or failure blamed would end the job
+        w = make_world(kube, s3world, tiny_model, rounds=6, maxRoundRetries=0, maxPartyFailures=1)
+        kube.wait_for(lambda: status(w).get("currentRound", 0) >= 2, timeout=180, what="round 2")
+        assert not ended(w)
+        os.killpg(server.pid, signal.SIGKILL)
+        try:
+
+            def unavailable() -> dict | None:
+                c = condition(w, "StorageUnavailable")
+                return c if c and c["status"] == "True" else None
+
+            down = kube.wait_for(unavailable, timeout=30, what="StorageUnavailable True")
+            assert down["reason"] == "StorageUnreachable" and f"S3 endpoint {s3world.endpoint} (" in down["message"]
+            time.sleep(10)  # longer than the pods' transfer retries: they fail on the storage meanwhile
+            st = status(w)
+            assert st["phase"] == "Running" and condition(w, "Ready")["reason"] == "StorageUnreachable"
+            assert all(p["state"] != "Dropped" and p.get("failures", 0) == 0 for p in st["parties"]), st
+        finally:
+            server.restart()  # on its data directory and ports: the URLs handed out stay valid
+        kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        st = status(w)
+        assert not pods.errors, pods.errors
+    assert st["phase"] == "Succeeded", st
+    assert [h["round"] for h in st["history"]] == list(range(7))  # no round lost or repeated
+    assert all(p["state"] != "Dropped" and p.get("failures", 0) == 0 for p in st["parties"]), st
+    back = condition(w, "StorageUnavailable")
+    assert (back["status"], back["reason"]) == ("False", "StorageAnswers")
+    reasons = [e.get("reason") for e in kube.list("events", w.hub)]
+    # One outage, said once each way (a cleared status field stays cleared across passes).
+    assert reasons.count("StorageUnavailable") == 1 and reasons.count("StorageAvailable") == 1, reasons
+    assert "QuorumLost" not in reasons
+    assert "storageUnavailableSince" not in st
+    assert "PartyFailed" not in reasons and "PartyDropped" not in reasons

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -122,6 +123,24 @@ def test_wrong_sha_of_global_is_refused(s3world, tiny):
     assert not receipt.ok and "sha256" in receipt.error
     assert "X-Amz" not in receipt.error and "?" not in receipt.error
     assert not w.bucket.exists(w.key(1, "update.safetensors")), "nothing is uploaded after a failure"
+
+
+def test_a_party_tells_a_storage_failure_from_its_own_in_its_receipt(s3world, tiny, monkeypatch):
+    monkeypatch.setattr("fedtune_trainer.transfer.time.sleep", lambda _: None)  # the retries, without the waits
+    w, rt = World(s3world, tiny), PartyRuntime()
+    assert handle(w.ticket("init", 0), rt).ok
+    own = w.ticket("train", 1, w.key(0, "update.safetensors"))
+    own.global_in = Download(url=own.global_in.url, sha256="0" * 64)
+    mine = handle(own, rt)
+    assert not mine.ok and mine.fault == "pod" and not mine.storage_failed
+    with socket.socket() as closed:  # a port nothing listens on: the storage is down
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}/alice-bkt/global.safetensors?X-Amz-Signature=s"
+    ticket = w.ticket("train", 1, w.key(0, "update.safetensors"), attempt=1)
+    ticket.global_in = Download(url=down, sha256=ticket.global_in.sha256)
+    storage = handle(ticket, rt)
+    assert not storage.ok and storage.fault == "storage" and storage.storage_failed
+    assert "GET failed after 5 attempts" in storage.error and "Signature" not in storage.error
 
 
 def test_malformed_data_line_is_reported(s3world, tiny):

@@ -120,6 +120,8 @@ def assert_judged(got: ReceiptRead, raw: bytes | None) -> None:
         (encode(trainer_wire(round=3)), "answers ticket train-r3-a1, but the mailbox holds train-r2-a1"),
         (encode(trainer_wire(attempt=2)), "answers ticket train-r2-a2, but the mailbox holds train-r2-a1"),
         (encode(trainer_wire(kind="eval", attempt=0)), "answers ticket eval-r2-a0, but the mailbox holds train-r2-a1"),
+        (encode(trainer_wire(fault="disk")), "not a TrainerReceipt: fault: Input should be 'pod' or 'storage'"),
+        (encode(trainer_wire(fault="storage")), "fault: only a failed receipt (ok: false) says whose fault"),
     ],
 )
 def test_each_refusal_says_why(raw, reason):
@@ -145,6 +147,18 @@ def test_the_held_ticket_and_earlier_ones_are_answered_without_complaint():
     assert read(encode(aggregator_wire()), AggregatorReceipt, TicketRef("aggregate", 2, 1)).receipt is not None
     ahead = read(encode(aggregator_wire(attempt=2)), AggregatorReceipt, TicketRef("aggregate", 2, 1))
     assert ahead.rejection == "answers ticket aggregate-r2-a2, but the mailbox holds aggregate-r2-a1"
+
+
+@pytest.mark.parametrize("model, wire", [(TrainerReceipt, trainer_wire), (AggregatorReceipt, aggregator_wire)])
+def test_a_failed_receipt_says_whether_the_storage_failed_or_the_pod(model, wire):
+    base = {"ok": False, "error": "PUT failed after 5 attempts: NewConnectionError for http://s3:9000/b/k"}
+    storage = read(encode(wire(**base, fault="storage")), model).receipt
+    assert storage.storage_failed and storage.fault == "storage"
+    for fault in ("pod", None):  # pods that say nothing (older ones) fail on their own
+        own = read(encode(wire(**base, fault=fault)), model).receipt
+        assert own is not None and not own.storage_failed
+    refused = read(encode(wire(fault="storage")), model)
+    assert refused.receipt is None and "fault: only a failed receipt (ok: false)" in refused.rejection
 
 
 def test_no_bytes_are_no_receipt():
@@ -251,6 +265,8 @@ FIELD_VALUE = JSON | TEXT | st.integers(-(2**70), 2**70) | st.sampled_from([UID,
     edits=st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 2), st.binary(max_size=2)), max_size=3),
 )
 @example(model=TrainerReceipt, changes={"error": "failed \ud800"}, drops=set(), edits=[])
+@example(model=AggregatorReceipt, changes={"ok": False, "fault": "storage"}, drops=set(), edits=[])
+@example(model=TrainerReceipt, changes={"fault": "storage"}, drops=set(), edits=[])
 def test_any_change_to_a_valid_receipt_is_a_receipt_or_a_reason(model, changes, drops, edits):
     doc = trainer_wire() if model is TrainerReceipt else aggregator_wire()
     doc = {k: v for k, v in doc.items() if k not in drops} | changes

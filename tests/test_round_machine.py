@@ -14,9 +14,13 @@ from fedtune.rounds.machine import Observation, advance, new_status
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 FP = "fp-base"
+STORAGE_ERROR = "PUT failed after 5 attempts: NewConnectionError for http://s3.example:9000/a-data/update"
+DOWN = "S3 endpoint http://s3.example:9000 (bucket a-data of party default/a) does not answer: connection refused"
 
 
-def make_job(n=3, rounds=2, min_parties=2, retries=1, max_failures=3, timeout=60, evaluator=None) -> FederatedJob:
+def make_job(
+    n=3, rounds=2, min_parties=2, retries=1, max_failures=3, timeout=60, evaluator=None, outage=600
+) -> FederatedJob:
     spec = {
         "model": {"source": "/m", "task": "sequence-classification"},
         "data": {"labels": ["neg", "pos"]},
@@ -25,6 +29,7 @@ def make_job(n=3, rounds=2, min_parties=2, retries=1, max_failures=3, timeout=60
         "maxRoundRetries": retries,
         "maxPartyFailures": max_failures,
         "roundTimeoutSeconds": timeout,
+        "storageOutageTimeoutSeconds": outage,
         "parties": [{"name": n} for n in "abcdefgh"[:n]],
     }
     if evaluator:
@@ -45,6 +50,9 @@ class Sim:
         self.receipts: dict[str, TrainerReceipt] = {}
         self.agg: AggregatorReceipt | None = None
         self.aggregated: list[list[str]] = []
+        self.storage_error: str | None = None  # what the controller's storage probe says
+        self.storage_fail: set[str] = set()  # parties whose transfers fail on the storage
+        self.agg_storage_fail = False
 
     def answer(self):
         for name, it in trainer_intents(self.job, self.st).items():
@@ -54,7 +62,7 @@ class Sim:
             r = self.receipts.get(name)
             if r and (r.kind, r.round, r.attempt) == (it.kind, it.round, it.attempt):
                 continue
-            ok = short not in self.fail
+            ok = short not in self.fail and short not in self.storage_fail
             acc = 0.5 + 0.1 * it.round
             self.receipts[name] = TrainerReceipt(
                 kind=it.kind,
@@ -63,7 +71,8 @@ class Sim:
                 round=it.round,
                 attempt=it.attempt,
                 ok=ok,
-                error=None if ok else "boom",
+                error=None if ok else STORAGE_ERROR if short in self.storage_fail else "boom",
+                fault="storage" if short in self.storage_fail else None,
                 num_samples=10 * (1 + "abcdefgh".index(short)),
                 num_eval_samples=10,
                 sha256=f"sha-{short}-{it.round}" if it.kind in ("train", "init") else None,
@@ -83,13 +92,14 @@ class Sim:
             parties = [p for p, _, _ in ai.updates]
             rejected = {p: "NaN in lora_A" for p in parties if p.split("/")[1] in self.reject}
             accepted = [p for p in parties if p not in rejected]
-            ok = len(accepted) >= self.job.spec.min_parties
+            ok = len(accepted) >= self.job.spec.min_parties and not self.agg_storage_fail
             self.agg = AggregatorReceipt(
                 job="uid-1",
                 round=ai.round,
                 attempt=ai.attempt,
                 ok=ok,
-                error=None if ok else "quorum",
+                error=None if ok else STORAGE_ERROR if self.agg_storage_fail else "quorum",
+                fault="storage" if self.agg_storage_fail else None,
                 accepted=accepted if ok else [],
                 rejected=rejected,
                 sha256=f"g-{ai.round}",
@@ -104,7 +114,9 @@ class Sim:
         st = self.st
         if self.roundtrip:  # a controller restart between steps: only the persisted status survives
             st = FederatedJobStatus.model_validate_json(st.model_dump_json(by_alias=True))
-        obs = Observation(now=self.now, receipts=dict(self.receipts), aggregator=self.agg)
+        obs = Observation(
+            now=self.now, receipts=dict(self.receipts), aggregator=self.agg, storage_error=self.storage_error
+        )
         self.st, ev = advance(self.job, st, obs)
         self.events += ev
         if self.st.stage in ("evaluating", "done") and self.st.final_adapter is None and self.st.phase != "Failed":
@@ -273,3 +285,93 @@ def test_metrics_whose_mean_overflows_are_left_out_not_infinite():
     assert st.phase == "Succeeded"
     assert st.history[1].metrics.train_loss is None and st.history[1].metrics.eval_accuracy is None
     json.dumps(st.to_wire(), allow_nan=False)  # what the operator patches
+
+
+# --- storage outages: the storage's, not the parties' ---------------------------------------------
+
+
+def _until(sim, cond, max_steps=200, dt=1.0):
+    for _ in range(max_steps):
+        if cond(sim.st):
+            return
+        sim.step(dt)
+    raise AssertionError(f"not reached: {sim.st.stage} r{sim.st.current_round}")
+
+
+@pytest.mark.parametrize("roundtrip", [False, True])
+def test_a_storage_outage_pauses_the_round_then_it_goes_on_with_nothing_retried_or_blamed(roundtrip):
+    sim = Sim(make_job(rounds=3, retries=0, max_failures=1, timeout=10), roundtrip=roundtrip)
+    _until(sim, lambda st: st.stage == "training" and st.current_round == 2)
+    sim.silent = {"a", "b", "c"}  # mid-round 2 the storage goes: nobody can answer
+    sim.storage_error = DOWN
+    deadline = sim.st.round_deadline
+    for _ in range(40):  # four times the round's timeout
+        sim.step()
+    st = sim.st
+    assert (st.phase, st.stage, st.current_round, st.attempt) == ("Running", "training", 2, 0)
+    down = st.condition("StorageUnavailable")
+    assert (down.status, down.reason, down.message) == ("True", "StorageUnreachable", DOWN)
+    assert st.condition("Ready").reason == "StorageUnreachable" and "round 2 paused" in st.message
+    assert st.storage_unavailable_since == T0 + (st.storage_unavailable_since - T0)  # kept across a restart too
+    assert all(p.failures == 0 and p.state == "Training" for p in st.parties)
+    assert "RoundRetry" not in reasons(sim) and reasons(sim).count("StorageUnavailable") == 1
+    sim.silent = {"c"}  # answers written while it is down wait until it answers again
+    sim.step()
+    assert [p.state for p in sim.st.parties] == ["Training"] * 3
+    sim.storage_error = None
+    sim.step()
+    back = sim.st.condition("StorageUnavailable")
+    assert (back.status, back.reason) == ("False", "StorageAnswers")
+    assert [p.state for p in sim.st.parties] == ["Submitted", "Submitted", "Training"]
+    assert sim.st.round_deadline == deadline + timedelta(seconds=41)  # the step got the outage's time back
+    sim.silent.clear()
+    st = sim.run()
+    assert st.phase == "Succeeded" and st.condition("Ready").status == "True"
+    assert [(h.round, h.attempt) for h in st.history] == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert all(p.state != "Dropped" and p.failures == 0 for p in st.parties)
+    assert "StorageAvailable" in reasons(sim) and "RoundRetry" not in reasons(sim)
+
+
+def test_a_storage_outage_longer_than_the_bound_fails_the_job_naming_the_storage():
+    sim = Sim(make_job(rounds=3, timeout=10, outage=30))
+    _until(sim, lambda st: st.current_round == 2)
+    sim.storage_error = DOWN
+    st = sim.run()
+    assert st.phase == "Failed" and st.stage == "done"
+    assert DOWN in st.message and "longer than spec.storageOutageTimeoutSeconds (30s)" in st.message
+    assert (
+        st.condition("StorageUnavailable").status == "True" and st.condition("Stalled").reason == "StorageUnavailable"
+    )
+    assert st.condition("QuorumLost") is None and all(p.state != "Dropped" for p in st.parties)
+    assert [h.round for h in st.history] == [0, 1]  # what was done is kept
+    assert all(i.kind == "exit" for i in trainer_intents(sim.job, st).values())
+
+
+def test_a_storage_failure_pods_report_reruns_the_round_without_counting_it_or_blaming_them():
+    # maxRoundRetries 0 and maxPartyFailures 1: one counted failure would drop a party or fail the job
+    sim = Sim(make_job(rounds=2, retries=0, max_failures=1, min_parties=3))
+    _until(sim, lambda st: st.current_round == 1 and st.stage == "training")
+    sim.storage_fail = {"a", "b"}
+    sim.step()
+    assert sim.st.attempt == 1 and "not counted: the storage failed" in sim.events[-1].message
+    assert "the storage failed for default/a, default/b" in sim.events[-1].message
+    sim.storage_fail.clear()
+    sim.agg_storage_fail = True  # then the aggregator cannot reach it
+    _until(sim, lambda st: st.attempt == 2)
+    sim.agg_storage_fail = False
+    st = sim.run()
+    assert st.phase == "Succeeded"
+    assert [(h.round, h.attempt) for h in st.history[1:]] == [(1, 2), (2, 0)]
+    assert all(p.failures == 0 and p.state != "Dropped" for p in st.parties)
+    assert reasons(sim).count("StorageFailed") == 2 and "PartyFailed" not in reasons(sim)
+
+
+def test_pods_that_keep_blaming_the_storage_fail_the_job_after_the_bound():
+    sim = Sim(make_job(rounds=2, retries=0, max_failures=1, outage=20))
+    _until(sim, lambda st: st.current_round == 1)
+    sim.storage_fail = {"a", "b", "c"}
+    st = sim.run()
+    assert st.phase == "Failed" and st.condition("Stalled").reason == "StorageUnavailable"
+    assert "the storage kept failing for" in st.message and "spec.storageOutageTimeoutSeconds (20s)" in st.message
+    assert "http://s3.example:9000/a-data/update" in st.message  # the pods' words name the endpoint
+    assert all(p.state != "Dropped" for p in st.parties)

@@ -95,6 +95,8 @@ def _collect_updates(
             tensors.append(open_verified(path, digest, upd.sha256, global_prev, source=f"update from {upd.party}"))
         except UpdateRejected as exc:
             reason = str(exc)
+        except transfer.StorageFailure:
+            raise  # the storage's failure, not the party's: the round waits for the storage
         except transfer.TransferError as exc:
             reason = f"update from {upd.party}: {exc}"
         else:
@@ -182,6 +184,7 @@ def handle(ticket: AggregatorTicket) -> AggregatorReceipt:
         except Exception as exc:  # any failure must become a receipt, not a crash loop
             receipt.ok = False
             receipt.error = _describe(exc)
+            receipt.fault = "storage" if isinstance(exc, transfer.StorageFailure) else "pod"
             log.exception("round %d: aggregation failed", ticket.round)
     receipt.duration_seconds = round(time.monotonic() - start, 3)
     receipt.finished_at = utcnow()

@@ -302,6 +302,8 @@ def handle(ticket: TrainerTicket, rt: PartyRuntime, ranks: Ranks = SOLO) -> Trai
     except Exception as exc:  # the control plane decides what a failure means; the pod stays up
         log.error("[%s] %s failed: %s", ticket.party, ticket.ticket_id, describe(exc))
         receipt.ok, receipt.error = False, describe(exc)
+        # An object store out of reach is not this party's failure: the control plane waits for it.
+        receipt.fault = "storage" if isinstance(exc, transfer.StorageFailure) else "pod"
     receipt.finished_at = utcnow()
     return receipt
 

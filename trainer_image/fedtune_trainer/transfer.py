@@ -36,6 +36,14 @@ class TransferError(RuntimeError):
     """A transfer that failed for good (refused, corrupt, or out of retries)."""
 
 
+class StorageFailure(TransferError):
+    """The object store could not be reached, or kept answering 408/429/5xx, through every retry.
+
+    The storage's failure, not the pod's: receipts say so (`fault: storage`), and the control plane
+    waits for the storage instead of blaming the party.
+    """
+
+
 class _Transient(Exception):
     """A failure worth another attempt (connection lost, 5xx, throttled); `str()` is the reason."""
 
@@ -97,7 +105,7 @@ def _retrying(what: str, attempts: int, backoff: float, once: Callable[[], _T]) 
         except _Transient as exc:
             reason = str(exc)
         if attempt == attempts:
-            raise TransferError(f"{what} failed after {attempts} attempts: {reason}")
+            raise StorageFailure(f"{what} failed after {attempts} attempts: {reason}")
         log.warning("%s attempt %d/%d failed (%s); retrying in %.1fs", what, attempt, attempts, reason, delay)
         time.sleep(delay * (1 + 0.25 * random.random()))
         delay *= 2

@@ -198,6 +198,12 @@ class FederatedJobSpec(ApiModel):
     round_timeout_seconds: int = Field(1800, ge=5, description="Deadline for a round's updates (and its aggregation).")
     max_round_retries: int = Field(2, ge=0, description="Retries of a round that missed quorum before the job fails.")
     max_party_failures: int = Field(3, ge=1, description="Consecutive missed rounds before a party is dropped.")
+    storage_outage_timeout_seconds: int = Field(
+        600,
+        ge=1,
+        description="How long the object store may stay unreachable before the job fails. While it is, rounds "
+        "pause: no retry is counted, no deadline runs and no party is blamed.",
+    )
     parties: list[PartyRef] = Field(min_length=1, description="Parties that train; each must consent.")
     evaluator: PartyRef | None = Field(
         None,

@@ -24,6 +24,10 @@ Count = Annotated[int, Field(ge=0, le=2**53)]
 # train: evaluate the received global adapter on the local eval split, then train and upload.
 # eval: evaluate the final global adapter only. exit: stop the pod.
 TicketKind = Literal["init", "train", "eval", "exit"]
+# Whose failure an ok=False receipt reports. "storage": the object store could not be reached, or kept
+# answering 5xx, after every retry; the control plane blames no party for it and the round waits for
+# the storage. "pod" (or none, as older pods write): anything else, the party's own failure.
+Fault = Literal["pod", "storage"]
 
 
 class Download(ApiModel):
@@ -118,6 +122,12 @@ class Timings(ApiModel):
     upload_seconds: float = 0.0
 
 
+def _fault_only_on_failure(receipt: TrainerReceipt | AggregatorReceipt) -> TrainerReceipt | AggregatorReceipt:
+    if receipt.ok and receipt.fault is not None:
+        raise ValueError("fault: only a failed receipt (ok: false) says whose fault the failure was")
+    return receipt
+
+
 class TrainerReceipt(ApiModel):
     """A trainer's answer to one ticket."""
 
@@ -128,6 +138,9 @@ class TrainerReceipt(ApiModel):
     attempt: int = 0
     ok: bool
     error: str | None = None
+    fault: Fault | None = Field(
+        None, description="Whose failure an ok=False receipt reports: storage (the object store's) or pod."
+    )
     num_samples: Count = 0
     num_eval_samples: Count = 0
     metrics: Metrics = Field(
@@ -141,6 +154,15 @@ class TrainerReceipt(ApiModel):
     base_model_fingerprint: str | None = None
     timings: Timings = Field(default_factory=Timings)
     finished_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _fault_of_a_failure(self) -> TrainerReceipt:
+        return _fault_only_on_failure(self)
+
+    @property
+    def storage_failed(self) -> bool:
+        """Whether this is a failure of the storage, not of the pod."""
+        return not self.ok and self.fault == "storage"
 
     def answers(self, ticket: TrainerTicket) -> bool:
         return (self.kind, self.job, self.round, self.attempt) == (
@@ -194,6 +216,9 @@ class AggregatorReceipt(ApiModel):
     attempt: int = 0
     ok: bool
     error: str | None = None
+    fault: Fault | None = Field(
+        None, description="Whose failure an ok=False receipt reports: storage (the object store's) or pod."
+    )
     accepted: list[str] = Field(default_factory=list)
     rejected: dict[str, str] = Field(default_factory=dict, description="party -> why its update was refused.")
     sha256: str | None = Field(None, description="sha256 of the new global adapter.")
@@ -203,6 +228,15 @@ class AggregatorReceipt(ApiModel):
     lora_residual: float | None = Field(None, description="Relative Frobenius residual of exact LoRA re-factoring.")
     duration_seconds: float = 0.0
     finished_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _fault_of_a_failure(self) -> AggregatorReceipt:
+        return _fault_only_on_failure(self)
+
+    @property
+    def storage_failed(self) -> bool:
+        """Whether this is a failure of the storage, not of the pod."""
+        return not self.ok and self.fault == "storage"
 
     def answers(self, ticket: AggregatorTicket) -> bool:
         return (self.kind, self.job, self.round, self.attempt) == (

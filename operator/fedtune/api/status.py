@@ -13,7 +13,10 @@ MAX_HISTORY = 50
 
 # Stopped: local mode only, the runner stopped before the job ended (Ctrl-C, a crash, a kill); resumable.
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped"]
-PartyPhase = Literal["Pending", "Ready", "Training", "Submitted", "Straggler", "Failed", "Dropped", "Done"]
+# StorageFailed: the party's ticket failed because the object store did (not counted against the party).
+PartyPhase = Literal[
+    "Pending", "Ready", "Training", "Submitted", "Straggler", "Failed", "StorageFailed", "Dropped", "Done"
+]
 Stage = Literal["init", "training", "aggregating", "evaluating", "done"]
 
 
@@ -116,6 +119,16 @@ class FederatedJobStatus(ApiModel):
     aggregator_restarts: int = Field(0, description="Times the operator recreated the aggregator pod.")
     aggregator_retry_at: datetime | None = Field(None, description="Earliest time a failed aggregator is recreated.")
     server_state_sha256: str | None = Field(None, description="sha256 of the server optimiser state (FedOpt).")
+    storage_unavailable_since: datetime | None = Field(
+        None, description="Since when the object store does not answer (rounds are paused meanwhile)."
+    )
+    storage_retries: int = Field(
+        0, description="Attempts of the current round restarted for storage failures (not counted as retries)."
+    )
+    storage_retry_since: datetime | None = Field(
+        None, description="When the current round first restarted for a storage failure the probe did not see."
+    )
+    storage_restarts: int = Field(0, description="Times local mode restarted its embedded S3 server (SeaweedFS).")
     message: str = Field("", description="Human-readable summary of the job's state.")
 
     @property

@@ -174,9 +174,12 @@ async def _reconcile_once(body: dict, rejections: Rejections) -> bool:
     meta = body["metadata"]
     out = await reconcile(body, kube(), SETTINGS, utcnow(), rejections)
     url = path(f"{GROUP}/{VERSION}", "federatedjobs", meta["namespace"], meta["name"])
-    new = out.status.to_wire()
-    if new != body.get("status"):
-        await kube().patch(url + "/status", {"status": new})
+    new, old = out.status.to_wire(), body.get("status") or {}
+    if new != old:
+        # A merge patch keeps the keys it does not name: a field the status cleared (None, left out of
+        # the wire form) is named null, or it would come back at the next pass (storageUnavailableSince).
+        cleared = {key: None for key in old if key not in new}
+        await kube().patch(url + "/status", {"status": {**new, **cleared}})
     if out.annotations:
         await kube().patch(url, {"metadata": {"annotations": out.annotations}})
     for e in out.events:

@@ -39,8 +39,11 @@ from fedtune.rounds.intents import (
     url_ttl,
 )
 from fedtune.rounds.machine import Event, Observation, advance, members, new_status
+from fedtune.rounds.outage import AVAILABLE as STORAGE_AVAILABLE
 from fedtune.storage import layout
 from fedtune.storage.model_files import ModelSourceError, model_file_urls
+from fedtune.storage.probe import endpoint_url, unavailable
+from fedtune.storage.s3 import Bucket
 from fedtune.storage.signer import BucketSigner
 
 log = logging.getLogger(__name__)
@@ -121,8 +124,14 @@ async def reconcile(
     await _ensure_pods(job, body, parties, st, kube, settings, now, out.events)
     secrets = await _mailboxes(job, kube)
     obs = _observe(job, secrets, now, rejections or Rejections(), out.events)
+    obs.storage_error = await storage_error(buckets)
     st, events = advance(job, st, obs)
     out.status, out.events = st, out.events + events
+    for e in events:
+        if e.reason in (cond.STORAGE_UNAVAILABLE, STORAGE_AVAILABLE):
+            log.warning("FederatedJob %s/%s: %s", job.metadata.namespace, job.metadata.name, e.message)
+    if obs.storage_error is not None and st.phase not in ("Succeeded", "Failed"):
+        return out  # the round waits for the storage; the tickets already out stand
     await _finalize(job, st, buckets)
     try:
         await _write_tickets(job, st, parties, kube, BucketSigner(buckets), now, secrets)
@@ -132,6 +141,22 @@ async def reconcile(
     if st.condition("ModelSourceReady") is not None:
         cond.set_condition(st, "ModelSourceReady", "True", "ModelFilesFound", "", now)
     return out
+
+
+async def storage_error(buckets: dict[str, Bucket]) -> str | None:
+    """Why an object store of the job does not answer (the first, with the buckets it holds); None when all do.
+
+    Each endpoint is asked once per pass (storage/probe.py), all at once, off the event loop.
+    """
+    holders: dict[str, list[str]] = {}
+    for key, bucket in buckets.items():
+        owner = "the coordinator" if key == COORDINATOR else f"party {key}"
+        holders.setdefault(endpoint_url(bucket.endpoint, bucket.region), []).append(f"bucket {bucket.name} of {owner}")
+    answers = await asyncio.gather(*(asyncio.to_thread(unavailable, url) for url in holders))
+    for (url, held), why in zip(holders.items(), answers):
+        if why is not None:
+            return f"S3 endpoint {url} ({', '.join(held)}) does not answer: {why}"
+    return None
 
 
 def _back_to_running(job: FederatedJob, st: FederatedJobStatus, now: datetime) -> None:

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
-MUTABLE = ("rounds", "roundTimeoutSeconds", "maxRoundRetries", "maxPartyFailures", "minParties", "trainerImage")
+MUTABLE = (
+    "rounds",
+    "roundTimeoutSeconds",
+    "maxRoundRetries",
+    "maxPartyFailures",
+    "minParties",
+    "storageOutageTimeoutSeconds",
+    "trainerImage",
+)
 
 
 def changed_fields(old: Any, new: Any, prefix: str = "") -> list[str]:

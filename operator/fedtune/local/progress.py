@@ -17,6 +17,8 @@ _SHOWN_EVENTS = {
     "PartyDropped",
     "UpdateRejected",
     "HeldOutEvaluated",
+    "StorageUnavailable",
+    "StorageAvailable",
 }
 
 
@@ -32,6 +34,8 @@ def _party_line(p: PartyState, rnd: int) -> str | None:
         ppl = f"  global ppl {m.eval_perplexity:.2f}" if m and m.eval_perplexity is not None else ""
         loss = f"train loss {m.train_loss:.4f}" if m and m.train_loss is not None else ""
         return f"{who} round {rnd} update: {p.num_samples} samples, {loss}{acc}{ppl}, {p.train_seconds:.1f}s training"
+    if p.state == "StorageFailed":
+        return f"{who} the storage failed it: {p.message}"
     if p.state in ("Failed", "Straggler", "Dropped"):
         return f"{who} {p.state.lower()}: {p.message}"
     if p.state == "Done" and p.role == "evaluator":

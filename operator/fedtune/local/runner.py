@@ -57,6 +57,7 @@ from fedtune.local.status_file import (
     write_atomic,
     write_status,
 )
+from fedtune.local.storage_watch import StorageWatch
 from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import (
     COORDINATOR,
@@ -68,13 +69,14 @@ from fedtune.rounds.intents import (
 )
 from fedtune.rounds.machine import Observation, advance, new_status, resumed
 from fedtune.storage import layout
-from fedtune.storage.s3 import Bucket, S3Credentials
+from fedtune.storage.s3 import Bucket, S3Credentials, StorageError
 from fedtune.storage.seaweed import Identity, SeaweedServer
 from fedtune.storage.signer import BucketSigner
 
 COORDINATOR_BUCKET = "fedtune-coordinator"
 JOB_FILE = "job.json"  # in the work directory, beside STATUS_FILE: what a resume starts from
 AGGREGATOR = "aggregator"  # the aggregator pod's name
+_STORAGE = "storage"  # the embedded S3 server, among the restart counts
 FULL_PASS_SECONDS = 1.0  # the control loop's longest pause between two full passes
 
 
@@ -88,6 +90,13 @@ def _robust_words(robust: RobustSpec | None) -> str:
         return ""
     settings = ", ".join(f"{k} {v}" for k, v in robust.to_wire().items() if k != "rule")
     return f", robust {robust.rule}" + (f" ({settings})" if settings else "")
+
+
+def _storage_lost(st: FederatedJobStatus) -> bool:
+    """Whether the job failed because its storage did not come back."""
+    return (
+        st.phase == "Failed" and (c := st.condition(cond.STALLED)) is not None and c.reason == cond.STORAGE_UNAVAILABLE
+    )
 
 
 def _dirname(key: str) -> str:
@@ -226,6 +235,7 @@ class LocalRun:
         self.buckets: dict[str, Bucket] = {}
         self.mailboxes: dict[str, FileMailbox] = {}
         self.pods = Pods()
+        self.storage: StorageWatch | None = None  # once the embedded S3 server runs
         self.status: FederatedJobStatus | None = None  # the last status the control loop wrote
         self._rejections = Rejections()  # refused receipts, each said once
         self.base_dir = docs.base_dir or Path.cwd()
@@ -274,6 +284,7 @@ class LocalRun:
         self.progress.say("starting the embedded S3 server (SeaweedFS) …")
         server.start()
         stack.callback(server.stop)
+        self.storage = StorageWatch(server, self.progress.say)
         for owner, bucket in owners.items():
             self.buckets[owner] = Bucket(StorageSpec(endpoint=server.endpoint, bucket=bucket), creds[owner])
 
@@ -455,8 +466,10 @@ class LocalRun:
         return tuple(out)
 
     def _observe(self) -> Observation:
+        storage_error = self.storage.check()  # restarts a SeaweedFS that died, saying so
         receipts = {p.key: r for p in self.members if (r := self._receipt(p.key, TrainerReceipt))}
-        return Observation(now=utcnow(), receipts=receipts, aggregator=self._receipt(AGGREGATOR, AggregatorReceipt))
+        aggregator = self._receipt(AGGREGATOR, AggregatorReceipt)
+        return Observation(now=utcnow(), receipts=receipts, aggregator=aggregator, storage_error=storage_error)
 
     def _apply(self, st: FederatedJobStatus, signer: BucketSigner) -> None:
         now = utcnow()
@@ -471,13 +484,18 @@ class LocalRun:
             box.write_ticket(build_aggregator_ticket(self.job, intent, st, signer, now).to_wire())
 
     def _finalize(self, st: FederatedJobStatus) -> None:
-        """Copy the last global adapter to final/ in PEFT layout (idempotent)."""
+        """Copy the last global adapter to final/ in PEFT layout (idempotent; tried again at the next pass
+        when the storage fails meanwhile: the job waits in `evaluating` until it is done)."""
         if st.final_adapter is not None or st.stage not in ("evaluating", "done") or st.phase == "Failed":
             return
         uid, coord = self.job.metadata.uid, self.buckets[COORDINATOR]
         prefix = layout.final_prefix(uid)
-        coord.copy(layout.global_key(uid, st.current_round), prefix + layout.FINAL_ADAPTER)
-        coord.copy(layout.adapter_config_key(uid), prefix + layout.FINAL_CONFIG)
+        try:
+            coord.copy(layout.global_key(uid, st.current_round), prefix + layout.FINAL_ADAPTER)
+            coord.copy(layout.adapter_config_key(uid), prefix + layout.FINAL_CONFIG)
+        except StorageError as exc:
+            self.progress.say(f"! the final adapter is not copied yet ({exc}); trying again")
+            return
         st.final_adapter = coord.uri(prefix)
 
     def _loop(self, signer: BucketSigner) -> FederatedJobStatus:
@@ -490,8 +508,9 @@ class LocalRun:
                 f"resuming: {st.stage}, round {st.current_round}/{self.job.spec.rounds}"
                 + (f" (the last run stopped: {stopped.reason})" if stopped else "")
             )
-        # Restarts count across the runs of one job: this run's pods start at 0.
+        # Restarts count across the runs of one job: this run's pods (and S3 server) start at 0.
         before = {p.name: p.pod_restarts for p in st.parties} | {AGGREGATOR: st.aggregator_restarts}
+        before[_STORAGE] = st.storage_restarts
         # Sleeps until a pod writes a receipt (inotify), so hand-offs take no polling delay and an
         # idle loop no CPU from the training parties.
         waiter = Waiter([box.dir for box in self.mailboxes.values()], [RECEIPT])
@@ -508,6 +527,7 @@ class LocalRun:
                 st.aggregator_restarts = n
             else:
                 st.party(name).pod_restarts = n
+        st.storage_restarts = before.get(_STORAGE, 0) + self.storage.restarts
 
     def _run_loop(
         self, st: FederatedJobStatus, signer: BucketSigner, waiter: Waiter, before: dict[str, int]
@@ -522,9 +542,12 @@ class LocalRun:
                 waiter.wait(FULL_PASS_SECONDS - (time.monotonic() - full_at))
                 continue
             stamp, full_at = now_stamp, time.monotonic()
-            st, events = advance(self.job, st, self._observe())
-            self._finalize(st)
-            self._apply(st, signer)
+            obs = self._observe()
+            st, events = advance(self.job, st, obs)
+            if obs.storage_error is None or st.phase in ("Succeeded", "Failed"):
+                # While the storage is down the round waits (its tickets stand); exit tickets go out regardless.
+                self._finalize(st)
+                self._apply(st, signer)
             self._count_restarts(st, before)
             self.progress.update(st, events)
             doc = st.model_dump_json(by_alias=True, exclude_none=True, indent=1)
@@ -556,9 +579,15 @@ class LocalRun:
         if st.phase == "Succeeded":
             for name in (layout.FINAL_ADAPTER, layout.FINAL_CONFIG):
                 (final / name).write_bytes(coord.get_bytes(prefix + name))
-        coord.put_bytes(prefix + layout.FINAL_METRICS, (final / layout.FINAL_METRICS).read_bytes())
-        if has_plot:
-            coord.put_bytes(prefix + layout.FINAL_PLOT, (final / layout.FINAL_PLOT).read_bytes())
+        if _storage_lost(st):  # the run ends because the storage did not come back: what is here is kept
+            self.progress.say(f"! metrics are in {_shown(final)} only: the storage is unavailable")
+            return final
+        try:  # a copy beside the adapter, for whoever reads the bucket; the local files are what counts
+            coord.put_bytes(prefix + layout.FINAL_METRICS, (final / layout.FINAL_METRICS).read_bytes())
+            if has_plot:
+                coord.put_bytes(prefix + layout.FINAL_PLOT, (final / layout.FINAL_PLOT).read_bytes())
+        except StorageError as exc:
+            self.progress.say(f"! metrics are in {_shown(final)} only: {exc}")
         return final
 
     def run(self) -> FederatedJobStatus:
@@ -682,8 +711,9 @@ class LocalRun:
             st = self._loop(BucketSigner(self.buckets))
             self.pods.finishing = True
             final = self._collect(st)  # while the pods exit
-            if not self.pods.wait(timeout=60):
-                self.progress.say("! some pods did not exit in 60 s; stopping them")
+            grace = 5 if _storage_lost(st) else 60  # pods stuck in a transfer to a dead store never read theirs
+            if not self.pods.wait(timeout=grace):
+                self.progress.say(f"! some pods did not exit in {grace} s; stopping them")
         self._print_summary(st, final)
         return st
 

@@ -14,6 +14,11 @@ STALLED = "Stalled"
 QUORUM_LOST = "QuorumLost"
 DEGRADED = "Degraded"
 INVALID_SPEC = "InvalidSpec"
+# The object store does not answer: rounds pause (True, reason StorageUnreachable) until it does (False,
+# reason StorageAnswers); reason and phase Failed once the outage outlasts spec.storageOutageTimeoutSeconds.
+STORAGE_UNAVAILABLE = "StorageUnavailable"
+STORAGE_UNREACHABLE = "StorageUnreachable"
+STORAGE_ANSWERS = "StorageAnswers"
 # Why a local run stopped before its job ended (phase Stopped).
 INTERRUPTED = "Interrupted"  # SIGINT (Ctrl-C) or SIGTERM: the runner stopped every child and said so
 RUNNER_CRASHED = "RunnerCrashed"  # an error in the runner itself

@@ -20,32 +20,32 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 
 from fedtune.api.job import FederatedJob, FederatedJobSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import MAX_HISTORY, FederatedJobStatus, Metrics, PartyState, RoundRecord
 from fedtune.rounds import conditions as cond
+from fedtune.rounds import outage
+from fedtune.rounds.events import Event
+
+__all__ = ["Event", "Observation", "active", "advance", "members", "new_status", "resumed"]
 
 WAITING = ("Pending", "Training")
-
-
-@dataclass(frozen=True)
-class Event:
-    """Something worth telling a person (a Kubernetes Event, a progress line)."""
-
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
+STORAGE_FAILED = "StorageFailed"  # a party whose ticket failed on the storage: not its fault, not counted
 
 
 @dataclass
 class Observation:
-    """What the controller saw: the latest receipt in each mailbox, and the time."""
+    """What the controller saw: the latest receipt in each mailbox, the time, and whether the storage answers.
+
+    `storage_error` says which storage does not answer and why (naming its endpoint); None when every
+    object store of the job answers.
+    """
 
     now: datetime
     receipts: dict[str, TrainerReceipt] = field(default_factory=dict)
     aggregator: AggregatorReceipt | None = None
+    storage_error: str | None = None
 
 
 def new_status(job: FederatedJob, now: datetime) -> FederatedJobStatus:
@@ -74,6 +74,7 @@ def resumed(job: FederatedJob, status: FederatedJobStatus, now: datetime) -> Fed
         return st
     st.phase, st.message = "Running", ""  # a Stopped run runs again
     st.round_deadline = now + timedelta(seconds=job.spec.round_timeout_seconds)
+    outage.cleared_for_resume(st, now)
     cond.mark_running(st, f"resumed: {st.stage}, round {st.current_round}/{job.spec.rounds}", now)
     return st
 
@@ -114,6 +115,9 @@ def advance(job: FederatedJob, status: FederatedJobStatus, obs: Observation) -> 
     events: list[Event] = []
     if st.phase in ("Succeeded", "Failed"):
         return st, events
+    if outage.paused(job.spec, st, obs.storage_error, obs.now, events):
+        _summarise(st)  # receipts wait in the mailboxes: those written meanwhile count once it answers
+        return st, events
     _held_out(job, st, obs, events)
     step = {"init": _init, "training": _training, "aggregating": _aggregating, "evaluating": _evaluating}[st.stage]
     step(job, st, obs, events)
@@ -131,7 +135,9 @@ def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: l
         r = obs.receipts.get(p.name)
         if not _answers(r, "init", uid, 0, st.attempt):
             continue
-        if r.ok:
+        if r.storage_failed:
+            _storage_failed(p, f"could not start: {r.error}", events)
+        elif r.ok:
             p.state, p.message = "Ready", ""
             if p.name == first:
                 st.global_sha256, st.adapter_bytes = r.sha256, r.update_bytes
@@ -147,7 +153,7 @@ def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: l
     lead = st.party(first) if first else None
     if lead is None:
         return
-    if lead.state == "Failed":
+    if lead.state in ("Failed", STORAGE_FAILED):
         return _retry(spec, st, obs.now, f"{first} could not produce the initial adapter", events)
     if obs.now < st.round_deadline and (lead.state != "Ready" or any(_waiting(st))):
         return
@@ -177,7 +183,9 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
         r = obs.receipts.get(p.name)
         if not _answers(r, "train", uid, rnd, st.attempt):
             continue
-        if not r.ok:
+        if r.storage_failed:
+            _storage_failed(p, f"round {rnd}: {r.error}", events)
+        elif not r.ok:
             _party_failed(p, f"round {rnd} failed: {r.error}", events)
         elif r.base_model_fingerprint != st.base_model_fingerprint:
             _party_failed(p, "update refused: trained on a different base model (fingerprint mismatch)", events)
@@ -225,7 +233,8 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
             p, f"update rejected by the aggregator: {reason}", events, state="Failed", reason="UpdateRejected"
         )
     if not a.ok:
-        return _retry(spec, st, obs.now, f"round {rnd}: aggregation failed: {a.error}", events)
+        why = f"round {rnd}: aggregation failed: {a.error}"
+        return _retry(spec, st, obs.now, why, events, storage=a.storage_failed)
     accepted = [st.party(n) for n in a.accepted]
     for p in accepted:
         p.failures, p.last_round = 0, rnd
@@ -255,6 +264,7 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
         return
     if rnd >= spec.rounds:
         st.stage, st.attempt = "evaluating", 0
+        st.storage_retries, st.storage_retry_since = 0, None
         st.round_deadline = obs.now + timedelta(seconds=spec.round_timeout_seconds)
         for p in members(st):
             p.state = "Pending"
@@ -269,6 +279,8 @@ def _evaluating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, eve
         if _answers(r, "eval", job.metadata.uid, rnd, st.attempt):
             if r.ok:
                 p.state, p.metrics, p.num_eval_samples = "Done", r.metrics, r.num_eval_samples
+            elif r.storage_failed:
+                _storage_failed(p, f"final evaluation: {r.error}", events)
             else:
                 p.state, p.message = "Failed", f"final evaluation failed: {r.error}"
     if ((any(_waiting(st)) or _evaluator_waiting(st)) and obs.now < st.round_deadline) or st.final_adapter is None:
@@ -293,6 +305,11 @@ def _held_out(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
     kind, rnd = task
     r = obs.receipts.get(ev.name)
     if not _answers(r, kind, job.metadata.uid, rnd, 0):
+        return
+    if r.storage_failed:
+        _storage_failed(
+            ev, f"{'could not start' if kind == 'init' else f'held-out evaluation of round {rnd}'}: {r.error}", events
+        )
         return
     if kind == "init":  # nobody waits for it; a failure (its test set unreadable, say) is said at once
         if not r.ok:
@@ -357,8 +374,15 @@ def _party_failed(
     events.append(Event("Warning", reason, f"{p.name}: {message}"))
 
 
+def _storage_failed(p: PartyState, message: str, events: list[Event]) -> None:
+    """A ticket the storage failed: the party waits for the next one, and no failure counts against it."""
+    p.state, p.message = STORAGE_FAILED, message
+    events.append(Event("Warning", STORAGE_FAILED, f"{p.name}: {message} (the storage's failure, not the party's)"))
+
+
 def _start_round(spec: FederatedJobSpec, st: FederatedJobStatus, rnd: int, now: datetime, events: list[Event]) -> None:
     st.current_round, st.attempt, st.stage = rnd, 0, "training"
+    st.storage_retries, st.storage_retry_since = 0, None
     if (ev := st.evaluator) is not None and ev.state != "Dropped":  # asked once per round, whatever the retries
         ev.state = "Training"
     _reset_round(spec, st, now)
@@ -377,20 +401,44 @@ def _reset_round(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime) 
     cond.mark_running(st, f"round {st.current_round}/{spec.rounds}, attempt {st.attempt}", now)
 
 
-def _retry(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime, why: str, events: list[Event]) -> None:
-    """Run the current round again (bounded), or fail the job with QuorumLost."""
-    if st.attempt >= spec.max_round_retries:
-        msg = f"{why}; gave up after {st.attempt + 1} attempt(s) (spec.maxRoundRetries={spec.max_round_retries})"
+def _retry(
+    spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime, why: str, events: list[Event], storage: bool = False
+) -> None:
+    """Run the current round again (bounded), or fail the job with QuorumLost.
+
+    A round some party (or the aggregator) could not do because the storage failed runs again without
+    counting against spec.maxRoundRetries, within the storage outage bound (`outage.free_retry`).
+    """
+    # The parties' answers decide init and training; an aggregation failure is the aggregator's to attribute.
+    counting = st.stage in ("init", "training")
+    failed_on_storage = sorted((p for p in active(st) if counting and p.state == STORAGE_FAILED), key=lambda p: p.name)
+    if failed_on_storage:
+        first = failed_on_storage[0]  # its words name the storage and the endpoint it could not reach
+        names = ", ".join(p.name for p in failed_on_storage)
+        why += f"; the storage failed for {names} ({first.name}: {first.message[:300]})"
+    if storage or failed_on_storage:
+        if outage.free_retry(spec, st, why, now, events):
+            _again(
+                spec, st, now, f"{why}; retrying (attempt {st.attempt + 1}, not counted: the storage failed)", events
+            )
+        return
+    counted = st.attempt - st.storage_retries
+    if counted >= spec.max_round_retries:
+        msg = f"{why}; gave up after {counted + 1} attempt(s) (spec.maxRoundRetries={spec.max_round_retries})"
         cond.set_condition(st, cond.QUORUM_LOST, "True", cond.QUORUM_LOST, msg, now)
         cond.mark_halted(st, "Failed", cond.QUORUM_LOST, msg, now)
         st.stage = "done"
         events.append(Event("Warning", cond.QUORUM_LOST, msg))
         return
+    _again(spec, st, now, f"{why}; retrying (attempt {st.attempt + 1})", events)
+
+
+def _again(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime, message: str, events: list[Event]) -> None:
     st.attempt += 1
     if st.stage != "init":
         st.stage = "training"
     _reset_round(spec, st, now)
-    events.append(Event("Warning", "RoundRetry", f"{why}; retrying (attempt {st.attempt})"))
+    events.append(Event("Warning", "RoundRetry", message))
 
 
 def _drop_failing(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime, events: list[Event]) -> None:

@@ -84,12 +84,13 @@ def find_weed() -> str:
     )
 
 
-def _free_ports(n: int, wanted: list[int] | None = None) -> list[int]:
+def _free_ports(n: int, wanted: list[int] | None = None, strict: bool = False) -> list[int]:
     """n distinct free loopback ports, held together so the kernel cannot hand one out twice.
 
-    `wanted` ports are used when every one of them is free (a restart keeps its endpoint).
+    `wanted` ports are used when every one of them is free (a restart keeps its endpoint); with
+    `strict`, only they are: SeaweedError when one is taken.
     """
-    for candidates in (wanted, [0] * n):
+    for candidates in (wanted, None if strict else [0] * n):
         if not candidates or len(candidates) != n:
             continue
         with ExitStack() as stack:
@@ -104,6 +105,8 @@ def _free_ports(n: int, wanted: list[int] | None = None) -> list[int]:
             except OSError:
                 continue
             return [s.getsockname()[1] for s in socks]
+    if strict:
+        raise SeaweedError(f"SeaweedFS's ports {', '.join(map(str, wanted or []))} are not all free")
     raise SeaweedError("no free loopback ports for SeaweedFS")
 
 
@@ -131,6 +134,16 @@ class SeaweedServer:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The weed process's pid (also once it ended, until stop())."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        """weed's exit code once it ended on its own (negative: the signal that killed it); None while it runs."""
+        return None if self._proc is None else self._proc.poll()
 
     def storage(self, bucket: str) -> StorageSpec:
         """A StorageSpec pointing at `bucket` on this server."""
@@ -164,7 +177,25 @@ class SeaweedServer:
                     continue
                 raise
 
-    def _launch(self, weed: str, config: Path, reuse: bool) -> None:
+    def restart(self, timeout: float = 30) -> None:
+        """Start weed again after it ended, on the same data directory and the same ports.
+
+        Presigned URLs sign the host and port, so the tickets already handed out stay valid.
+        Raises SeaweedError (a port taken meanwhile, or weed not ready in time); call it again later.
+        """
+        if self.running:
+            raise SeaweedError(f"SeaweedFS server in {self.workdir} is already running")
+        ports = dict(self.ports)
+        self.stop()  # reaps the dead process and removes its sockets
+        self._launch(find_weed(), self.workdir / "identities.json", reuse=True, same=ports)
+        try:
+            self._wait_ready(time.monotonic() + timeout)
+        except SeaweedError:
+            self.stop()
+            self.ports = ports  # the next try asks for the same ones
+            raise
+
+    def _launch(self, weed: str, config: Path, reuse: bool, same: dict[str, int] | None = None) -> None:
         # Reuse the previous ports of this workdir when free: presigned URLs sign the host,
         # so a restarted local run keeps its endpoint and the URLs it already handed out.
         saved = self.workdir / "ports.json"
@@ -172,7 +203,9 @@ class SeaweedServer:
             previous = [int(p) for p in json.loads(saved.read_text()).values()] if reuse else None
         except (OSError, ValueError, AttributeError):
             previous = None
-        self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS), previous)))
+        if same is not None:
+            previous = [same[name] for name in _PORT_FLAGS]
+        self.ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS), previous, strict=same is not None)))
         saved.write_text(json.dumps(self.ports))
         args = [
             weed,
