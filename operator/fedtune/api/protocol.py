@@ -13,6 +13,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 
 from fedtune.api.base import ApiModel
 from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
+from fedtune.api.privacy import DifferentialPrivacySpec
 from fedtune.api.status import Metrics
 
 # Counts a pod reports (samples, bytes): never negative, and exact in every JSON reader (2**53), so
@@ -82,6 +83,9 @@ class TrainerConfig(ApiModel):
     deepspeed: DeepSpeedSpec
     world_size: int = 1
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (0 = off).")
+    dp: DifferentialPrivacySpec | None = Field(
+        None, description="Local differential privacy: clip the update and add noise before uploading it."
+    )
     model_files: dict[str, str] = Field(
         default_factory=dict, description="For s3:// model sources: relative file path -> presigned GET URL."
     )
@@ -171,6 +175,11 @@ class AggregatorTicket(ApiModel):
     strategy_params: dict[str, float] = Field(default_factory=dict)
     lora_mode: Literal["average", "exact"] = "average"
     min_updates: int = 1
+    dp: DifferentialPrivacySpec | None = Field(
+        None,
+        description="Differential privacy: central mode clips each update and adds noise to their sum; either mode "
+        "takes the unweighted mean.",
+    )
     global_in: Download | None = None
     state_in: Download | None = Field(None, description="Server optimiser state of the previous round.")
     updates: list[UpdateIn] = Field(default_factory=list)

@@ -14,6 +14,9 @@ STALLED = "Stalled"
 QUORUM_LOST = "QuorumLost"
 DEGRADED = "Degraded"
 INVALID_SPEC = "InvalidSpec"
+# The job stopped before a round that would have spent more ε than spec.privacy.dp.budget; it Succeeded with
+# the global adapter of the last round the budget allowed.
+PRIVACY_BUDGET_EXHAUSTED = "PrivacyBudgetExhausted"
 # Why a local run stopped before its job ended (phase Stopped).
 INTERRUPTED = "Interrupted"  # SIGINT (Ctrl-C) or SIGTERM: the runner stopped every child and said so
 RUNNER_CRASHED = "RunnerCrashed"  # an error in the runner itself
