@@ -46,7 +46,7 @@ def library_epsilon(sigma: float, rounds: int, delta: float) -> float:
     acc = RdpAccountant()
     for _ in range(rounds):  # composed one round at a time, not as the self-composition fedtune asks for
         acc.compose(dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(sigma)))
-    return acc.get_epsilon(delta)
+    return float(acc.get_epsilon(delta))
 
 
 # --- the accountant -------------------------------------------------------------------------
