@@ -23,7 +23,7 @@ from fedtune.api.status import utcnow
 from pydantic import ValidationError
 from safetensors.torch import save as save_safetensors
 
-from fedtune_trainer import transfer
+from fedtune_trainer import privacy, transfer
 from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox, own_receipt
 from fedtune_trainer.strategies import Strategy, aggregate_round, make_strategy
 from fedtune_trainer.tensorfile import TensorFile
@@ -139,7 +139,7 @@ def _aggregate_in(ticket: AggregatorTicket, strategy: Strategy, workdir: Path, r
         log.error("round %d: %s", ticket.round, receipt.error)
         return
 
-    new_global, residual = aggregate_round(global_prev, updates, weights, strategy, ticket.lora_mode, ticket.robust)
+    new_global, residual = _combine(ticket, global_prev, updates, weights, strategy)
     blob = serialise(new_global)
     state = strategy.state_dict()
     if state and not ticket.state_out:
@@ -164,6 +164,35 @@ def _aggregate_in(ticket: AggregatorTicket, strategy: Strategy, workdir: Path, r
         ticket.robust.to_wire() if ticket.robust else "off",
         residual,
     )
+
+
+def _combine(
+    ticket: AggregatorTicket,
+    global_prev: TensorFile,
+    updates: list[TensorFile],
+    weights: list[float],
+    strategy: Strategy,
+) -> tuple[dict[str, torch.Tensor], float | None]:
+    """The strategy's step from the round's mean: sample-weighted, or with differential privacy the
+    unweighted mean of clipped updates plus noise (central) or of updates the parties noised (local)."""
+    dp = ticket.dp
+    if dp is None:
+        return aggregate_round(global_prev, updates, weights, strategy, ticket.lora_mode, ticket.robust)
+    if ticket.lora_mode != "average":
+        raise ValueError("differential privacy needs loraMode average (the control plane refuses exact with it)")
+    if dp.mode == "local":  # each update carries its party's clipping and noise already: any rule is post-processing
+        return aggregate_round(global_prev, updates, [1.0] * len(updates), strategy, "average", ticket.robust)
+    mean, clipped = privacy.private_mean(
+        global_prev, updates, dp.clip_norm, dp.noise_multiplier, privacy.noise_generator()
+    )
+    log.info(
+        "round %d: differential privacy: %d of %d update(s) clipped to %g",
+        ticket.round,
+        clipped,
+        len(updates),
+        dp.clip_norm,
+    )
+    return strategy.aggregate(global_prev, mean), None
 
 
 def handle(ticket: AggregatorTicket) -> AggregatorReceipt:

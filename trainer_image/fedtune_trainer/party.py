@@ -202,6 +202,7 @@ def _fetch_round(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceip
 def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
     from fedtune_trainer.adapters import adapter_state
     from fedtune_trainer.compression import encode
+    from fedtune_trainer.privacy import noise_generator, privatise_update
     from fedtune_trainer.train import train_local
 
     cfg = ticket.config
@@ -220,6 +221,17 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
             state = adapter_state(rt.model, like=global_state)  # on every rank: under ZeRO-3 it is gathered
         if not ranks.lead:
             return  # every rank holds the same adapter now; rank 0 uploads it
+        if cfg.dp is not None:  # local differential privacy: no update leaves the party without its noise
+            state, norm = privatise_update(
+                global_state, state, cfg.dp.clip_norm, cfg.dp.noise_multiplier, noise_generator()
+            )
+            log.info(
+                "[%s] round %d: update norm %.4g clipped to %g, noise added",
+                ticket.party,
+                ticket.round,
+                norm,
+                cfg.dp.clip_norm,
+            )
         update = encode(state, cfg.training.update_compression)  # the aggregator decodes it
     metrics.train_loss = result.train_loss
     receipt.metrics, receipt.num_samples = metrics, result.num_samples

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
 from fedtune.api.methods import PROMPT_LEARNING, TASK_TYPES, check_peft_config, strategy_params
 from fedtune.api.party import StorageSpec
+from fedtune.api.privacy import PrivacySpec, budget_problem
 from fedtune.api.quantization import QuantizationSpec
 from fedtune.api.robust import RobustSpec
 from fedtune.api.status import FederatedJobStatus
@@ -192,6 +193,7 @@ class FederatedJobSpec(ApiModel):
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     storage: StorageSpec | None = Field(None, description="Coordinator bucket (global and final adapters).")
     rounds: int = Field(3, description="Federated rounds (at least 1).")
     min_parties: int = Field(1, description="Fewest updates a round may aggregate.")
@@ -282,6 +284,32 @@ class FederatedJobSpec(ApiModel):
                 f"peft.method {self.peft.method} with deepspeed.zeroStage 3 is not supported (the prompt "
                 "parameters are partitioned, peft saves a computed copy of them); use zeroStage <= 2 or lora"
             )
+        out.extend(self._privacy_problems())
+        return out
+
+    def _privacy_problems(self) -> list[str]:
+        dp = self.privacy.dp
+        if dp is None:
+            return []
+        out = []
+        if self.aggregator.lora_mode == "exact":
+            # The exact mean of B·A is not linear in the updates: the clipped sum's sensitivity bound fails.
+            out.append(
+                "privacy.dp needs aggregator.loraMode: average (exact mode re-factors products of the updates, "
+                "so the noise added to their sum would not bound what one party's update changes)"
+            )
+        robust = self.aggregator.robust
+        if dp.mode == "central" and robust is not None:
+            # The noise is calibrated to the clipped sum, which a robust rule replaces. Local noise is added before
+            # the aggregator sees anything, so any rule after it is post-processing.
+            out.append(
+                f"privacy.dp mode central cannot be combined with aggregator.robust (rule {robust.rule}): the noise "
+                "is calibrated to the clipped sum, which a robust rule replaces; use privacy.dp.mode: local, or drop "
+                "aggregator.robust (privacy.dp.clipNorm already bounds every update's norm)"
+            )
+        problem = budget_problem(dp)
+        if problem:
+            out.append(problem)
         return out
 
     @property

@@ -13,6 +13,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 
 from fedtune.api.base import ApiModel
 from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
+from fedtune.api.privacy import DifferentialPrivacySpec
 from fedtune.api.robust import RobustSpec
 from fedtune.api.status import Metrics
 
@@ -87,6 +88,9 @@ class TrainerConfig(ApiModel):
     deepspeed: DeepSpeedSpec
     world_size: int = 1
     prox_mu: float = Field(0.0, ge=0, description="FedProx proximal weight (0 = off).")
+    dp: DifferentialPrivacySpec | None = Field(
+        None, description="Local differential privacy: clip the update and add noise before uploading it."
+    )
     model_files: dict[str, str] = Field(
         default_factory=dict, description="For s3:// model sources: relative file path -> presigned GET URL."
     )
@@ -195,6 +199,11 @@ class AggregatorTicket(ApiModel):
     lora_mode: Literal["average", "exact"] = "average"
     robust: RobustSpec | None = Field(None, description="Byzantine-robust rule and norm bound, if any.")
     min_updates: int = 1
+    dp: DifferentialPrivacySpec | None = Field(
+        None,
+        description="Differential privacy: central mode clips each update and adds noise to their sum; either mode "
+        "takes the unweighted mean.",
+    )
     global_in: Download | None = None
     state_in: Download | None = Field(None, description="Server optimiser state of the previous round.")
     updates: list[UpdateIn] = Field(default_factory=list)

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from fedtune.api.base import ApiModel
+from fedtune.api.privacy import PrivacyStatus
 
 MAX_HISTORY = 50
 
@@ -88,6 +89,9 @@ class RoundRecord(ApiModel):
     )
     held_out_samples: int | None = Field(None, description="Examples in the held-out test set.")
     lora_residual: float | None = Field(None, description="Relative Frobenius residual of exact LoRA re-factoring.")
+    epsilon: float | None = Field(
+        None, description="Differential privacy: ε spent by the job up to and including this round (spec.privacy.dp)."
+    )
     finished_at: datetime | None = Field(None, description="When the round was aggregated.")
 
 
@@ -129,6 +133,9 @@ class FederatedJobStatus(ApiModel):
         None, description="When the current round first restarted for a storage failure the probe did not see."
     )
     storage_restarts: int = Field(0, description="Times local mode restarted its embedded S3 server (SeaweedFS).")
+    privacy: PrivacyStatus | None = Field(
+        None, description="Differential privacy spent so far and the budget (spec.privacy.dp)."
+    )
     message: str = Field("", description="Human-readable summary of the job's state.")
 
     @property

@@ -26,9 +26,11 @@ def _held_out_columns(st: FederatedJobStatus) -> list[tuple[str, str, str]]:
 def round_table(st: FederatedJobStatus) -> str:
     """A fixed-width table of the round history: the parties' own eval splits, then the held-out test set."""
     test = _held_out_columns(st)
+    dp = st.privacy is not None
     head = (
         f"{'round':>5}  {'parties':>7}  {'train loss':>10}  {'eval loss':>9}  {'eval acc':>8}  {'eval ppl':>8}  "
         + "".join(f"{title:>9}  " for title, _, _ in test)
+        + (f"{'ε spent':>8}  " if dp else "")
         + f"{'MB moved':>8}  {'seconds':>7}"
     )
     lines = [head, "-" * len(head)]
@@ -38,7 +40,15 @@ def round_table(st: FederatedJobStatus) -> str:
         lines.append(
             f"{h.round:>5}  {len(h.participants) if h.round else '-':>7}  {_f(m.train_loss, '.4f'):>10}  "
             f"{_f(m.eval_loss, '.4f'):>9}  {_f(m.eval_accuracy, '.3f'):>8}  {_f(m.eval_perplexity, '.2f'):>8}  "
-            f"{held}{(h.bytes_up + h.bytes_down) / 1e6:>8.2f}  {h.duration_seconds:>7.1f}"
+            f"{held}"
+            + (f"{_f(h.epsilon, '.3f'):>8}  " if dp else "")
+            + f"{(h.bytes_up + h.bytes_down) / 1e6:>8.2f}  {h.duration_seconds:>7.1f}"
+        )
+    if st.privacy is not None:
+        p = st.privacy
+        lines.append(
+            f"\ndifferential privacy ({p.mode}, {p.accountant}): ε={p.epsilon:.3f} spent at δ={p.delta:g}, "
+            f"budget ε={p.budget_epsilon:g} ({p.rounds_allowed} round(s) allowed)"
         )
     return "\n".join(lines)
 
@@ -68,6 +78,8 @@ def metrics_document(job: FederatedJob, st: FederatedJobStatus, extra: dict | No
         "parties": [p.to_wire() for p in st.parties],
         "finalAdapter": st.final_adapter,
     }
+    if st.privacy is not None:
+        doc["privacy"] = st.privacy.to_wire()
     doc.update(extra or {})
     return doc
 

@@ -19,6 +19,9 @@ INVALID_SPEC = "InvalidSpec"
 STORAGE_UNAVAILABLE = "StorageUnavailable"
 STORAGE_UNREACHABLE = "StorageUnreachable"
 STORAGE_ANSWERS = "StorageAnswers"
+# The job stopped before a round that would have spent more ε than spec.privacy.dp.budget; it Succeeded with
+# the global adapter of the last round the budget allowed.
+PRIVACY_BUDGET_EXHAUSTED = "PrivacyBudgetExhausted"
 # Why a local run stopped before its job ended (phase Stopped).
 INTERRUPTED = "Interrupted"  # SIGINT (Ctrl-C) or SIGTERM: the runner stopped every child and said so
 RUNNER_CRASHED = "RunnerCrashed"  # an error in the runner itself

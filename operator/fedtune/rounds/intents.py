@@ -116,6 +116,7 @@ def trainer_config(job: FederatedJob, party: Party) -> TrainerConfig:
         deepspeed=spec.deepspeed,
         world_size=spec.world_size(party.spec.compute.gpus_per_pod),
         prox_mu=mu,
+        dp=spec.privacy.dp if spec.privacy.dp and spec.privacy.dp.mode == "local" else None,
     )
 
 
@@ -208,7 +209,7 @@ def build_aggregator_ticket(
         return t
     ttl = url_ttl(intent.deadline, now)
     t.strategy, t.strategy_params = spec.strategy.name, spec.strategy.resolved()
-    t.lora_mode, t.min_updates = spec.aggregator.lora_mode, spec.min_parties
+    t.lora_mode, t.min_updates, t.dp = spec.aggregator.lora_mode, spec.min_parties, spec.privacy.dp
     t.robust = spec.aggregator.robust
     t.global_in = Download(
         url=signer.presign_get(COORDINATOR, layout.global_key(uid, rnd - 1), ttl), sha256=st.global_sha256

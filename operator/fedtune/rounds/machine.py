@@ -13,6 +13,10 @@ A job may name an evaluator (spec.evaluator): a party that holds a held-out test
 trains. It evaluates global r-1 while the parties train round r, and the last global with them at
 the end. It never counts towards quorum; the stage waits for its answer until the deadline, and
 an evaluator that keeps failing is dropped without failing the job (condition Degraded).
+
+With differential privacy (spec.privacy.dp) every aggregated round records the ε spent so far, and the
+job ends early, Succeeded with the global adapter of the last round its budget allowed and the condition
+PrivacyBudgetExhausted, instead of starting a round that would spend more than the budget.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from fedtune.api import privacy
 from fedtune.api.job import FederatedJob, FederatedJobSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import MAX_HISTORY, FederatedJobStatus, Metrics, PartyState, RoundRecord
@@ -59,8 +64,28 @@ def new_status(job: FederatedJob, now: datetime) -> FederatedJobStatus:
     )
     st.round_started_at = now
     st.round_deadline = now + timedelta(seconds=job.spec.round_timeout_seconds)
+    st.privacy = _privacy_status(job.spec, 0)
     cond.mark_running(st, "loading the base model on every party", now)
     return st
+
+
+def last_round(spec: FederatedJobSpec) -> int:
+    """The round the job ends with: spec.rounds, or fewer where the privacy budget allows fewer."""
+    dp = spec.privacy.dp
+    return spec.rounds if dp is None else privacy.rounds_allowed(dp, spec.rounds)
+
+
+def _privacy_status(spec: FederatedJobSpec, rounds_done: int) -> privacy.PrivacyStatus | None:
+    dp = spec.privacy.dp
+    if dp is None:
+        return None
+    return privacy.PrivacyStatus(
+        mode=dp.mode,
+        epsilon=privacy.spent(dp, rounds_done),
+        delta=dp.budget.delta,
+        budget_epsilon=dp.budget.epsilon,
+        rounds_allowed=last_round(spec),
+    )
 
 
 def resumed(job: FederatedJob, status: FederatedJobStatus, now: datetime) -> FederatedJobStatus:
@@ -254,15 +279,19 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
                 train_loss=_weighted([(p.metrics.train_loss if p.metrics else None, p.num_samples) for p in accepted])
             ),
             lora_residual=a.lora_residual,
+            epsilon=privacy.spent(spec.privacy.dp, rnd) if spec.privacy.dp else None,
             finished_at=obs.now,
         ),
     )
+    st.privacy = _privacy_status(spec, rnd)
     st.global_sha256, st.server_state_sha256 = a.sha256, a.state_sha256
     events.append(Event("Normal", "RoundCompleted", f"round {rnd}/{spec.rounds}: aggregated {len(accepted)} update(s)"))
     _drop_failing(spec, st, obs.now, events)
     if st.phase == "Failed":
         return
-    if rnd >= spec.rounds:
+    if rnd >= last_round(spec):
+        if rnd < spec.rounds:
+            _budget_exhausted(spec, st, rnd, obs.now, events)
         st.stage, st.attempt = "evaluating", 0
         st.storage_retries, st.storage_retry_since = 0, None
         st.round_deadline = obs.now + timedelta(seconds=spec.round_timeout_seconds)
@@ -290,8 +319,22 @@ def _evaluating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, eve
     _evaluator_late(st, events)
     _record_eval(st, rnd, [p for p in active(st) if p.state == "Done"])
     st.stage = "done"
-    cond.mark_succeeded(st, f"{rnd} round(s) done; final adapter at {st.final_adapter}", obs.now)
+    spent = f"; ε={st.privacy.epsilon:.3f} (δ={st.privacy.delta:g}) spent" if st.privacy else ""
+    early = f" of {job.spec.rounds} (privacy budget exhausted)" if rnd < job.spec.rounds else ""
+    cond.mark_succeeded(st, f"{rnd} round(s){early} done{spent}; final adapter at {st.final_adapter}", obs.now)
     events.append(Event("Normal", "Succeeded", f"final adapter at {st.final_adapter}"))
+
+
+def _budget_exhausted(spec: FederatedJobSpec, st: FederatedJobStatus, rnd: int, now: datetime, events: list) -> None:
+    """Round rnd + 1 would spend more ε than the budget: the job ends with round rnd's adapter, saying why."""
+    dp = spec.privacy.dp
+    msg = (
+        f"stopped after round {rnd} of {spec.rounds}: round {rnd + 1} would spend ε={privacy.spent(dp, rnd + 1):.3f} "
+        f"(δ={dp.budget.delta:g}), more than spec.privacy.dp.budget.epsilon={dp.budget.epsilon:g}; "
+        f"spent ε={privacy.spent(dp, rnd):.3f}. The final adapter is round {rnd}'s"
+    )
+    cond.set_condition(st, cond.PRIVACY_BUDGET_EXHAUSTED, "True", cond.PRIVACY_BUDGET_EXHAUSTED, msg, now)
+    events.append(Event("Warning", cond.PRIVACY_BUDGET_EXHAUSTED, msg))
 
 
 # --- the evaluator ------------------------------------------------------------------------
