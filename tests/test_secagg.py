@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from fedtune_trainer.secagg import (
     FRACTION_BITS,
     Context,
@@ -23,6 +24,8 @@ from fedtune_trainer.secagg import (
     reveal,
     unmask,
 )
+from fedtune_trainer.secagg.context import label
+from fedtune_trainer.secagg.keys import hkdf, prg
 
 NAMES = ["alice", "bob", "carol", "dave", "erin"]
 
@@ -241,3 +244,12 @@ def test_public_keys_refuse_bad_base64_and_wrong_lengths():
         PublicKeys.from_dict({**good, "s": base64.b64encode(bytes(31)).decode()})
     with pytest.raises(SecAggError, match="exactly 'c' and 's'"):
         PublicKeys.from_dict({"c": good["c"]})
+
+
+def test_the_prg_is_one_unbroken_chacha20_keystream():
+    # Across the chunks it is written in: a restarted or repeated stream would still cancel in unmask.
+    ctx, seed, size = Context("job-a", 1, 0), bytes(range(32)), 300_001
+    key = hkdf(seed, label(ctx, b"prg"))
+    want = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * size))
+    assert prg(ctx, seed, size).tobytes() == want
+    assert not np.array_equal(prg(ctx, seed, 1000), prg(Context("job-a", 1, 1), seed, 1000))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,9 +96,26 @@ def pair_seed(ctx: Context, private_s: X25519PrivateKey, other_s: X25519PublicKe
     return hkdf(exchange(private_s, other_s, v), label(ctx, b"mask", lo, hi))
 
 
-def prg(ctx: Context, seed: bytes, size: int) -> np.ndarray:
-    """`size` uint64 of ChaCha20 keystream under HKDF(seed, ctx | "prg"), nonce zero (a fresh key per seed)."""
+_CHUNK = 1 << 20
+_ZEROS = bytes(_CHUNK)
+
+
+def prg(ctx: Context, seed: bytes, size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """`size` uint64 of ChaCha20 keystream under HKDF(seed, ctx | "prg"), nonce zero (a fresh key per seed).
+
+    Written into `out` (a uint64 scratch array of `size`) when given: reusing it spares the page faults
+    of a fresh buffer, which cost more than the cipher itself.
+    """
+    if out is None:
+        out = np.empty(size, dtype=np.uint64)
+    elif out.dtype != np.uint64 or out.size != size or not out.flags.c_contiguous:
+        raise ValueError("prg: out must be a contiguous uint64 array of the requested size")
     key = hkdf(seed, label(ctx, b"prg"))
     encryptor = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-    stream = encryptor.update(bytes(8 * size))
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+    view = memoryview(out.reshape(-1)).cast("B")
+    for start in range(0, len(view), _CHUNK):
+        part = view[start : start + _CHUNK]
+        encryptor.update_into(_ZEROS[: len(part)], part)
+    if sys.byteorder == "big":
+        out.byteswap(inplace=True)  # the keystream is read as little-endian words on every host
+    return out

@@ -40,11 +40,12 @@ def mask(
     if keys.public() != roster[me]:
         raise SecAggError(f"party {me}: the roster holds other public keys for me than my own for {ctx.describe()}")
     out = vector.copy()
-    _accumulate(out, prg(ctx, b_seed, out.size), True)
+    scratch = np.empty(out.size, dtype=np.uint64)
+    _accumulate(out, prg(ctx, b_seed, out.size, scratch), True)
     for v in sorted(roster):
         if v != me:
             seed = pair_seed(ctx, keys._s, roster[v].key("s"), me, v)
-            _accumulate(out, prg(ctx, seed, out.size), _sign(me, v))
+            _accumulate(out, prg(ctx, seed, out.size, scratch), _sign(me, v))
     return out
 
 
@@ -143,9 +144,10 @@ def unmask(
         return combine(sorted(shares)[:threshold])
 
     total = np.zeros(shape, dtype=np.uint64)
+    scratch = np.empty(total.size, dtype=np.uint64)
     for u in survivors:
         np.add(total, vectors[u], out=total)
-        _accumulate(total, prg(ctx, recover("b", u), total.size), False)
+        _accumulate(total, prg(ctx, recover("b", u), total.size, scratch), False)
     for v in dropped:
         private = X25519PrivateKey.from_private_bytes(recover("s", v))
         if public_of(private) != roster[v].s:
@@ -156,5 +158,5 @@ def unmask(
         for u in survivors:
             seed = pair_seed(ctx, private, roster[u].key("s"), v, u)
             # u added +PRG(s_uv) if u < v, else subtracted it; take that back out.
-            _accumulate(total, prg(ctx, seed, total.size), not _sign(u, v))
+            _accumulate(total, prg(ctx, seed, total.size, scratch), not _sign(u, v))
     return total, {h: "; ".join(r) for h, r in rejected.items()}
