@@ -15,7 +15,7 @@ from fedtune.api.receipts import TicketRef
 from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import aggregator_intent, trainer_intents
 from pydantic import ValidationError
-from test_round_machine import Sim, make_job
+from test_round_machine import Sim, make_job, reasons
 
 KEY = base64.b64encode(bytes(32)).decode()
 
@@ -30,9 +30,9 @@ def secure_job(n=4, threshold=3, min_parties=2, retries=1, rounds=2) -> Federate
 class SecureSim(Sim):
     """Answers the secure exchanges too; `gone[party] = phase` makes a party silent from that phase of round 1."""
 
-    def __init__(self, job, gone=None, **kw):
+    def __init__(self, job, gone=None, broken=None, **kw):
         super().__init__(job, **kw)
-        self.gone = gone or {}
+        self.gone, self.broken = gone or {}, broken or {}
         self.kinds: dict[str, list[str]] = {}
 
     def answer(self):
@@ -51,13 +51,15 @@ class SecureSim(Sim):
                 r = self.receipts.get(name)
                 if r and (r.kind, r.round, r.attempt) == (it.kind, it.round, it.attempt):
                     continue
+                ok = not (it.round == 1 and self.broken.get(short) == it.kind)
                 self.receipts[name] = TrainerReceipt(
                     kind=it.kind,
                     job="uid-1",
                     party=name,
                     round=it.round,
                     attempt=it.attempt,
-                    ok=True,
+                    ok=ok,
+                    error=None if ok else "this trainer holds no secure-aggregation keys",
                     public_keys={"c": KEY, "s": KEY} if it.kind == "keys" else None,
                     sha256=f"{it.kind}-{short}-{it.round}-{it.attempt}" if it.kind != "keys" else None,
                     bytes_up=10,
@@ -82,6 +84,14 @@ def test_a_party_that_drops_after_uploading_still_counts():
     assert st.phase == "Succeeded"
     assert sim.aggregated[0] == ["default/a", "default/b", "default/c", "default/d"]
     assert "default/d" in st.history[1].participants
+
+
+def test_a_survivor_that_cannot_reveal_after_a_restart_still_counts_and_is_not_blamed():
+    sim = SecureSim(secure_job(), broken={"d": "unmask"})
+    st = sim.run()
+    assert st.phase == "Succeeded" and sim.aggregated[0] == ["default/a", "default/b", "default/c", "default/d"]
+    assert "NoReveal" in reasons(sim) and "PartyFailed" not in reasons(sim)
+    assert st.party("default/d").failures == 0 and st.history[1].attempt == 0
 
 
 def test_a_party_that_drops_before_uploading_is_unmasked_out_of_the_sum():

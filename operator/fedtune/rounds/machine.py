@@ -251,7 +251,8 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
         if obs.now >= st.round_deadline:
             _retry(spec, st, obs.now, f"round {rnd}: the aggregator did not answer before the deadline", events)
         return
-    offered = {p.name for p in active(st) if p.state == "Submitted"}
+    sa = st.secure_aggregation  # with it, the survivors' masked updates: whatever each did since
+    offered = set(sa.survivors) if sa is not None else {p.name for p in active(st) if p.state == "Submitted"}
     strangers = sorted((set(a.accepted) | set(a.rejected)) - offered)
     if strangers:  # the aggregator's pod wrote that receipt: its names are checked like the rest of it
         named = ", ".join(strangers)[:200]

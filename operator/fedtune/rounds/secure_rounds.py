@@ -60,7 +60,10 @@ def step(job: FederatedJob, st: FederatedJobStatus, obs: m.Observation, events: 
             continue
         p.bytes_up += r.bytes_up
         p.bytes_down += r.bytes_down
-        if r.storage_failed:
+        if phase == "unmask" and not r.ok:  # its masked update is in: the others reveal its self mask
+            p.state, p.message = "Submitted", f"round {rnd}: gave no reveal ({r.error}); its update still counts"
+            events.append(Event("Warning", "NoReveal", f"{p.name}: {p.message}"))
+        elif r.storage_failed:
             m._storage_failed(p, f"round {rnd} ({phase}): {r.error}", events)
         elif not r.ok:
             m._party_failed(p, f"round {rnd}: secure aggregation ({phase}) failed: {r.error}", events)
