@@ -161,3 +161,48 @@ def test_runner_interrupted_then_killed_then_resumed(job_file, tmp_path):
         if h["round"] < before["currentRound"]:
             assert finished[h["round"]] == h.get("finishedAt"), h["round"]
     assert_no_orphans(job)
+
+
+def test_a_party_killed_after_uploading_its_masked_update_still_counts_in_the_sum(tmp_path):
+    """Secure aggregation: carol is killed holding her unmask ticket (her masked update is in, her secrets
+    die with her). The others' reveals recover the sum with her update in it: the job's adapter equals
+    that of the same job without secure aggregation and without the kill, within quantisation error."""
+    import yaml
+    from safetensors.torch import load_file
+
+    model = make_tiny_model(tmp_path / "bert", "sequence-classification")
+    data = tmp_path / "toy.jsonl"
+    data.write_bytes(toy_jsonl(200))
+    text = job_yaml(model, data, parties=("alice", "bob", "carol"), rounds=2, samples=24, timeout=45)
+    plain_file, secure_file = tmp_path / "plain.yaml", tmp_path / "secure.yaml"
+    plain_file.write_text(text)
+    docs = list(yaml.safe_load_all(text))
+    docs[0]["spec"]["privacy"] = {"secureAggregation": {"threshold": 2}}
+    secure_file.write_text(yaml.safe_dump_all(docs))
+    plain = LocalJob(plain_file, tmp_path / "plain")
+    job = LocalJob(secure_file, tmp_path / "secure")
+    try:
+        assert plain.start().proc.wait(timeout=180) == 0, plain.tail()
+        job.start()
+        while True:  # carol, frozen at each new ticket of round 1 until it is the unmask one
+            carol, ticket = hold_with_a_ticket(job, "default/carol")
+            if ticket["kind"] == "unmask" or ticket["round"] > 1:
+                break
+            os.kill(carol, signal.SIGCONT)
+        assert ticket["kind"] == "unmask" and ticket["round"] == 1, ticket
+        os.kill(carol, signal.SIGKILL)
+        assert job.runner.proc.wait(timeout=180) == 0, job.tail()
+    finally:
+        stop_all(plain.runners + job.runners)
+    st = job.status()
+    assert st["phase"] == "Succeeded", st.get("message")
+    assert_rounds_once(st, 2)
+    assert st["history"][1]["participants"] == ["default/alice", "default/bob", "default/carol"]
+    assert_log_names(job.runner.output, rf"\] ! default/carol was killed by SIGKILL; restarting in 1s \(pid {carol}; ")
+    assert_log_names(
+        job.pod_log("aggregator"), r"round 1: secure aggregation: unmasked the sum of 3 update\(s\) .*2 reveal"
+    )
+    got = load_file(tmp_path / "secure" / "final" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "plain" / "final" / "adapter_model.safetensors")
+    assert max(float((got[k].double() - want[k].double()).abs().max()) for k in want) < 1e-5
+    assert_no_orphans(job)

@@ -25,6 +25,7 @@ from safetensors.torch import save as save_safetensors
 
 from fedtune_trainer import privacy, transfer
 from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox, own_receipt
+from fedtune_trainer.secure_mean import secure_mean
 from fedtune_trainer.strategies import Strategy, aggregate_round, make_strategy
 from fedtune_trainer.tensorfile import TensorFile
 from fedtune_trainer.verify import UpdateRejected, open_verified
@@ -128,8 +129,11 @@ def _aggregate_in(ticket: AggregatorTicket, strategy: Strategy, workdir: Path, r
         state = _fetch_verified(ticket.state_in, workdir / "state.safetensors", None, receipt, "server state (stateIn)")
         strategy.load_state_dict(state)
 
-    updates, weights = _collect_updates(ticket, global_prev, workdir, receipt)
-    needed = max(1, ticket.min_updates)
+    if ticket.secure is not None:  # masked updates: only their sum is ever in clear
+        updates, weights = [secure_mean(ticket, global_prev, workdir, receipt)], [1.0]
+    else:
+        updates, weights = _collect_updates(ticket, global_prev, workdir, receipt)
+    needed = 1 if ticket.secure is not None else max(1, ticket.min_updates)
     if len(updates) < needed:
         why = f"; rejected: {'; '.join(receipt.rejected.values())}" if receipt.rejected else ""
         receipt.error = (
@@ -176,6 +180,8 @@ def _combine(
     """The strategy's step from the round's mean: sample-weighted, or with differential privacy the
     unweighted mean of clipped updates plus noise (central) or of updates the parties noised (local)."""
     dp = ticket.dp
+    if ticket.secure is not None:  # one update: the mean of the masked ones (local DP noised each already)
+        return strategy.aggregate(global_prev, updates[0]), None
     if dp is None:
         return aggregate_round(global_prev, updates, weights, strategy, ticket.lora_mode, ticket.robust)
     if ticket.lora_mode != "average":

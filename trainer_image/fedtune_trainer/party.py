@@ -15,15 +15,15 @@ import os
 import re
 import time
 from datetime import UTC
-from typing import Any
+from typing import Any, get_args
 
 from fedtune.api import cpu_slots
 from fedtune.api.mailbox import POLL_SECONDS, ticket_id
-from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket, Upload
+from fedtune.api.protocol import Download, TicketKind, TrainerConfig, TrainerReceipt, TrainerTicket, Upload
 from fedtune.api.status import Metrics, utcnow
 from pydantic import ValidationError
 
-from fedtune_trainer import transfer
+from fedtune_trainer import secure_party, transfer
 from fedtune_trainer.mailbox import Mailbox, answers, as_int, deliver, open_mailbox, own_receipt
 from fedtune_trainer.ranks import SOLO, Ranks, from_env
 
@@ -43,6 +43,7 @@ class PartyRuntime:
         self._key: str | None = None
         self._placed = False
         self._data: dict[tuple[str, str, str | None], list[dict]] = {}
+        self.secure = secure_party.Sessions()  # secure aggregation's secrets of the current round
 
     @staticmethod
     def model_key(cfg: TrainerConfig) -> str:
@@ -208,6 +209,8 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
     cfg = ticket.config
     if ticket.train_data is None or not ticket.update_out:
         raise ValueError("train ticket needs trainData and updateOut")
+    if ticket.secure is not None and ranks.lead:  # the shares dealt to this party, before the work of training
+        secure_party.receive(ticket, rt.secure, receipt)
     train, global_state, evals = ranks.share(lambda: _fetch_round(ticket, rt, receipt))
     _load_global(rt, global_state, ranks)
     # Local mode: no more parties compute at once than there are cores (one-rank parties only: the
@@ -232,7 +235,10 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
                 norm,
                 cfg.dp.clip_norm,
             )
-        update = encode(state, cfg.training.update_compression)  # the aggregator decodes it
+        if ticket.secure is not None:  # the aggregator sees only the sum of the masked updates
+            update = secure_party.masked_update(ticket, rt.secure, global_state, state, result.num_samples)
+        else:
+            update = encode(state, cfg.training.update_compression)  # the aggregator decodes it
     metrics.train_loss = result.train_loss
     receipt.metrics, receipt.num_samples = metrics, result.num_samples
     receipt.timings.train_seconds = result.seconds
@@ -247,6 +253,21 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
         result.num_samples,
         result.seconds,
     )
+
+
+def _secure(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
+    """Secure aggregation's keys, shares and unmask exchanges: rank 0's alone (fedtune_trainer.secure_party)."""
+    if not ranks.lead:
+        return
+    if ticket.secure is None:
+        raise ValueError(f"{ticket.kind} ticket carries no secure block")
+    if ticket.kind == "keys":
+        secure_party.advertise(ticket, rt.secure, receipt)
+    elif ticket.kind == "shares":
+        secure_party.deal(ticket, rt.secure, receipt, _upload)
+    else:
+        secure_party.reveal(ticket, rt.secure, receipt, _upload)
+    log.info("[%s] round %d: secure aggregation: %s done", ticket.party, ticket.round, ticket.kind)
 
 
 def _fetch_eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> tuple:
@@ -310,7 +331,8 @@ def handle(ticket: TrainerTicket, rt: PartyRuntime, ranks: Ranks = SOLO) -> Trai
             with ranks.together():
                 receipt.timings.load_seconds = rt.ensure(ticket.config)
             receipt.base_model_fingerprint = rt.fingerprint
-            {"init": _init, "train": _train, "eval": _eval}[ticket.kind](ticket, rt, receipt, ranks)
+            work = {"init": _init, "train": _train, "eval": _eval}.get(ticket.kind, _secure)
+            work(ticket, rt, receipt, ranks)
     except Exception as exc:  # the control plane decides what a failure means; the pod stays up
         log.error("[%s] %s failed: %s", ticket.party, ticket.ticket_id, describe(exc))
         receipt.ok, receipt.error = False, describe(exc)
@@ -322,7 +344,7 @@ def handle(ticket: TrainerTicket, rt: PartyRuntime, ranks: Ranks = SOLO) -> Trai
 
 def _raw_receipt(raw: dict[str, Any], ok: bool, error: str | None = None) -> TrainerReceipt:
     """A receipt for a ticket that could not be parsed (or a terse exit ticket)."""
-    kind = raw.get("kind") if raw.get("kind") in ("init", "train", "eval", "exit") else "exit"
+    kind = raw.get("kind") if raw.get("kind") in get_args(TicketKind) else "exit"
     return TrainerReceipt(
         kind=kind,
         job=str(raw.get("job", "")),

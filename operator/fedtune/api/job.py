@@ -285,6 +285,42 @@ class FederatedJobSpec(ApiModel):
                 "parameters are partitioned, peft saves a computed copy of them); use zeroStage <= 2 or lora"
             )
         out.extend(self._privacy_problems())
+        out.extend(self._secure_aggregation_problems(n))
+        return out
+
+    def _secure_aggregation_problems(self, n: int) -> list[str]:
+        sa = self.privacy.secure_aggregation
+        if sa is None:
+            return []
+        out, t = [], sa.resolved_threshold(n)
+        if n < 2:
+            out.append("privacy.secureAggregation needs at least 2 parties (one party's sum is its update)")
+        elif t > n:
+            out.append(
+                f"privacy.secureAggregation.threshold ({t}) is larger than the number of parties ({n}): no round "
+                f"could recover its sum; set it to at most {n}"
+            )
+        # The aggregator sees only the sum: whatever needs the updates one by one cannot run on it.
+        if self.aggregator.lora_mode == "exact":
+            out.append(
+                "privacy.secureAggregation needs aggregator.loraMode: average (exact mode multiplies each party's "
+                "B and A, which the aggregator never sees apart; only their sum)"
+            )
+        if (robust := self.aggregator.robust) is not None:
+            out.append(
+                f"privacy.secureAggregation cannot be combined with aggregator.robust (rule {robust.rule}): "
+                "robust rules look at every update, the aggregator sees only their sum; drop one of them"
+            )
+        if self.privacy.dp is not None and self.privacy.dp.mode == "central":
+            out.append(
+                "privacy.secureAggregation needs privacy.dp.mode: local (central mode clips each update at the "
+                "aggregator, which sees only their sum); set privacy.dp.mode: local"
+            )
+        if self.training.update_compression != "none":
+            out.append(
+                f"privacy.secureAggregation sends masked integers, which do not compress: set "
+                f"training.updateCompression: none (it is {self.training.update_compression})"
+            )
         return out
 
     def _privacy_problems(self) -> list[str]:

@@ -27,6 +27,7 @@ from typing import Literal
 from pydantic import Field
 
 from fedtune.api.base import ApiModel
+from fedtune.api.secagg import SecureAggregationSpec
 
 ACCOUNTANT = "rdp (dp-accounting)"
 
@@ -65,6 +66,11 @@ class PrivacySpec(ApiModel):
 
     dp: DifferentialPrivacySpec | None = Field(
         None, description="Client-level differential privacy (DP-FedAvg) with an (ε, δ) budget."
+    )
+    secure_aggregation: SecureAggregationSpec | None = Field(
+        None,
+        description="Secure aggregation: parties mask their updates so that the aggregator learns only their sum "
+        "(a threshold of parties recovers it when others drop).",
     )
 
 

@@ -15,6 +15,7 @@ from fedtune.api.base import ApiModel
 from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
 from fedtune.api.privacy import DifferentialPrivacySpec
 from fedtune.api.robust import RobustSpec
+from fedtune.api.secagg import PublicKeys, SecureAggregation, SecureTicket
 from fedtune.api.status import Metrics
 
 # Counts a pod reports (samples, bytes): never negative, and exact in every JSON reader (2**53), so
@@ -24,7 +25,8 @@ Count = Annotated[int, Field(ge=0, le=2**53)]
 # init: load the model, report its fingerprint; the designated party also uploads global 0.
 # train: evaluate the received global adapter on the local eval split, then train and upload.
 # eval: evaluate the final global adapter only. exit: stop the pod.
-TicketKind = Literal["init", "train", "eval", "exit"]
+# keys, shares, unmask: a round's exchanges with secure aggregation besides train (fedtune.api.secagg).
+TicketKind = Literal["init", "keys", "shares", "train", "unmask", "eval", "exit"]
 # Whose failure an ok=False receipt reports. "storage": the object store could not be reached, or kept
 # answering 5xx, after every retry; the control plane blames no party for it and the round waits for
 # the storage. "pod" (or none, as older pods write): anything else, the party's own failure.
@@ -112,6 +114,7 @@ class TrainerTicket(ApiModel):
     update_out: Upload | None = Field(None, description="Where this party's update goes (or global 0 on init).")
     adapter_config_out: str | None = Field(None, description="PUT URL for adapter_config.json (init only).")
     receipt_out: str | None = Field(None, description="PUT URL for a copy of the receipt in the party bucket.")
+    secure: SecureTicket | None = Field(None, description="Secure aggregation's part (kinds keys to unmask).")
 
     @property
     def ticket_id(self) -> str:
@@ -156,6 +159,7 @@ class TrainerReceipt(ApiModel):
     bytes_up: Count = 0
     bytes_down: Count = 0
     base_model_fingerprint: str | None = None
+    public_keys: PublicKeys | None = Field(None, description="keys: the party's public keys for this round.")
     timings: Timings = Field(default_factory=Timings)
     finished_at: datetime | None = None
 
@@ -203,6 +207,9 @@ class AggregatorTicket(ApiModel):
         None,
         description="Differential privacy: central mode clips each update and adds noise to their sum; either mode "
         "takes the unweighted mean.",
+    )
+    secure: SecureAggregation | None = Field(
+        None, description="Secure aggregation: the updates are masked; what removing the masks from their sum needs."
     )
     global_in: Download | None = None
     state_in: Download | None = Field(None, description="Server optimiser state of the previous round.")

@@ -37,7 +37,9 @@ MAX_TICKET_BYTES = 4 * 1024 * 1024
 _INT64 = 2**63  # Kubernetes integers are int64: a status holding a larger one is refused
 _SHOWN = 200  # characters of pod-written text a reason quotes at most
 # Tickets of one round, in the order a pod gets them (a round's eval follows its training).
-_KIND_ORDER = {"init": 0, "train": 1, "aggregate": 1, "eval": 2, "exit": 3}
+_KIND_ORDER = {"init": 0, "keys": 1, "shares": 2, "train": 3, "unmask": 4, "aggregate": 3, "eval": 5, "exit": 6}
+# A round's exchanges with secure aggregation: a retried attempt starts again from keys.
+_ROUND_KINDS = frozenset({"keys", "shares", "train", "unmask"})
 
 AnyReceipt = TypeVar("AnyReceipt", TrainerReceipt, AggregatorReceipt)
 
@@ -57,6 +59,8 @@ class TicketRef:
     def after(self, other: TicketRef) -> bool:
         """Whether a pod gets this ticket after `other` (attempts compare within one kind)."""
         mine, theirs = (self.round, _KIND_ORDER.get(self.kind, 0)), (other.round, _KIND_ORDER.get(other.kind, 0))
+        if self.round == other.round and {self.kind, other.kind} <= _ROUND_KINDS and self.attempt != other.attempt:
+            return self.attempt > other.attempt
         if mine != theirs:
             return mine > theirs
         return self.kind == other.kind and self.attempt > other.attempt

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from fedtune.api.base import ApiModel
 from fedtune.api.privacy import PrivacyStatus
+from fedtune.api.secagg import SecureAggregationStatus
 
 MAX_HISTORY = 50
 
@@ -135,6 +136,9 @@ class FederatedJobStatus(ApiModel):
     storage_restarts: int = Field(0, description="Times local mode restarted its embedded S3 server (SeaweedFS).")
     privacy: PrivacyStatus | None = Field(
         None, description="Differential privacy spent so far and the budget (spec.privacy.dp)."
+    )
+    secure_aggregation: SecureAggregationStatus | None = Field(
+        None, description="The current round's secure aggregation (spec.privacy.secureAggregation): public values."
     )
     message: str = Field("", description="Human-readable summary of the job's state.")
 

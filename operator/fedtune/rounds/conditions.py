@@ -22,6 +22,10 @@ STORAGE_ANSWERS = "StorageAnswers"
 # The job stopped before a round that would have spent more ε than spec.privacy.dp.budget; it Succeeded with
 # the global adapter of the last round the budget allowed.
 PRIVACY_BUDGET_EXHAUSTED = "PrivacyBudgetExhausted"
+# A round with secure aggregation failed because fewer than its threshold t of parties uploaded, or revealed:
+# the sum cannot be recovered. True (reason BelowThreshold) from then on, False once a round aggregates again.
+SECURE_AGGREGATION_FAILED = "SecureAggregationFailed"
+BELOW_THRESHOLD = "BelowThreshold"
 # Why a local run stopped before its job ended (phase Stopped).
 INTERRUPTED = "Interrupted"  # SIGINT (Ctrl-C) or SIGTERM: the runner stopped every child and said so
 RUNNER_CRASHED = "RunnerCrashed"  # an error in the runner itself

@@ -18,7 +18,9 @@ from fedtune.api.job import FederatedJob
 from fedtune.api.methods import SERVER_STATE_COPIES
 from fedtune.api.party import Party
 from fedtune.api.protocol import AggregatorTicket, Download, Multipart, TrainerConfig, TrainerTicket, UpdateIn, Upload
+from fedtune.api.secagg import ObjectIn, SecureAggregation, SecureTicket
 from fedtune.api.status import FederatedJobStatus
+from fedtune.rounds import secure_rounds
 from fedtune.rounds.machine import active, designated_initialiser, evaluator_task
 from fedtune.storage import layout
 from fedtune.storage.s3 import StorageError
@@ -85,6 +87,11 @@ def trainer_intents(job: FederatedJob, st: FederatedJobStatus) -> dict[str, Trai
         p.name: TrainerIntent(p.name, kind, st.current_round, st.attempt, deadline, upload_global0=p.name == lead)
         for p in active(st)
     }
+    if st.secure_aggregation is not None and st.stage in ("training", "aggregating"):
+        for p in active(st):  # a round's exchanges: keys, shares, train, unmask
+            out[p.name] = TrainerIntent(
+                p.name, secure_rounds.kind_for(st, p.name), st.current_round, st.attempt, deadline
+            )
     ev, task = st.evaluator, evaluator_task(st)
     if ev is not None and ev.state != "Dropped" and task is not None:
         out[ev.name] = TrainerIntent(ev.name, task[0], task[1], 0, deadline)  # asked once per round
@@ -100,7 +107,9 @@ def aggregator_intent(job: FederatedJob, st: FederatedJobStatus) -> AggregatorIn
         return AggregatorIntent("exit", st.current_round, 0, st.round_deadline)
     if st.stage != "aggregating":
         return None
-    ups = tuple((p.name, p.update_sha256, p.num_samples) for p in active(st) if p.state == "Submitted")
+    sa = st.secure_aggregation
+    offered = sa.survivors if sa is not None else [p.name for p in active(st) if p.state == "Submitted"]
+    ups = tuple((p.name, p.update_sha256, p.num_samples) for p in map(st.party, offered))
     return AggregatorIntent("aggregate", st.current_round, st.attempt, st.round_deadline, ups)
 
 
@@ -177,6 +186,10 @@ def build_trainer_ticket(
     )
     if intent.kind == "exit":
         return t
+    if st.secure_aggregation is not None and intent.kind in ("keys", "shares", "train", "unmask"):
+        t.secure = _secure_ticket(job, intent, owner, st, signer, ttl)
+        if intent.kind != "train":
+            return t  # the exchanges besides training move small objects only
     # Init tickets carry the data too: a party reads and tokenizes it while the others load, and a
     # schema mistake is an init failure, not a round-1 one. The evaluator's only split is its test set.
     t.eval_data = Download(url=signer.presign_get(owner, party.spec.data.eval_key, ttl))
@@ -197,6 +210,37 @@ def build_trainer_ticket(
         t.update_out = upload_target(signer, owner, layout.update_key(uid, intent.round), ttl, st.adapter_bytes)
         t.receipt_out = signer.presign_put(owner, layout.party_receipt_key(uid, intent.round), ttl)
     return t
+
+
+def _weighted(job: FederatedJob) -> bool:
+    """Whether updates are weighted by samples: not with differential privacy (its mean is unweighted)."""
+    return job.spec.privacy.dp is None
+
+
+def _secure_ticket(
+    job: FederatedJob, intent: TrainerIntent, owner: str, st: FederatedJobStatus, signer: Signer, ttl: int
+) -> SecureTicket:
+    """What a party needs for one exchange of secure aggregation: public keys, URLs, the survivors."""
+    uid, rnd, a, sa = job.metadata.uid, intent.round, intent.attempt, st.secure_aggregation
+    t = SecureTicket(threshold=sa.threshold, weighted=_weighted(job))
+    if intent.kind == "shares":
+        t.roster = dict(sorted(sa.keys.items()))
+        t.shares_out = signer.presign_put(owner, layout.shares_key(uid, rnd, a), ttl)
+    elif intent.kind == "train":
+        t.roster = sa.roster()
+        t.shares_in = _shares_in(signer, uid, rnd, a, sa.shares, ttl)
+    elif intent.kind == "unmask":
+        t.roster, t.survivors, t.dropped = sa.roster(), list(sa.survivors), list(sa.dropped)
+        t.reveal_out = signer.presign_put(owner, layout.reveal_key(uid, rnd, a), ttl)
+    return t
+
+
+def _shares_in(signer: Signer, uid: str, rnd: int, a: int, digests: dict[str, str], ttl: int) -> dict[str, ObjectIn]:
+    """GET URLs of each party's shares object (minted with its owner's credentials) and its sha256."""
+    return {
+        p: ObjectIn(url=signer.presign_get(p, layout.shares_key(uid, rnd, a), ttl), sha256=sha)
+        for p, sha in sorted(digests.items())
+    }
 
 
 def build_aggregator_ticket(
@@ -222,6 +266,19 @@ def build_aggregator_ticket(
         UpdateIn(party=p, url=signer.presign_get(p, layout.update_key(uid, rnd), ttl), sha256=sha, num_samples=n)
         for p, sha, n in intent.updates
     ]
+    if (sa := st.secure_aggregation) is not None:
+        a = intent.attempt
+        t.secure = SecureAggregation(
+            threshold=sa.threshold,
+            weighted=_weighted(job),
+            roster=sa.roster(),
+            dropped=list(sa.dropped),
+            shares_in=_shares_in(signer, uid, rnd, a, sa.shares, ttl),
+            reveals_in={
+                p: ObjectIn(url=signer.presign_get(p, layout.reveal_key(uid, rnd, a), ttl), sha256=sha)
+                for p, sha in sorted(sa.reveals.items())
+            },
+        )
     size = st.adapter_bytes
     t.global_out = upload_target(signer, COORDINATOR, layout.global_key(uid, rnd), ttl, size)
     # Stateless strategies get a single (unused) PUT URL: an unused multipart upload would linger.

@@ -30,7 +30,7 @@ from fedtune.api.job import FederatedJob, FederatedJobSpec
 from fedtune.api.protocol import AggregatorReceipt, TrainerReceipt
 from fedtune.api.status import MAX_HISTORY, FederatedJobStatus, Metrics, PartyState, RoundRecord
 from fedtune.rounds import conditions as cond
-from fedtune.rounds import outage
+from fedtune.rounds import outage, secure_rounds
 from fedtune.rounds.events import Event
 
 __all__ = ["Event", "Observation", "active", "advance", "members", "new_status", "resumed"]
@@ -204,6 +204,8 @@ def _init(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: l
 
 def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: list[Event]) -> None:
     spec, uid, rnd = job.spec, job.metadata.uid, st.current_round
+    if st.secure_aggregation is not None and st.secure_aggregation.phase != "train":
+        return secure_rounds.step(job, st, obs, events)  # keys, shares, unmask
     for p in _waiting(st):
         r = obs.receipts.get(p.name)
         if not _answers(r, "train", uid, rnd, st.attempt):
@@ -219,7 +221,8 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
         else:
             p.state, p.message = "Submitted", ""
             p.update_sha256, p.num_samples, p.num_eval_samples = r.sha256, r.num_samples, r.num_eval_samples
-            p.metrics, p.bytes_up, p.bytes_down = r.metrics, r.bytes_up, r.bytes_down
+            p.metrics = r.metrics
+            p.bytes_up, p.bytes_down = p.bytes_up + r.bytes_up, p.bytes_down + r.bytes_down
             p.train_seconds = r.timings.train_seconds
     if (any(_waiting(st)) or _evaluator_waiting(st)) and obs.now < st.round_deadline:
         return
@@ -236,6 +239,8 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
         )
     # Parties evaluated global r-1 before training on it: that is round r-1's quality.
     _record_eval(st, rnd - 1, submitted)
+    if st.secure_aggregation is not None:
+        return secure_rounds.after_training(spec, st, obs.now, events)  # the survivors unmask the sum
     st.stage = "aggregating"
     st.round_deadline = obs.now + timedelta(seconds=spec.round_timeout_seconds)
 
@@ -246,7 +251,8 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
         if obs.now >= st.round_deadline:
             _retry(spec, st, obs.now, f"round {rnd}: the aggregator did not answer before the deadline", events)
         return
-    offered = {p.name for p in active(st) if p.state == "Submitted"}
+    sa = st.secure_aggregation  # with it, the survivors' masked updates: whatever each did since
+    offered = set(sa.survivors) if sa is not None else {p.name for p in active(st) if p.state == "Submitted"}
     strangers = sorted((set(a.accepted) | set(a.rejected)) - offered)
     if strangers:  # the aggregator's pod wrote that receipt: its names are checked like the rest of it
         named = ", ".join(strangers)[:200]
@@ -284,6 +290,8 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
         ),
     )
     st.privacy = _privacy_status(spec, rnd)
+    if st.secure_aggregation is not None:
+        secure_rounds.aggregated(st, obs.now)
     st.global_sha256, st.server_state_sha256 = a.sha256, a.state_sha256
     events.append(Event("Normal", "RoundCompleted", f"round {rnd}/{spec.rounds}: aggregated {len(accepted)} update(s)"))
     _drop_failing(spec, st, obs.now, events)
@@ -441,6 +449,7 @@ def _reset_round(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime) 
         p.update_sha256, p.num_eval_samples = None, None
         p.bytes_up = p.bytes_down = 0
         p.train_seconds = 0.0
+    st.secure_aggregation = secure_rounds.fresh(spec, st) if st.stage == "training" else None
     cond.mark_running(st, f"round {st.current_round}/{spec.rounds}, attempt {st.attempt}", now)
 
 

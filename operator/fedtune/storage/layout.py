@@ -20,6 +20,16 @@ def party_receipt_key(job: str, rnd: int) -> str:
     return f"{_job(job)}/round-{rnd}/receipt.json"
 
 
+def shares_key(job: str, rnd: int, attempt: int) -> str:
+    """Secure aggregation: a party's encrypted shares (and their commitments) for one attempt of a round."""
+    return f"{_job(job)}/round-{rnd}/secagg-a{attempt}/shares.json"
+
+
+def reveal_key(job: str, rnd: int, attempt: int) -> str:
+    """Secure aggregation: the shares a party reveals to unmask the sum of one attempt of a round."""
+    return f"{_job(job)}/round-{rnd}/secagg-a{attempt}/reveal.json"
+
+
 def global_key(job: str, rnd: int) -> str:
     return f"{_job(job)}/global/{rnd}.safetensors"
 
