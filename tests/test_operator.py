@@ -251,3 +251,21 @@ def test_an_s3_endpoint_gone_mid_round_pauses_the_job_and_blames_no_party(kube, 
     assert "QuorumLost" not in reasons
     assert "storageUnavailableSince" not in st
     assert "PartyFailed" not in reasons and "PartyDropped" not in reasons
+
+
+def test_full_fine_tuning_job_ends_with_a_transformers_model_in_final(kube, s3world, tiny_model):
+    """peft.method full through the operator: final/ holds the last global as model.safetensors, and the config."""
+    import json
+
+    with pods_of(kube) as pods, kube.run_kopf("fedtune.k8s.operator"):
+        w = make_world(kube, s3world, tiny_model, peft={"method": "full"})
+        kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        st = status(w)
+        assert st["phase"] == "Succeeded", st
+        prefix, hub = f"fedtune/{w.job['metadata']['uid']}/", s3world.bucket("hub")
+        names = {k.removeprefix(prefix + "final/") for k in hub.list(prefix + "final/")}
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
+        assert "adapter_config.json" not in names
+        assert hub.get_bytes(prefix + "final/model.safetensors") == hub.get_bytes(prefix + "global/2.safetensors")
+        assert json.loads(hub.get_bytes(prefix + "final/config.json"))["id2label"] == {"0": "negative", "1": "positive"}
+        assert not pods.errors, pods.errors

@@ -1,5 +1,9 @@
 """Adapter state in and out of a PeftModel, and its wire form (safetensors only, never pickle).
 
+Under full fine-tuning (peft.method full) the model is no PeftModel and its "adapter" is every
+parameter, under the names `named_parameters` gives: a weight tied to another (a causal LM's
+output embeddings) appears once, under its first name, as transformers' own saving does.
+
 Under DeepSpeed ZeRO-3 the adapter's parameters may be partitioned across the pod's ranks
 (fedtune_trainer.engines): reading and loading then gather them, and every rank must call.
 """
@@ -15,8 +19,17 @@ import torch
 from fedtune_trainer.engines import gathered
 
 
+def is_full(model: torch.nn.Module) -> bool:
+    """Whether `model` is fully fine-tuned (no PEFT wrapping): all of its parameters are the adapter."""
+    return not hasattr(model, "peft_config")
+
+
 def _adapter_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """peft's saved names -> the model's own tensors (the parameters themselves, ZeRO-3's marks included)."""
+    """peft's saved names -> the model's own tensors (the parameters themselves, ZeRO-3's marks included).
+
+    Fully fine-tuned: every parameter, each tied one once (named_parameters removes duplicates)."""
+    if is_full(model):
+        return dict(model.named_parameters())
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True))
@@ -68,11 +81,16 @@ def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
     outside that would miss the slices the next engine's optimiser starts from). The check comes
     first, so every rank fails it alike before any collective.
     """
-    from peft import set_peft_model_state_dict
-
     check_adapter_state(model, tensors)
-    with gathered(_adapter_parameters(model).values(), modify=True), torch.no_grad():
-        set_peft_model_state_dict(model, tensors)
+    own = _adapter_parameters(model)
+    with gathered(own.values(), modify=True), torch.no_grad():
+        if is_full(model):
+            for name, param in own.items():
+                param.copy_(tensors[name])  # into the parameter itself: what is tied to it follows
+        else:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, tensors)
 
 
 def adapter_state_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -111,3 +129,20 @@ def adapter_config_json(model: torch.nn.Module, base_model: str | None = None, a
         # peft's own writer keeps the format (sets, enums, version fields) exactly as peft reads it back.
         config.save_pretrained(tmp)
         return (Path(tmp) / "adapter_config.json").read_bytes()
+
+
+def model_files_bundle(model: torch.nn.Module, tokenizer: object) -> bytes:
+    """Full fine-tuning: the bundle of the final model's files but its weights (fedtune.api.full_export).
+
+    config.json (and generation_config.json) as save_pretrained writes them, and the tokenizer's
+    files as the party loaded it (its pad token included), so that the final directory, with the
+    last global as model.safetensors, loads with from_pretrained like any transformers model.
+    """
+    from fedtune.api.full_export import pack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return pack({p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()})

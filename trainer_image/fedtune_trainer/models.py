@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
-from fedtune.api.methods import PEFT_METHODS, TASK_TYPES
+from fedtune.api.methods import FULL, PEFT_METHODS, TASK_TYPES
 from fedtune.api.support import UNSUPPORTED, cannot_train, first_forward, local_model_dir
 
 from fedtune_trainer import transfer
@@ -181,6 +181,8 @@ def apply_peft(
     """Wrap the base model with the job's PEFT method; the adapter init is drawn from `seed`.
 
     With `device` the wrapped model moves there before its one-batch check runs (on the GPU, not the CPU)."""
+    if peft.method == FULL:
+        return _full(model, peft.method, task, device)
     from peft import get_peft_model
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -202,6 +204,18 @@ def apply_peft(
     _check_state_covers_trainable(wrapped, peft.method)
     _check_forward(wrapped, peft.method, task)
     return wrapped
+
+
+def _full(model: torch.nn.Module, method: str, task: str, device: torch.device | None) -> torch.nn.Module:
+    """Full fine-tuning: the model itself, every parameter trainable (its whole state is the "adapter")."""
+    if is_quantized(model):
+        raise ValueError("peft.method full cannot train a quantised model: remove model.quantization")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if device is not None:
+        model.to(device)
+    _check_forward(model, method, task)
+    return model
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -233,7 +247,8 @@ def _check_forward(model: torch.nn.Module, method: str, task: str) -> None:
     try:
         first_forward(model)
     except UNSUPPORTED as exc:
-        raise ValueError(cannot_train(method, type(model.get_base_model()).__name__, task, exc)) from None
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        raise ValueError(cannot_train(method, type(base).__name__, task, exc)) from None
     finally:
         model.train(training)
 

@@ -177,7 +177,7 @@ def _upload(target: str | Upload, data: bytes, receipt: TrainerReceipt) -> str:
 
 
 def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
-    from fedtune_trainer.adapters import adapter_config_json, to_bytes
+    from fedtune_trainer.adapters import adapter_config_json, model_files_bundle, to_bytes
 
     if not ranks.lead:
         return  # the model is loaded; the data reaches the other ranks with each train ticket
@@ -191,6 +191,8 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, rank
         receipt.sha256, receipt.update_bytes = _upload(ticket.update_out, initial, receipt), len(initial)
     if ticket.adapter_config_out:
         _upload(ticket.adapter_config_out, adapter_config_json(rt.model, ticket.config.model.portable_name), receipt)
+    if ticket.model_files_out:  # full fine-tuning: the final model's config and tokenizer files
+        _upload(ticket.model_files_out, model_files_bundle(rt.model, rt.tokenizer), receipt)
     log.info("[%s] initialised: base model %s", ticket.party, rt.fingerprint[:12])
 
 

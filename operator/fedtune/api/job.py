@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
-from fedtune.api.methods import PROMPT_LEARNING, TASK_TYPES, check_peft_config, strategy_params
+from fedtune.api.methods import FULL, PROMPT_LEARNING, TASK_TYPES, check_peft_config, strategy_params
 from fedtune.api.party import StorageSpec
 from fedtune.api.privacy import PrivacySpec, budget_problem
 from fedtune.api.quantization import QuantizationSpec
@@ -58,9 +58,16 @@ class ModelSpec(ApiModel):
 
 
 class PeftSpec(ApiModel):
-    """The parameter-efficient method; `config` goes to peft as written (peft's snake_case keys)."""
+    """The parameter-efficient method; `config` goes to peft as written (peft's snake_case keys).
 
-    method: str = Field("lora", description="lora, ia3, prompt_tuning, prefix_tuning, loha, lokr, … (any peft method).")
+    `full` is no PEFT at all: every parameter of the model trains and is exchanged each round.
+    """
+
+    method: str = Field(
+        "lora",
+        description="lora, ia3, prompt_tuning, prefix_tuning, loha, lokr, … (any peft method), or full: full "
+        "fine-tuning, where every weight trains and travels each round (no config).",
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="peft config keyword arguments, e.g. {r: 8}.")
 
 
@@ -268,6 +275,7 @@ class FederatedJobSpec(ApiModel):
                     "model.quantization: a GGUF file is already quantised and is dequantised on loading; "
                     "remove model.ggufFile or model.quantization"
                 )
+        out.extend(self._full_problems())
         robust = self.aggregator.robust
         if robust is not None:
             fewest = min(max(self.min_parties, 1), n)
@@ -286,6 +294,22 @@ class FederatedJobSpec(ApiModel):
             )
         out.extend(self._privacy_problems())
         out.extend(self._secure_aggregation_problems(n))
+        return out
+
+    def _full_problems(self) -> list[str]:
+        if self.peft.method != FULL:
+            return []
+        out = []
+        if self.aggregator.lora_mode == "exact":
+            out.append(
+                "aggregator.loraMode: exact re-factors LoRA's B·A products and peft.method: full has none (the "
+                "update is the whole model): set aggregator.loraMode: average, or choose peft.method: lora"
+            )
+        if self.model.quantization is not None:
+            out.append(
+                "model.quantization with peft.method: full: quantised weights cannot be trained or averaged; "
+                "remove model.quantization, or choose a PEFT method such as lora (QLoRA)"
+            )
         return out
 
     def _secure_aggregation_problems(self, n: int) -> list[str]:

@@ -32,6 +32,13 @@ PEFT_METHODS: dict[str, str] = {
     "prefix_tuning": "PREFIX_TUNING",
 }
 
+# Full fine-tuning: no PEFT wrapping; every parameter of the model trains and travels (the study's full-model
+# FedAvg baseline). Not a peft method, so it is not in PEFT_METHODS; check_peft_config accepts it.
+FULL = "full"
+
+# Every method a FederatedJob may name.
+METHODS = (*PEFT_METHODS, FULL)
+
 # Prompt-learning methods: peft saves their prompt as a tensor it computes from the trained parameters.
 PROMPT_LEARNING = frozenset({"prompt_tuning", "prefix_tuning"})
 
@@ -141,8 +148,15 @@ def check_peft_config(method: str, config: dict[str, Any], task: str, model: str
     """
     if method in UNFEDERATABLE:
         raise ValueError(f"{method} cannot be federated: {UNFEDERATABLE[method]}")
-    if method not in PEFT_METHODS:
-        raise ValueError(f"unknown PEFT method {method!r}; choose one of: {', '.join(sorted(PEFT_METHODS))}")
+    if method not in METHODS:
+        raise ValueError(f"unknown PEFT method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+    if method == FULL:
+        if config:
+            raise ValueError(
+                f"method full trains every parameter and takes no config (got {', '.join(sorted(config))}); "
+                "remove peft.config"
+            )
+        return
     if (method, task) in TASK_LIMITS:
         which = f"{model} (a {task} model)" if model else f"a {task} model"
         raise ValueError(f"{method} cannot train {which}: {TASK_LIMITS[method, task]}")
@@ -160,6 +174,8 @@ def check_peft_config(method: str, config: dict[str, Any], task: str, model: str
 
 def ask_peft(method: str, config: dict[str, Any], task: str) -> None:
     """peft's own verdict on a config fedtune's checks passed; nothing where peft is not installed."""
+    if method == FULL:
+        return  # no peft config: nothing for peft to judge
     try:
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # lazy: imports torch; absent in the operator image
     except ImportError:

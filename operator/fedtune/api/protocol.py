@@ -113,6 +113,11 @@ class TrainerTicket(ApiModel):
     global_in: Download | None = Field(None, description="Global adapter of the previous round.")
     update_out: Upload | None = Field(None, description="Where this party's update goes (or global 0 on init).")
     adapter_config_out: str | None = Field(None, description="PUT URL for adapter_config.json (init only).")
+    model_files_out: str | None = Field(
+        None,
+        description="Full fine-tuning: PUT URL for the final model's config and tokenizer files, as one JSON bundle "
+        "(fedtune.api.full_export; init only, in place of adapter_config.json).",
+    )
     receipt_out: str | None = Field(None, description="PUT URL for a copy of the receipt in the party bucket.")
     secure: SecureTicket | None = Field(None, description="Secure aggregation's part (kinds keys to unmask).")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
-from fedtune.api.methods import ALTERNATIVES, PEFT_METHODS, TASK_TYPES
+from fedtune.api.methods import ALTERNATIVES, FULL, PEFT_METHODS, TASK_TYPES
 
 # What the first forward pass feeds the model: a batch of one short sequence.
 _PROBE_TOKENS = 8
@@ -84,8 +84,11 @@ def _probe(model: ModelSpec, peft: PeftSpec, data: DataSchema, where: Path) -> s
     config = _config(model, data, where)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     auto = AutoModelForSequenceClassification if model.task == "sequence-classification" else AutoModelForCausalLM
-    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_METHODS[peft.method]]
-    peft_config = config_cls(task_type=TASK_TYPES[model.task], **peft.config)
+    full = peft.method == FULL  # no peft wrapping: the model itself trains
+    peft_config = None
+    if not full:
+        config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_METHODS[peft.method]]
+        peft_config = config_cls(task_type=TASK_TYPES[model.task], **peft.config)
     with torch.device("meta"):
         try:
             net = auto.from_config(config)
@@ -93,7 +96,7 @@ def _probe(model: ModelSpec, peft: PeftSpec, data: DataSchema, where: Path) -> s
             return f"{model.source} ({arch}) has no {model.task} model in {libraries()}: {exc}"
         names = _linear_names(net)  # before peft wraps (and renames) the modules
         try:
-            wrapped = get_peft_model(net, peft_config)
+            wrapped = net if full else get_peft_model(net, peft_config)
         except UNSUPPORTED as exc:
             return (
                 f"peft cannot apply {peft.method} to {model.source} ({arch}): {exc}; fix peft.config for this "

@@ -41,6 +41,7 @@ from fedtune.rounds.intents import (
 from fedtune.rounds.machine import Event, Observation, advance, members, new_status
 from fedtune.rounds.outage import AVAILABLE as STORAGE_AVAILABLE
 from fedtune.storage import layout
+from fedtune.storage.final import export_final
 from fedtune.storage.model_files import ModelSourceError, model_file_urls
 from fedtune.storage.probe import endpoint_url, unavailable
 from fedtune.storage.s3 import Bucket
@@ -269,14 +270,14 @@ def _observe(
 
 
 async def _finalize(job: FederatedJob, st: FederatedJobStatus, buckets: dict) -> None:
-    """Copy the last global adapter to final/ (PEFT layout) once, with the coordinator's credentials."""
+    """Copy the last global adapter to final/ (PEFT layout, or transformers layout for full fine-tuning)
+    once, with the coordinator's credentials."""
     if st.final_adapter is not None or st.stage not in ("evaluating", "done") or st.phase == "Failed":
         return
     uid, coord = job.metadata.uid, buckets[COORDINATOR]
-    prefix = layout.final_prefix(uid)
-    await asyncio.to_thread(coord.copy, layout.global_key(uid, st.current_round), prefix + layout.FINAL_ADAPTER)
-    await asyncio.to_thread(coord.copy, layout.adapter_config_key(uid), prefix + layout.FINAL_CONFIG)
-    st.final_adapter = coord.uri(prefix)
+    for note in await asyncio.to_thread(export_final, job, coord, st.current_round):
+        log.warning("FederatedJob %s/%s: %s", job.metadata.namespace, job.metadata.name, note)
+    st.final_adapter = coord.uri(layout.final_prefix(uid))
 
 
 async def _write_tickets(

@@ -69,6 +69,7 @@ from fedtune.rounds.intents import (
 )
 from fedtune.rounds.machine import Observation, advance, new_status, resumed
 from fedtune.storage import layout
+from fedtune.storage.final import export_final, final_names
 from fedtune.storage.s3 import Bucket, S3Credentials, StorageError
 from fedtune.storage.seaweed import Identity, SeaweedServer
 from fedtune.storage.signer import BucketSigner
@@ -484,18 +485,20 @@ class LocalRun:
             box.write_ticket(build_aggregator_ticket(self.job, intent, st, signer, now).to_wire())
 
     def _finalize(self, st: FederatedJobStatus) -> None:
-        """Copy the last global adapter to final/ in PEFT layout (idempotent; tried again at the next pass
-        when the storage fails meanwhile: the job waits in `evaluating` until it is done)."""
+        """Copy the last global adapter to final/ in PEFT layout, or (full fine-tuning) transformers layout
+        (idempotent; tried again at the next pass when the storage fails meanwhile: the job waits in
+        `evaluating` until it is done)."""
         if st.final_adapter is not None or st.stage not in ("evaluating", "done") or st.phase == "Failed":
             return
         uid, coord = self.job.metadata.uid, self.buckets[COORDINATOR]
         prefix = layout.final_prefix(uid)
         try:
-            coord.copy(layout.global_key(uid, st.current_round), prefix + layout.FINAL_ADAPTER)
-            coord.copy(layout.adapter_config_key(uid), prefix + layout.FINAL_CONFIG)
+            notes = export_final(self.job, coord, st.current_round)
         except StorageError as exc:
             self.progress.say(f"! the final adapter is not copied yet ({exc}); trying again")
             return
+        for note in notes:
+            self.progress.say("! " + note)
         st.final_adapter = coord.uri(prefix)
 
     def _loop(self, signer: BucketSigner) -> FederatedJobStatus:
@@ -577,7 +580,7 @@ class LocalRun:
         title = f"{self.job.metadata.name}: {self.job.spec.peft.method} + {self.job.spec.strategy.name}"
         has_plot = report.plot(st, final / layout.FINAL_PLOT, title, self.baseline, self.test_baseline)
         if st.phase == "Succeeded":
-            for name in (layout.FINAL_ADAPTER, layout.FINAL_CONFIG):
+            for name in final_names(self.job, coord):
                 (final / name).write_bytes(coord.get_bytes(prefix + name))
         if _storage_lost(st):  # the run ends because the storage did not come back: what is here is kept
             self.progress.say(f"! metrics are in {_shown(final)} only: the storage is unavailable")

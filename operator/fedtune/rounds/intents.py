@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from fedtune.api.job import FederatedJob
-from fedtune.api.methods import SERVER_STATE_COPIES
+from fedtune.api.methods import FULL, SERVER_STATE_COPIES
 from fedtune.api.party import Party
 from fedtune.api.protocol import AggregatorTicket, Download, Multipart, TrainerConfig, TrainerTicket, UpdateIn, Upload
 from fedtune.api.secagg import ObjectIn, SecureAggregation, SecureTicket
@@ -198,7 +198,10 @@ def build_trainer_ticket(
     if intent.kind == "init":
         if intent.upload_global0:  # its size is not known yet: a single PUT
             t.update_out = Upload(url=signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl))
-            t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)
+            if job.spec.peft.method == FULL:  # a transformers model, not an adapter: its config and tokenizer
+                t.model_files_out = signer.presign_put(COORDINATOR, layout.model_files_key(uid), ttl)
+            else:
+                t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)
         return t
     # A train ticket of round r starts from global r-1; an eval ticket reads the global of its round
     # (the evaluator's: r-1 while round r trains; everyone's at the end: the last).

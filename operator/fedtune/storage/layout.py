@@ -2,7 +2,8 @@
 
 Party bucket:        fedtune/<job>/round-<r>/update.safetensors, …/receipt.json, data/… (its own data)
 Coordinator bucket:  fedtune/<job>/job.json, fedtune/<job>/global/<r>.safetensors (+ .json receipt, .state.safetensors),
-                     fedtune/<job>/global/adapter_config.json, fedtune/<job>/final/…
+                     fedtune/<job>/global/adapter_config.json (PEFT) or …/global/model_files.json (full
+                     fine-tuning: config and tokenizer files, fedtune.api.full_export), fedtune/<job>/final/…
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def state_key(job: str, rnd: int) -> str:
 
 def adapter_config_key(job: str) -> str:
     return f"{_job(job)}/global/adapter_config.json"
+
+
+def model_files_key(job: str) -> str:
+    """Full fine-tuning: the bundle of the final model's small files (config, tokenizer)."""
+    return f"{_job(job)}/global/model_files.json"
 
 
 def job_key(job: str) -> str:

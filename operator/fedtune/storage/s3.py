@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
@@ -76,6 +77,8 @@ _CONFIG = Config(
     request_checksum_calculation="when_required",
     response_checksum_validation="when_required",
 )
+# Server-side copies: CopyObject up to its 5 GiB limit, parts of 1 GiB (UploadPartCopy) above it.
+_COPY_CONFIG = TransferConfig(multipart_threshold=5 * 1024**3, multipart_chunksize=1024**3)
 
 
 class _ClientCache:
@@ -296,13 +299,15 @@ class Bucket:
             raise self._error(exc, "look up", key) from None
 
     def copy(self, src_key: str, dst_key: str) -> None:
-        """Server-side copy within this bucket (bytes never pass through the operator)."""
+        """Server-side copy within this bucket (bytes never pass through the operator).
+
+        One CopyObject up to S3's 5 GiB limit for it; a larger object (a fully fine-tuned model) is
+        copied in server-side parts (UploadPartCopy)."""
+        source = {"Bucket": self.name, "Key": src_key}
         self._call(
             "copy",
             src_key,
-            lambda: self._client.copy_object(
-                Bucket=self.name, Key=dst_key, CopySource={"Bucket": self.name, "Key": src_key}
-            ),
+            lambda: self._client.copy(source, self.name, dst_key, Config=_COPY_CONFIG),
         )
 
     def list(self, prefix: str) -> list[str]:
