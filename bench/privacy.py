@@ -360,7 +360,8 @@ variance for the same ε), which with {dp["parties"]} parties is strictly worse,
 to choose only when the aggregator must not see updates in clear. **With only {dp["parties"]} parties
 the noise dominates**: σC/{dp["parties"]} per coordinate over the adapter's hundreds of thousands of
 coordinates is a noise vector many times longer than the clipped mean update itself (whose norm is at
-most C), so at every ε here the global adapter moves mostly at random. Client-level DP pays off with
+most C), so at every ε here the global adapter moves mostly at random (the classes are balanced:
+0.5 is chance). Client-level DP pays off with
 hundreds of parties per round (the noise on the mean falls as 1/n), not with a handful of silos."""
         )
     if "robust" in results:
@@ -382,10 +383,19 @@ global − (its update − global). The attacker is bench/attack/sitecustomize.p
 that run's pods (bench only). "distance from honest FedAvg" = ‖final global − final global of the
 no-attack FedAvg run‖ / ‖no-attack FedAvg's final global − initial global‖ (0: the attack changed
 nothing; 1: as far off as all of honest training moved the adapter). normBound = {rb["bound"]:g}
-(the honest run's mean update norm per round). Robust rules weigh parties equally; with 4 honest
-IID parties that costs nothing. trimmedMean drops ⌊0.2·5⌋ = 1 value at each end.
+(the honest run's mean update norm per round). trimmedMean drops ⌊0.2·5⌋ = 1 value at each end.
 
-{table}"""
+{table}
+
+Small-sample runs: the pooled eval set has {5 * args.robust_eval} examples (one example is
+{1 / (5 * args.robust_eval):.1%}), so accuracy differences of a few points are noise; the distance
+column is what robust aggregation promises. A distance near 1 means the rule ended as far from the
+honest FedAvg global as honest training moved it: with {args.robust_samples} examples per party one
+honest update differs that much from the mean of five, so a rule that keeps one update (krum) or a
+per-coordinate middle (median) is that far off even when it has discarded the attacker. One
+sign-flipped party in five is a mild attack on the mean (it pulls it back by about 2/5 of one
+update), no larger than that extra variance of the robust rules on small shards, so under it every
+rule ends about as far from the honest global as FedAvg does."""
         )
     if "secagg" in results:
         sa = results["secagg"]
