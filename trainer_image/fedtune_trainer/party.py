@@ -44,6 +44,16 @@ class PartyRuntime:
         self._placed = False
         self._data: dict[tuple[str, str, str | None], list[dict]] = {}
         self.secure = secure_party.Sessions()  # secure aggregation's secrets of the current round
+        # privacy.dpSgd: the Opacus accountant of each job, kept across rounds so that their steps compose.
+        self.sample_accountants: dict[str, Any] = {}
+
+    def sample_accountant(self, job: str) -> Any:
+        """The job's sample-level accountant (created at the party's first DP-SGD round of the job)."""
+        from fedtune_trainer.dpsgd import new_accountant
+
+        if job not in self.sample_accountants:
+            self.sample_accountants[job] = new_accountant()
+        return self.sample_accountants[job]
 
     @staticmethod
     def model_key(cfg: TrainerConfig) -> str:
@@ -220,8 +230,17 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
     with cpu_slots.hold():
         metrics = _evaluate(ticket, rt, receipt, evals, ranks)
         with ranks.lockstep(f"training round {ticket.round}"):
+            accountant = rt.sample_accountant(ticket.job) if cfg.dp_sgd is not None else None
             result = train_local(
-                rt.model, train, cfg, None, cfg.training.seed, ticket.round, rt.tokenizer.pad_token_id, ranks
+                rt.model,
+                train,
+                cfg,
+                None,
+                cfg.training.seed,
+                ticket.round,
+                rt.tokenizer.pad_token_id,
+                ranks,
+                accountant,
             )
             state = adapter_state(rt.model, like=global_state)  # on every rank: under ZeRO-3 it is gathered
         if not ranks.lead:
@@ -243,6 +262,17 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
             update = encode(state, cfg.training.update_compression)  # the aggregator decodes it
     metrics.train_loss = result.train_loss
     receipt.metrics, receipt.num_samples = metrics, result.num_samples
+    if cfg.dp_sgd is not None:
+        from fedtune_trainer.dpsgd import epsilon
+
+        receipt.sample_epsilon = epsilon(accountant, cfg.dp_sgd)
+        log.info(
+            "[%s] round %d: DP-SGD, sample-level ε=%.3f at δ=%g over all rounds trained",
+            ticket.party,
+            ticket.round,
+            receipt.sample_epsilon,
+            cfg.dp_sgd.delta,
+        )
     receipt.timings.train_seconds = result.seconds
     receipt.sha256, receipt.update_bytes = _upload(ticket.update_out, update, receipt), len(update)
     log.info(

@@ -36,6 +36,12 @@ class LocalResult(NamedTuple):
     seconds: float
 
 
+def train_pool(n: int, cfg: TrainerConfig, seed: int, rnd: int) -> list[int]:
+    """The examples a round trains from: all, or maxTrainSamples of them chosen by (seed, round)."""
+    cap = cfg.training.max_train_samples
+    return sorted(shuffled(n, seed, rnd, -1)[:cap]) if cap is not None and cap < n else list(range(n))
+
+
 def schedule(n: int, cfg: TrainerConfig, seed: int, rnd: int, world: int = 1) -> list[list[list[int]]]:
     """Optimizer steps of the round, each a list of micro-batches of example indices.
 
@@ -46,9 +52,7 @@ def schedule(n: int, cfg: TrainerConfig, seed: int, rnd: int, world: int = 1) ->
     if n == 0:
         raise ValueError("no training examples")
     tr = cfg.training
-    pool = list(range(n))
-    if tr.max_train_samples is not None and tr.max_train_samples < n:
-        pool = sorted(shuffled(n, seed, rnd, -1)[: tr.max_train_samples])
+    pool = train_pool(n, cfg, seed, rnd)
     per_epoch = math.ceil(len(pool) / tr.batch_size)
     acc = tr.gradient_accumulation * world  # micro-batches of one optimizer step, over all ranks
     if tr.local_steps is not None:
@@ -85,6 +89,7 @@ def train_local(
     rnd: int = 0,
     pad_id: int | None = None,
     ranks: Ranks = SOLO,
+    accountant: object | None = None,
 ) -> LocalResult:
     """Train the adapter for one round; returns (mean train loss, examples used, seconds).
 
@@ -93,12 +98,21 @@ def train_local(
     (without the FedProx term), averaged over the examples seen. With several `ranks` every rank
     calls this with the same examples and trains its shard of each step; all of them end with
     the same adapter, and the loss and counts are the whole pod's.
+
+    With cfg.dp_sgd the steps are DP-SGD steps over Poisson batches (fedtune_trainer.dpsgd), as
+    many as the schedule has; `accountant` (an Opacus accountant the caller keeps across rounds)
+    records them. The examples used are then the whole pool the batches are sampled from.
     """
     start = time.perf_counter()
     if ranks.world != max(1, cfg.world_size):
         raise RuntimeError(
             f"the job trains this party with world size {cfg.world_size} (compute.gpusPerPod) but this trainer "
             f"runs {ranks.world} process(es): start the pod with its launcher command (fedtune.api.launch)"
+        )
+    if cfg.dp_sgd is not None and (ranks.world > 1 or cfg.deepspeed.enabled):
+        raise RuntimeError(
+            f"privacy.dpSgd trains on one process with plain PyTorch; this party runs {ranks.world} rank(s) "
+            f"(compute.gpusPerPod) with deepspeed.enabled={cfg.deepspeed.enabled}: give it gpusPerPod <= 1"
         )
     if global_tensors is not None:
         load_adapter_state(model, global_tensors)
@@ -117,7 +131,14 @@ def train_local(
     was_training = model.training
     model.train()
     try:
-        if cfg.deepspeed.enabled:
+        if cfg.dp_sgd is not None:
+            from fedtune_trainer.dpsgd import new_accountant, run_dp_sgd
+
+            pool = train_pool(len(examples), cfg, seed, rnd)
+            acc = accountant if accountant is not None else new_accountant()
+            loss_sum, seen = run_dp_sgd(model, examples, pool, len(steps), cfg, params, anchors, pad_id, acc)
+            used = len(pool)
+        elif cfg.deepspeed.enabled:
             loss_sum, seen = _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id)
         else:
             loss_sum, seen = _run_torch(model, examples, steps, cfg, params, anchors, pad_id, ranks.world)

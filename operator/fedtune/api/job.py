@@ -293,6 +293,7 @@ class FederatedJobSpec(ApiModel):
                 "parameters are partitioned, peft saves a computed copy of them); use zeroStage <= 2 or lora"
             )
         out.extend(self._privacy_problems())
+        out.extend(self._dp_sgd_problems())
         out.extend(self._secure_aggregation_problems(n))
         return out
 
@@ -370,6 +371,38 @@ class FederatedJobSpec(ApiModel):
         problem = budget_problem(dp)
         if problem:
             out.append(problem)
+        return out
+
+    def _dp_sgd_problems(self) -> list[str]:
+        """What Opacus' per-example gradients cannot train (the plain PyTorch path, one step per batch)."""
+        if self.privacy.dp_sgd is None:
+            return []
+        out, tr = [], self.training
+        if self.deepspeed.enabled:
+            out.append(
+                "privacy.dpSgd cannot be combined with deepspeed.enabled: Opacus wraps a plain PyTorch optimizer, "
+                "not a DeepSpeed engine; set deepspeed.enabled: false or drop privacy.dpSgd"
+            )
+        if self.model.quantization is not None:
+            out.append(
+                "privacy.dpSgd cannot be combined with model.quantization: bitsandbytes layers have no per-example "
+                "gradients; remove model.quantization or privacy.dpSgd"
+            )
+        if tr.gradient_accumulation != 1:
+            out.append(
+                f"privacy.dpSgd samples one Poisson batch per optimizer step: set training.gradientAccumulation: 1 "
+                f"(it is {tr.gradient_accumulation}) and raise training.batchSize instead"
+            )
+        if tr.precision != "fp32":
+            out.append(
+                f"privacy.dpSgd needs training.precision: fp32 (it is {tr.precision}): the per-example gradients "
+                "are clipped without loss scaling or autocast"
+            )
+        if tr.gradient_checkpointing:
+            out.append(
+                "privacy.dpSgd cannot be combined with training.gradientCheckpointing: recomputing the forward "
+                "pass would record every layer's activations twice for the per-example gradients"
+            )
         return out
 
     @property

@@ -61,11 +61,35 @@ class DifferentialPrivacySpec(ApiModel):
     budget: PrivacyBudget = Field(description="The (ε, δ) the job refuses to exceed.")
 
 
+class SampleDpSpec(ApiModel):
+    """Sample-level DP-SGD in every party's local training (Opacus): per-example clipping and Gaussian noise.
+
+    What is protected: one training example of a party. Each optimizer step Poisson-samples the
+    party's examples (rate batchSize / examples), clips every example's gradient to L2 norm
+    maxGradNorm (C), and adds N(0, (σ·C)²) to their sum. The party's own Opacus RDP accountant
+    composes every step of every round it trained, and reports ε for delta in each train receipt.
+    """
+
+    noise_multiplier: float = Field(
+        gt=0,
+        description="σ: the Gaussian noise added to the sum of clipped per-example gradients has std σ·maxGradNorm.",
+    )
+    max_grad_norm: float = Field(gt=0, description="C: every example's gradient is scaled to L2 norm <= C.")
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="δ the parties report ε for; choose it well below 1 / (examples per party)."
+    )
+
+
 class PrivacySpec(ApiModel):
     """Privacy options of a job (DESIGN §8)."""
 
     dp: DifferentialPrivacySpec | None = Field(
         None, description="Client-level differential privacy (DP-FedAvg) with an (ε, δ) budget."
+    )
+    dp_sgd: SampleDpSpec | None = Field(
+        None,
+        description="Sample-level differential privacy: DP-SGD (Opacus) in every party's local training, each "
+        "party reporting the ε its examples have spent. Combines with dp and secureAggregation.",
     )
     secure_aggregation: SecureAggregationSpec | None = Field(
         None,

@@ -13,7 +13,7 @@ from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, mod
 
 from fedtune.api.base import ApiModel
 from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
-from fedtune.api.privacy import DifferentialPrivacySpec
+from fedtune.api.privacy import DifferentialPrivacySpec, SampleDpSpec
 from fedtune.api.robust import RobustSpec
 from fedtune.api.secagg import PublicKeys, SecureAggregation, SecureTicket
 from fedtune.api.status import Metrics
@@ -93,6 +93,9 @@ class TrainerConfig(ApiModel):
     dp: DifferentialPrivacySpec | None = Field(
         None, description="Local differential privacy: clip the update and add noise before uploading it."
     )
+    dp_sgd: SampleDpSpec | None = Field(
+        None, description="Sample-level DP-SGD in local training (Opacus): per-example clipping and noise."
+    )
     model_files: dict[str, str] = Field(
         default_factory=dict, description="For s3:// model sources: relative file path -> presigned GET URL."
     )
@@ -165,6 +168,12 @@ class TrainerReceipt(ApiModel):
     bytes_down: Count = 0
     base_model_fingerprint: str | None = None
     public_keys: PublicKeys | None = Field(None, description="keys: the party's public keys for this round.")
+    sample_epsilon: float | None = Field(
+        None,
+        ge=0,
+        description="privacy.dpSgd: ε the party's examples have spent over every round it trained so far (its "
+        "Opacus RDP accountant, at privacy.dpSgd.delta).",
+    )
     timings: Timings = Field(default_factory=Timings)
     finished_at: datetime | None = None
 

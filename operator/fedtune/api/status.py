@@ -64,6 +64,9 @@ class PartyState(ApiModel):
     pod_restarts: int = Field(0, description="Times the operator recreated this party's trainer pod.")
     pod_retry_at: datetime | None = Field(None, description="Earliest time a failed trainer pod is recreated.")
     fingerprint: str | None = Field(None, description="Base-model fingerprint the party reported.")
+    sample_epsilon: float | None = Field(
+        None, description="privacy.dpSgd: ε the party's examples have spent in all rounds it trained (its accountant)."
+    )
     # The party's answer to the current round (cleared when a round or attempt starts).
     update_sha256: str | None = Field(None, description="sha256 of the update submitted this round.")
     num_eval_samples: int | None = Field(None, description="Evaluation examples behind the metrics.")
@@ -92,6 +95,11 @@ class RoundRecord(ApiModel):
     lora_residual: float | None = Field(None, description="Relative Frobenius residual of exact LoRA re-factoring.")
     epsilon: float | None = Field(
         None, description="Differential privacy: ε spent by the job up to and including this round (spec.privacy.dp)."
+    )
+    sample_epsilon: float | None = Field(
+        None,
+        description="privacy.dpSgd: the largest sample-level ε among the round's participants, each over all "
+        "rounds it trained so far.",
     )
     finished_at: datetime | None = Field(None, description="When the round was aggregated.")
 

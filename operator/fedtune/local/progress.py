@@ -66,6 +66,7 @@ class Progress:
                 self.rounds_seen.add(h.round)
                 res = f", LoRA residual {h.lora_residual:.2e}" if h.lora_residual is not None else ""
                 res += f", ε={h.epsilon:.3f} spent" if h.epsilon is not None else ""
+                res += f", sample-level ε≤{h.sample_epsilon:.3f} per party" if h.sample_epsilon is not None else ""
                 self.say(
                     f"round {h.round} aggregated: {len(h.participants)} update(s), "
                     f"{(h.bytes_up + h.bytes_down) / 1e6:.2f} MB moved, {h.duration_seconds:.1f}s{res}"

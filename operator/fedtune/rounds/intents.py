@@ -126,6 +126,7 @@ def trainer_config(job: FederatedJob, party: Party) -> TrainerConfig:
         world_size=spec.world_size(party.spec.compute.gpus_per_pod),
         prox_mu=mu,
         dp=spec.privacy.dp if spec.privacy.dp and spec.privacy.dp.mode == "local" else None,
+        dp_sgd=spec.privacy.dp_sgd,
     )
 
 

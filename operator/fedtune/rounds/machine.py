@@ -224,6 +224,8 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
             p.metrics = r.metrics
             p.bytes_up, p.bytes_down = p.bytes_up + r.bytes_up, p.bytes_down + r.bytes_down
             p.train_seconds = r.timings.train_seconds
+            if r.sample_epsilon is not None:
+                p.sample_epsilon = r.sample_epsilon
     if (any(_waiting(st)) or _evaluator_waiting(st)) and obs.now < st.round_deadline:
         return
     for p in _waiting(st):
@@ -286,6 +288,7 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
             ),
             lora_residual=a.lora_residual,
             epsilon=privacy.spent(spec.privacy.dp, rnd) if spec.privacy.dp else None,
+            sample_epsilon=max((p.sample_epsilon for p in accepted if p.sample_epsilon is not None), default=None),
             finished_at=obs.now,
         ),
     )
