@@ -20,6 +20,7 @@ import torch
 from fedtune.api.protocol import TrainerConfig
 
 from fedtune_trainer.data import collate, load_examples, shuffled
+from fedtune_trainer.device import model_device, pick_device, to_device
 from fedtune_trainer.evaluate import evaluate
 from fedtune_trainer.models import load_base_model
 
@@ -50,6 +51,8 @@ def prepare_teacher(
     if not examples:
         raise ValueError("the public data holds no examples")
     net.requires_grad_(True)
+    net.to(pick_device())  # a GPU when there is one
+    dev = model_device(net)
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate, weight_decay=tr.weight_decay)
     pad = tokenizer.pad_token_id
     torch.manual_seed(tr.seed)
@@ -61,7 +64,7 @@ def prepare_teacher(
         total = 0.0
         for i in range(0, len(order), tr.batch_size):
             idx = order[i : i + tr.batch_size]
-            loss = net(**collate([examples[j] for j in idx], pad)).loss
+            loss = net(**to_device(collate([examples[j] for j in idx], pad), dev)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), tr.max_grad_norm)
