@@ -141,6 +141,7 @@ def spec_with(model, data, **extra):
         ({"training.gradientAccumulation": 2}, ["privacy.dpSgd", "training.gradientAccumulation"]),
         ({"training.precision": "bf16"}, ["privacy.dpSgd", "training.precision"]),
         ({"training.gradientCheckpointing": True}, ["privacy.dpSgd", "training.gradientCheckpointing"]),
+        ({"training.distillation": {"teacher": "file:///teacher"}}, ["privacy.dpSgd", "training.distillation"]),
     ],
 )
 def test_spec_refuses_what_opacus_cannot_train(tiny_seq_cls, toy_data, extra, fields):  # noqa: F811

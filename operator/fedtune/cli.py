@@ -181,6 +181,49 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_teacher(args: argparse.Namespace) -> int:
+    """Fine-tune the job's base model on a public share of the data: the distillation teacher.
+
+    The trainer package does the work, in a child process (`python -m fedtune_trainer teacher`):
+    the control plane itself never imports torch.
+    """
+    import subprocess
+    import tempfile
+
+    from fedtune.api.protocol import TrainerConfig
+    from fedtune.api.support import local_model_dir
+    from fedtune.documents import load_documents
+
+    docs = load_documents(args.file, require_parties=False)
+    spec = docs.job.spec
+    kd = spec.training.distillation
+    output = args.output
+    if output is None:
+        if kd is None or kd.teacher.startswith(("hf://", "s3://", "pkg://")):
+            raise SpecError(
+                "--output is needed: the job names no file:// training.distillation.teacher to write the teacher to"
+            )
+        output = kd.teacher.removeprefix("file://")
+    model = spec.model if args.base is None else spec.model.model_copy(update={"source": args.base})
+    try:
+        local_model_dir(model.source)
+    except FileNotFoundError as exc:
+        raise SpecError(f"{'--base' if args.base else 'spec.model.source'}: {exc}") from None
+    for name in filter(None, (args.data, args.eval)):
+        if not Path(name).is_file():
+            raise SpecError(f"{name}: no such file (give the public share as JSON lines)")
+    config = TrainerConfig(
+        model=model, peft=spec.peft, data=spec.data, training=spec.training, deepspeed=spec.deepspeed
+    )
+    with tempfile.TemporaryDirectory(prefix="fedtune-teacher-") as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(config.to_wire()))
+        argv = [sys.executable, "-m", "fedtune_trainer", "teacher", "--config", str(path), "--data", args.data]
+        argv += ["--output", output, "--epochs", str(args.epochs), "--learning-rate", str(args.learning_rate)]
+        argv += ["--eval", args.eval] if args.eval else []
+        return subprocess.run(argv, check=False).returncode
+
+
 def _cmd_crds(args: argparse.Namespace) -> int:
     """Write the CRDs generated from the API models, or with --check compare them with the files there."""
     import difflib
@@ -291,6 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--endpoint", help="S3 endpoint overriding the Parties' spec.storage.endpoint")
     part.add_argument("--create-buckets", action="store_true", help="create missing buckets")
     part.set_defaults(func=_cmd_partition)
+    teacher = sub.add_parser(
+        "teacher",
+        help="fine-tune the job's base model (every weight) on a public data share: the distillation teacher",
+    )
+    teacher.add_argument("file", help="YAML with the FederatedJob (its model, data schema and training settings)")
+    teacher.add_argument("--data", required=True, help="the public share: JSON lines in the job's data schema")
+    teacher.add_argument(
+        "--output", help="where the checkpoint goes (default: the job's file:// training.distillation.teacher)"
+    )
+    teacher.add_argument("--epochs", type=_positive, default=3, help="passes over the public data (default 3)")
+    teacher.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW learning rate (default 5e-5)")
+    teacher.add_argument("--base", help="model source to fine-tune instead of spec.model.source (e.g. a larger model)")
+    teacher.add_argument("--eval", help="held-out JSON lines to report the teacher's accuracy on")
+    teacher.set_defaults(func=_cmd_teacher)
     crds = sub.add_parser("crds", help="write the CRD YAML generated from the API models (one file per kind)")
     crds.add_argument("--output-dir", default="crds", help="where to write (default crds/)")
     crds.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files there are stale")

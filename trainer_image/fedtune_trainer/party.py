@@ -9,6 +9,7 @@ eval split and trains its share of each step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ class PartyRuntime:
     def __init__(self) -> None:
         self.model: Any = None
         self.tokenizer: Any = None
+        self.teacher: Any = None  # training.distillation's frozen teacher, loaded with the model
         self.fingerprint: str | None = None
         self.initial: dict | None = None  # the freshly initialised adapter (global 0)
         self._key: str | None = None
@@ -66,6 +68,7 @@ class PartyRuntime:
             "bf16": cfg.deepspeed.enabled and cfg.deepspeed.bf16,
             "checkpointing": cfg.training.gradient_checkpointing,
             "files": sorted(cfg.model_files),
+            "teacher": cfg.training.distillation.teacher if cfg.training.distillation else None,
         }
         return json.dumps(doc, sort_keys=True)
 
@@ -84,7 +87,7 @@ class PartyRuntime:
             quantized = cfg.model.quantization is not None
             if quantized and not place:
                 return 0.0  # bitsandbytes quantises onto the device while loading: the pod loads it there
-            self.model = self.tokenizer = self._key = None
+            self.model = self.tokenizer = self.teacher = self._key = None
             self._data.clear()  # tokenization may have changed with the config
             # DeepSpeed bf16 casts the whole module; loading the base in bf16 keeps that cast lossless.
             dtype = "bfloat16" if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else None
@@ -95,6 +98,14 @@ class PartyRuntime:
                 cfg.model, cfg.data, seed, cfg.model_files, dtype=dtype, device=device
             )
             self.fingerprint = fingerprint(base)
+            kd = cfg.training.distillation
+            if kd is not None:
+                from fedtune_trainer.distill import load_teacher
+
+                self.teacher = load_teacher(cfg.model, cfg.data, kd, self.tokenizer, device)
+                # Parties must distil from the same teacher as well: its fingerprint joins the base model's.
+                both = f"{self.fingerprint}|{fingerprint(self.teacher)}"
+                self.fingerprint = hashlib.sha256(both.encode()).hexdigest()
             self.model = apply_peft(base, cfg.peft, cfg.model.task, seed, device)
             if cfg.training.gradient_checkpointing:
                 enable_gradient_checkpointing(self.model)
@@ -104,6 +115,8 @@ class PartyRuntime:
         placing = place and not self._placed and not cfg.deepspeed.enabled
         if placing:
             self.model.to(pick_device())
+            if self.teacher is not None:
+                self.teacher.to(pick_device())
             self._placed = True
         return time.perf_counter() - start if loaded or placing else 0.0
 
@@ -241,6 +254,7 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
                 rt.tokenizer.pad_token_id,
                 ranks,
                 accountant,
+                teacher=rt.teacher,
             )
             state = adapter_state(rt.model, like=global_state)  # on every rank: under ZeRO-3 it is gathered
         if not ranks.lead:
@@ -261,6 +275,18 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
         else:
             update = encode(state, cfg.training.update_compression)  # the aggregator decodes it
     metrics.train_loss = result.train_loss
+    metrics.train_distill_loss = result.distill_loss
+    if result.distill_loss is not None:
+        kd = cfg.training.distillation
+        log.info(
+            "[%s] round %d: distillation: cross-entropy %.4f, T²·KL to the teacher %.4f (alpha %g, T %g)",
+            ticket.party,
+            ticket.round,
+            result.train_loss,
+            result.distill_loss,
+            kd.alpha,
+            kd.temperature,
+        )
     receipt.metrics, receipt.num_samples = metrics, result.num_samples
     if cfg.dp_sgd is not None:
         from fedtune_trainer.dpsgd import epsilon

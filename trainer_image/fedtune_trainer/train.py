@@ -23,6 +23,7 @@ from fedtune.api.protocol import TrainerConfig
 from fedtune_trainer.adapters import load_adapter_state
 from fedtune_trainer.data import collate, shuffled
 from fedtune_trainer.device import autocast, model_device, to_device
+from fedtune_trainer.distill import kd_loss, teacher_logits
 from fedtune_trainer.ds_config import deepspeed_config
 from fedtune_trainer.engines import build_engine, release_engine
 from fedtune_trainer.ranks import SOLO, Ranks
@@ -34,6 +35,7 @@ class LocalResult(NamedTuple):
     train_loss: float
     num_samples: int
     seconds: float
+    distill_loss: float | None = None  # mean T²·KL towards the teacher (training.distillation)
 
 
 def train_pool(n: int, cfg: TrainerConfig, seed: int, rnd: int) -> list[int]:
@@ -90,6 +92,7 @@ def train_local(
     pad_id: int | None = None,
     ranks: Ranks = SOLO,
     accountant: object | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> LocalResult:
     """Train the adapter for one round; returns (mean train loss, examples used, seconds).
 
@@ -102,8 +105,19 @@ def train_local(
     With cfg.dp_sgd the steps are DP-SGD steps over Poisson batches (fedtune_trainer.dpsgd), as
     many as the schedule has; `accountant` (an Opacus accountant the caller keeps across rounds)
     records them. The examples used are then the whole pool the batches are sampled from.
+
+    With training.distillation the frozen `teacher` scores every batch and the loss is
+    fedtune_trainer.distill.kd_loss; train_loss is then its cross-entropy part, and distill_loss
+    its T²·KL part.
     """
     start = time.perf_counter()
+    kd = cfg.training.distillation
+    if (kd is None) != (teacher is None):
+        raise ValueError("training.distillation and a loaded teacher go together: the job names one, load it")
+    if kd is not None and cfg.dp_sgd is not None:
+        raise ValueError("training.distillation and privacy.dpSgd do not combine: DP-SGD steps take no teacher term")
+    if kd is not None and cfg.deepspeed.enabled:
+        raise ValueError("training.distillation runs on the plain PyTorch path: set deepspeed.enabled: false")
     if ranks.world != max(1, cfg.world_size):
         raise RuntimeError(
             f"the job trains this party with world size {cfg.world_size} (compute.gpusPerPod) but this trainer "
@@ -141,11 +155,16 @@ def train_local(
         elif cfg.deepspeed.enabled:
             loss_sum, seen = _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id)
         else:
-            loss_sum, seen = _run_torch(model, examples, steps, cfg, params, anchors, pad_id, ranks.world)
+            loss_sum, seen, kl_sum = _run_torch(
+                model, examples, steps, cfg, params, anchors, pad_id, ranks.world, teacher
+            )
     finally:
         model.train(was_training)
-    loss_sum, seen = ranks.sum(loss_sum, seen)
-    return LocalResult(loss_sum / max(seen, 1), used, time.perf_counter() - start)
+    if teacher is None:
+        loss_sum, seen = ranks.sum(loss_sum, seen)
+        return LocalResult(loss_sum / max(seen, 1), used, time.perf_counter() - start)
+    loss_sum, seen, kl_sum = ranks.sum(loss_sum, seen, kl_sum)
+    return LocalResult(loss_sum / max(seen, 1), used, time.perf_counter() - start, kl_sum / max(seen, 1))
 
 
 def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
@@ -167,24 +186,33 @@ def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
-def _run_torch(model, examples, steps, cfg, params, anchors, pad_id, world=1) -> tuple[float, int]:
+def _run_torch(model, examples, steps, cfg, params, anchors, pad_id, world=1, teacher=None) -> tuple[float, int, float]:
     """AdamW over this rank's share of `steps`; each micro-batch's loss is scaled by 1 / (micro-batches
-    of the whole step), so that the gradients summed over the ranks are the one-process ones."""
+    of the whole step), so that the gradients summed over the ranks are the one-process ones.
+
+    Returns (sum of the task loss over examples, examples, sum of the T²·KL term: 0 without a teacher)."""
     tr = cfg.training
     dev = model_device(model)
     trainable = [p for _, p in params]
     optimizer = torch.optim.AdamW(trainable, lr=tr.learning_rate, weight_decay=tr.weight_decay)
     # fp16's narrow range needs loss scaling; bf16 has float32's range and does not.
     scaler = torch.amp.GradScaler(dev.type, enabled=tr.precision == "fp16")
-    loss_sum, seen = 0.0, 0
+    kd = tr.distillation
+    loss_sum, seen, kl_sum = 0.0, 0, 0.0
     for step in steps:
         optimizer.zero_grad(set_to_none=True)
         parts = len(step) * world
         for indices in step:
             batch = to_device(collate([examples[i] for i in indices], pad_id), dev)
             with autocast(dev, tr.precision):
-                loss = model(**batch).loss
-            total = loss.float() / parts
+                if teacher is None:
+                    loss = objective = model(**batch).loss
+                else:
+                    soft = teacher_logits(teacher, batch)
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    objective, loss, kl = kd_loss(logits, soft, batch["labels"], kd.alpha, kd.temperature)
+                    kl_sum += float(kl.detach()) * len(indices)
+            total = objective.float() / parts
             if anchors:
                 total = total + _prox(params, anchors, cfg.prox_mu) / parts
             scaler.scale(total).backward()
@@ -196,7 +224,7 @@ def _run_torch(model, examples, steps, cfg, params, anchors, pad_id, world=1) ->
         torch.nn.utils.clip_grad_norm_(trainable, tr.max_grad_norm)
         scaler.step(optimizer)  # skipped when fp16 overflowed; the scale then shrinks
         scaler.update()
-    return loss_sum, seen
+    return loss_sum, seen, kl_sum
 
 
 def _run_deepspeed(model, examples, steps, cfg, params, anchors, pad_id) -> tuple[float, int]:

@@ -91,6 +91,36 @@ class DataSchema(ApiModel):
         return v
 
 
+class DistillationSpec(ApiModel):
+    """Knowledge distillation (FedKD-LoRA): a fine-tuned teacher's soft labels guide every party's student.
+
+    The coordinator fine-tunes the teacher on a public share of the data (`fedtune teacher`) and
+    publishes the checkpoint; each party loads it read-only next to its student and runs it forward
+    on its own batches. Party data never reaches the teacher's weights, and the teacher never leaves
+    its model source. Each batch's loss is (1-alpha)·CE(student, labels) + alpha·T²·KL(softmax(teacher/T)
+    ‖ softmax(student/T)) (Hinton et al., 2015).
+    """
+
+    teacher: str = Field(
+        description="The fine-tuned teacher checkpoint (a transformers directory, e.g. what `fedtune teacher` "
+        "wrote), as a model source: file:///path, pkg://<package>/<dir> or hf://<repo id>. It must share the "
+        "student's tokenizer and have one output per data.labels entry."
+    )
+    alpha: float = Field(
+        0.5, gt=0, le=1, description="Weight of the distillation term; the cross-entropy on labels gets 1 - alpha."
+    )
+    temperature: float = Field(
+        2.0, gt=0, le=100, description="Softmax temperature T of teacher and student in the distillation term."
+    )
+
+    @field_validator("teacher")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith(MODEL_SCHEMES):
+            raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(MODEL_SCHEMES)} or a local path")
+        return v
+
+
 class TrainingSpec(ApiModel):
     """Local training each party runs per round."""
 
@@ -119,6 +149,11 @@ class TrainingSpec(ApiModel):
         description="How parties upload their update: none (as trained), bf16 (floats cast to bfloat16, half the "
         "bytes) or int8 (per-row/column symmetric int8 with float32 scales, about a quarter). The aggregator "
         "decodes to full precision before verifying; the global adapter always travels uncompressed.",
+    )
+    distillation: DistillationSpec | None = Field(
+        None,
+        description="Knowledge distillation from a fine-tuned teacher model (FedKD-LoRA): each party's loss "
+        "adds a temperature-scaled KL term towards the teacher's soft labels. Sequence classification only.",
     )
 
     @model_validator(mode="after")
@@ -292,6 +327,7 @@ class FederatedJobSpec(ApiModel):
                 f"peft.method {self.peft.method} with deepspeed.zeroStage 3 is not supported (the prompt "
                 "parameters are partitioned, peft saves a computed copy of them); use zeroStage <= 2 or lora"
             )
+        out.extend(self._distillation_problems())
         out.extend(self._privacy_problems())
         out.extend(self._dp_sgd_problems())
         out.extend(self._secure_aggregation_problems(n))
@@ -310,6 +346,33 @@ class FederatedJobSpec(ApiModel):
             out.append(
                 "model.quantization with peft.method: full: quantised weights cannot be trained or averaged; "
                 "remove model.quantization, or choose a PEFT method such as lora (QLoRA)"
+            )
+        return out
+
+    def _distillation_problems(self) -> list[str]:
+        kd = self.training.distillation
+        if kd is None:
+            return []
+        out = []
+        if self.model.task != "sequence-classification":
+            out.append(
+                f"training.distillation supports model.task sequence-classification only (this job is "
+                f"{self.model.task}): remove training.distillation"
+            )
+        if self.deepspeed.enabled:
+            out.append(
+                "training.distillation runs the teacher on the plain PyTorch path, not through DeepSpeed: set "
+                "deepspeed.enabled: false, or remove training.distillation"
+            )
+        if kd.teacher.startswith("s3://"):
+            out.append(
+                f"training.distillation.teacher {kd.teacher}: s3:// teachers are not supported; ship the teacher "
+                "as file:///path (in the image or a mounted volume), pkg://<package>/<dir> or hf://<repo id>"
+            )
+        if kd.teacher.removeprefix("file://") == self.model.source.removeprefix("file://"):
+            out.append(
+                "training.distillation.teacher is the base model itself (model.source): name the fine-tuned "
+                "teacher checkpoint (`fedtune teacher` writes one)"
             )
         return out
 
@@ -378,6 +441,11 @@ class FederatedJobSpec(ApiModel):
         if self.privacy.dp_sgd is None:
             return []
         out, tr = [], self.training
+        if tr.distillation is not None:
+            out.append(
+                "privacy.dpSgd cannot be combined with training.distillation: DP-SGD's clipped per-example "
+                "gradients take no teacher term; drop one of them"
+            )
         if self.deepspeed.enabled:
             out.append(
                 "privacy.dpSgd cannot be combined with deepspeed.enabled: Opacus wraps a plain PyTorch optimizer, "

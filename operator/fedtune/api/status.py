@@ -43,6 +43,11 @@ class Metrics(ApiModel):
     """Training/evaluation metrics of one party or of a round (sample-weighted)."""
 
     train_loss: float | None = Field(None, description="Mean local training loss.")
+    train_distill_loss: float | None = Field(
+        None,
+        description="Mean distillation term T²·KL(teacher ‖ student) of local training (training.distillation), "
+        "before its weight alpha; train_loss is then the cross-entropy on the labels alone.",
+    )
     eval_loss: float | None = Field(None, description="Evaluation loss.")
     eval_accuracy: float | None = Field(None, description="Evaluation accuracy (sequence classification).")
     eval_perplexity: float | None = Field(None, description="Evaluation perplexity (causal LM).")

@@ -218,6 +218,15 @@ class LocalRun:
             local_model_dir(docs.job.spec.model.source)  # here, before any process starts
         except FileNotFoundError as exc:
             raise SpecError(f"{docs.source}: FederatedJob {docs.job.metadata.name}: spec.model.source: {exc}") from None
+        kd = docs.job.spec.training.distillation
+        if kd is not None:
+            try:
+                local_model_dir(kd.teacher)
+            except FileNotFoundError as exc:
+                raise SpecError(
+                    f"{docs.source}: FederatedJob {docs.job.metadata.name}: spec.training.distillation.teacher: "
+                    f"{exc} (prepare it with `fedtune teacher`)"
+                ) from None
         self.docs, self.job, self.out = docs, docs.job, out
         self.workdir = Path(workdir).resolve()  # weed runs with cwd=workdir: relative paths would break
         # The job file as the lock and status.json name it: they are read later, from anywhere.

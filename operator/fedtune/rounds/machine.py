@@ -284,7 +284,10 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
             duration_seconds=(obs.now - st.round_started_at).total_seconds() if st.round_started_at else 0.0,
             slowest_train_seconds=max((p.train_seconds for p in accepted), default=0.0),
             metrics=Metrics(
-                train_loss=_weighted([(p.metrics.train_loss if p.metrics else None, p.num_samples) for p in accepted])
+                train_loss=_weighted([(p.metrics.train_loss if p.metrics else None, p.num_samples) for p in accepted]),
+                train_distill_loss=_weighted(
+                    [(p.metrics.train_distill_loss if p.metrics else None, p.num_samples) for p in accepted]
+                ),
             ),
             lora_residual=a.lora_residual,
             epsilon=privacy.spent(spec.privacy.dp, rnd) if spec.privacy.dp else None,
