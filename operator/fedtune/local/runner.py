@@ -726,6 +726,8 @@ class LocalRun:
             print(f"\nmajority-class baseline on the parties' eval splits: {self.baseline:.3f}", file=self.out)
         if self.test_baseline is not None:
             print(f"majority-class baseline on the held-out test set: {self.test_baseline:.3f}", file=self.out)
+        if (table := report.personal_table(st)) is not None:
+            print("\n" + table, file=self.out)
         if (c := st.condition(cond.PRIVACY_BUDGET_EXHAUSTED)) is not None:
             print(f"\nprivacy budget exhausted: {c.message}", file=self.out)
         if st.phase == "Succeeded":
