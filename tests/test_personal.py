@@ -192,3 +192,24 @@ def test_a_pattern_matching_nothing_fails_at_init_naming_the_field(tiny_seq_cls,
         return
     assert st.phase == "Failed", out
     assert "personalization.keep: pattern 'pooler' matches no adapter tensor" in out + st.message
+
+
+def test_a_party_assembles_its_personalised_model(personal_run, tiny_seq_cls):  # noqa: F811
+    """The README's recipe: the final adapter (shared part) plus the party's personal part from its bucket."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification
+
+    st, out, work, seen = personal_run
+    uid = next(iter(seen[COORDINATOR])).split("/")[1]
+    own = load(seen["default/bob"][layout.final_personal_key(uid)])
+    mine = work.parent / "bob-model"
+    shutil.copytree(work / "final", mine)
+    save_file(load_file(mine / "adapter_model.safetensors") | own, mine / "adapter_model.safetensors")
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_seq_cls, num_labels=2)
+    model = PeftModel.from_pretrained(base, mine)
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    assert torch.equal(head.weight.detach(), own["base_model.model.classifier.weight"])
+    assert model(input_ids=torch.tensor([[101, 2307, 102]])).logits.shape == (1, 2)

@@ -737,6 +737,13 @@ class LocalRun:
                 f"Load it with: PeftModel.from_pretrained(base_model, {str(_shown(final))!r})",
                 file=self.out,
             )
+            if self.job.spec.personalization is not None:
+                print(
+                    "It holds the shared part only: each party's personal part is in its own bucket "
+                    "(fedtune/<job>/personal.safetensors); merge the two to load a party's model (README, "
+                    '"Personalised adapters").',
+                    file=self.out,
+                )
         else:
             print(f"\nFailed: {st.message}\nPartial results and logs in {_shown(self.workdir)}", file=self.out)
         self.out.flush()
