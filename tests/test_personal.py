@@ -213,3 +213,46 @@ def test_a_party_assembles_its_personalised_model(personal_run, tiny_seq_cls):  
     head = model.base_model.model.classifier.modules_to_save["default"]
     assert torch.equal(head.weight.detach(), own["base_model.model.classifier.weight"])
     assert model(input_ids=torch.tensor([[101, 2307, 102]])).logits.shape == (1, 2)
+
+
+def test_a_restarted_party_reads_its_personal_part_back_from_its_bucket(monkeypatch):
+    """In memory under the same sha256: no download; a fresh runtime (a restarted pod): from its bucket."""
+    from datetime import UTC, datetime
+
+    from fedtune.api.protocol import Download, TrainerConfig, TrainerReceipt, TrainerTicket
+    from fedtune_trainer import party, transfer
+    from fedtune_trainer.adapters import to_bytes
+
+    tensors = _adapter()
+    own = {k: v + 1 for k, v in split(tensors, set(HEAD))[1].items()}
+    raw = to_bytes(own)
+    fetched = []
+    monkeypatch.setattr(transfer, "get", lambda url, sha=None: fetched.append(url) or raw)
+    cfg = TrainerConfig.model_validate(
+        {
+            "model": _spec()["model"],
+            "peft": {},
+            "data": {"labels": ["a", "b"]},
+            "training": {},
+            "deepspeed": {},
+            "personalization": {"mode": "head"},
+        }  # fmt: skip
+    )
+
+    def ticket(personal_in):
+        return TrainerTicket(kind="train", job="j", party="p", round=2, deadline=datetime.now(UTC), config=cfg,
+                             personal_in=personal_in)  # fmt: skip
+
+    def receipt():
+        return TrainerReceipt(kind="train", job="j", party="p", round=2, ok=True)
+
+    rt = party.PartyRuntime()
+    rt.initial = tensors
+    first = rt.own_part(ticket(None), receipt())  # round 1: the initial head
+    assert set(first) == set(HEAD) and torch.equal(first[HEAD[0]], tensors[HEAD[0]]) and not fetched
+    rt.personal["j"] = ("abc", own)
+    assert rt.own_part(ticket(Download(url="http://s3/own", sha256="abc")), receipt()) is own and not fetched
+    restarted = party.PartyRuntime()
+    restarted.initial = tensors
+    back = restarted.own_part(ticket(Download(url="http://s3/own", sha256="abc")), receipt())
+    assert fetched == ["http://s3/own"] and all(torch.equal(back[k], own[k]) for k in own)
