@@ -48,6 +48,36 @@ class PartyRuntime:
         self.secure = secure_party.Sessions()  # secure aggregation's secrets of the current round
         # privacy.dpSgd: the Opacus accountant of each job, kept across rounds so that their steps compose.
         self.sample_accountants: dict[str, Any] = {}
+        # personalization: each job's personal part as last written to the party's bucket (sha256, tensors).
+        self.personal: dict[str, tuple[str, dict]] = {}
+
+    def personal_names(self, cfg: TrainerConfig) -> set[str]:
+        """The adapter tensors this job keeps personal (empty without spec.personalization)."""
+        from fedtune_trainer.personal import head_modules, personal_names
+
+        if cfg.personalization is None:
+            return set()
+        return personal_names(self.initial, cfg.personalization, head_modules(self.model))
+
+    def own_part(self, ticket: TrainerTicket, receipt: TrainerReceipt) -> dict:
+        """Rank 0: this party's personal part: kept in memory, else read back from its own bucket (a restarted
+        pod), else the initial one (its first round)."""
+        from fedtune_trainer.adapters import from_bytes
+        from fedtune_trainer.personal import split
+
+        src = ticket.personal_in
+        if src is None:
+            return split(self.initial, self.personal_names(ticket.config))[1]
+        kept = self.personal.get(ticket.job)
+        if kept is not None and kept[0] == src.sha256:
+            return kept[1]
+        start = time.perf_counter()
+        raw = transfer.get(src.url, src.sha256)
+        receipt.bytes_down += len(raw)
+        receipt.timings.download_seconds += time.perf_counter() - start
+        own = from_bytes(raw)
+        self.personal[ticket.job] = (src.sha256, own)
+        return own
 
     def sample_accountant(self, job: str) -> Any:
         """The job's sample-level accountant (created at the party's first DP-SGD round of the job)."""
@@ -209,8 +239,10 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, rank
         receipt.num_samples = len(rt.examples(ticket.job, ticket.train_data, ticket.config, receipt))
     if ticket.eval_data is not None:
         receipt.num_eval_samples = len(rt.examples(ticket.job, ticket.eval_data, ticket.config, receipt))
+    personal = rt.personal_names(ticket.config)  # a pattern matching nothing fails the init, naming the field
     if ticket.update_out:
-        initial = to_bytes(rt.initial)
+        # Global 0 holds the shared part only; every party starts from its own initial personal part.
+        initial = to_bytes({k: v for k, v in rt.initial.items() if k not in personal})
         receipt.sha256, receipt.update_bytes = _upload(ticket.update_out, initial, receipt), len(initial)
     if ticket.adapter_config_out:
         _upload(ticket.adapter_config_out, adapter_config_json(rt.model, ticket.config.model.portable_name), receipt)
@@ -220,9 +252,46 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, rank
 
 
 def _fetch_round(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> tuple:
-    """Rank 0: what every rank needs for a train ticket: training examples, global adapter, eval examples."""
+    """Rank 0: what every rank needs for a train ticket: training examples, global adapter, eval examples,
+    and (personalization) this party's personal part."""
     train = rt.examples(ticket.job, ticket.train_data, ticket.config, receipt)
-    return train, _download_global(ticket, receipt), _eval_examples(ticket, rt, receipt)
+    global_state, evals = _download_global(ticket, receipt), _eval_examples(ticket, rt, receipt)
+    own = rt.own_part(ticket, receipt) if ticket.config.personalization is not None else None
+    return train, global_state, evals, own
+
+
+def _evaluate_personal(
+    ticket: TrainerTicket,
+    rt: PartyRuntime,
+    receipt: TrainerReceipt,
+    global_state: dict,
+    own: dict,
+    evals: list[dict] | None,
+    ranks: Ranks,
+) -> tuple[Metrics, dict]:
+    """Every rank: the global part evaluated with the initial personal part (global*), then with this party's
+    own (eval*, the personalised adapter); leaves the personalised adapter loaded and returns it."""
+    from fedtune_trainer.personal import merge, split
+
+    initial_own = split(rt.initial, rt.personal_names(ticket.config))[1]
+    _load_global(rt, merge(global_state, initial_own), ranks)
+    base = _evaluate(ticket, rt, receipt, evals, ranks)
+    mine = merge(global_state, own)
+    _load_global(rt, mine, ranks)
+    metrics = _evaluate(ticket, rt, receipt, evals, ranks)
+    metrics.global_eval_loss, metrics.global_eval_accuracy = base.eval_loss, base.eval_accuracy
+    return metrics, mine
+
+
+def _keep_personal(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, own: dict) -> None:
+    """Rank 0: write the personal part to the party's own bucket (the only place it goes) and keep it in memory."""
+    from fedtune_trainer.adapters import to_bytes
+
+    if not ticket.personal_out:
+        raise ValueError(f"{ticket.kind} ticket carries no personalOut (spec.personalization is set)")
+    digest = _upload(ticket.personal_out, to_bytes(own), receipt)
+    rt.personal[ticket.job] = (digest, own)
+    receipt.personal_sha256 = digest
 
 
 def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
@@ -236,12 +305,18 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
         raise ValueError("train ticket needs trainData and updateOut")
     if ticket.secure is not None and ranks.lead:  # the shares dealt to this party, before the work of training
         secure_party.receive(ticket, rt.secure, receipt)
-    train, global_state, evals = ranks.share(lambda: _fetch_round(ticket, rt, receipt))
-    _load_global(rt, global_state, ranks)
+    train, global_state, evals, own = ranks.share(lambda: _fetch_round(ticket, rt, receipt))
+    personal = rt.personal_names(cfg)
+    loaded = global_state
+    if not personal:
+        _load_global(rt, global_state, ranks)
     # Local mode: no more parties compute at once than there are cores (one-rank parties only: the
     # runner sets no slots when a party has several ranks, which must not wait for one another).
     with cpu_slots.hold():
-        metrics = _evaluate(ticket, rt, receipt, evals, ranks)
+        if personal:  # the global part and this party's own, merged: the personalised adapter trains
+            metrics, loaded = _evaluate_personal(ticket, rt, receipt, global_state, own, evals, ranks)
+        else:
+            metrics = _evaluate(ticket, rt, receipt, evals, ranks)
         with ranks.lockstep(f"training round {ticket.round}"):
             accountant = rt.sample_accountant(ticket.job) if cfg.dp_sgd is not None else None
             result = train_local(
@@ -256,9 +331,14 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
                 accountant,
                 teacher=rt.teacher,
             )
-            state = adapter_state(rt.model, like=global_state)  # on every rank: under ZeRO-3 it is gathered
+            state = adapter_state(rt.model, like=loaded)  # on every rank: under ZeRO-3 it is gathered
         if not ranks.lead:
             return  # every rank holds the same adapter now; rank 0 uploads it
+        if personal:  # the personal part stays here; the update is the shared part alone
+            from fedtune_trainer.personal import split
+
+            state, own = split(state, personal)
+            _keep_personal(ticket, rt, receipt, own)
         if cfg.dp is not None:  # local differential privacy: no update leaves the party without its noise
             state, norm = privatise_update(
                 global_state, state, cfg.dp.clip_norm, cfg.dp.noise_multiplier, noise_generator()
@@ -301,6 +381,14 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
         )
     receipt.timings.train_seconds = result.seconds
     receipt.sha256, receipt.update_bytes = _upload(ticket.update_out, update, receipt), len(update)
+    if personal:
+        log.info(
+            "[%s] round %d: personalised accuracy=%s, global part with the initial personal part accuracy=%s",
+            ticket.party,
+            ticket.round,
+            _fmt(metrics.eval_accuracy),
+            _fmt(metrics.global_eval_accuracy),
+        )
     log.info(
         "[%s] round %d: global eval_loss=%s accuracy=%s | local train_loss=%.4f on %d examples in %.1fs",
         ticket.party,
@@ -329,18 +417,27 @@ def _secure(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ra
 
 
 def _fetch_eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt) -> tuple:
-    """Rank 0: what every rank needs for an eval ticket: eval examples (downloaded first), global adapter."""
+    """Rank 0: what every rank needs for an eval ticket: eval examples (downloaded first), global adapter,
+    and (personalization) this party's personal part."""
     if ticket.eval_data is None:
         raise ValueError("eval ticket needs evalData")
     evals = _eval_examples(ticket, rt, receipt)
-    return evals, _download_global(ticket, receipt)
+    own = rt.own_part(ticket, receipt) if ticket.config.personalization is not None else None
+    return evals, _download_global(ticket, receipt), own
 
 
 def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
-    evals, global_state = ranks.share(lambda: _fetch_eval(ticket, rt, receipt))
-    _load_global(rt, global_state, ranks)
-    with cpu_slots.hold():
-        receipt.metrics = _evaluate(ticket, rt, receipt, evals, ranks)
+    evals, global_state, own = ranks.share(lambda: _fetch_eval(ticket, rt, receipt))
+    personal = rt.personal_names(ticket.config)
+    if personal:
+        with cpu_slots.hold():
+            receipt.metrics, _ = _evaluate_personal(ticket, rt, receipt, global_state, own, evals, ranks)
+        if ranks.lead:  # the final personal part, at a fixed key of the party's own bucket
+            _keep_personal(ticket, rt, receipt, own)
+    else:
+        _load_global(rt, global_state, ranks)
+        with cpu_slots.hold():
+            receipt.metrics = _evaluate(ticket, rt, receipt, evals, ranks)
     if ranks.lead:
         log.info(
             "[%s] eval of global %d: loss=%s accuracy=%s perplexity=%s",

@@ -218,6 +218,39 @@ class AggregatorSpec(ApiModel):
     memory: str = Field("4Gi", description="Memory request of the aggregator pod.")
 
 
+class PersonalizationSpec(ApiModel):
+    """Personalised adapters (FedPer / FedRep): a part of the adapter that each party keeps to itself.
+
+    The personal part trains with the rest each round but never leaves the party: its updates
+    carry the shared part only, the global adapter holds the shared part only, and each party
+    keeps its personal part in memory and in its own bucket between rounds.
+    """
+
+    mode: Literal["head", "keep"] = Field(
+        "head",
+        description="head: the classification head (peft's modules_to_save, e.g. classifier or score) is personal; "
+        "keep: the adapter tensors whose names match personalization.keep are personal.",
+    )
+    keep: list[str] = Field(
+        default_factory=list,
+        description="mode keep: adapter tensor-name patterns (a substring, or a glob with * ? [...]) of the "
+        "personal part. Each must match at least one tensor, and some tensor must stay shared.",
+    )
+
+    @model_validator(mode="after")
+    def _patterns(self) -> PersonalizationSpec:
+        if self.mode == "keep" and not self.keep:
+            raise ValueError(
+                "personalization.keep: mode keep needs at least one tensor-name pattern (e.g. [classifier]); "
+                "or use mode: head"
+            )
+        if self.mode == "head" and self.keep:
+            raise ValueError("personalization.keep is for mode: keep; drop it, or set personalization.mode: keep")
+        if any(not p.strip() for p in self.keep):
+            raise ValueError("personalization.keep: an empty pattern would match every tensor; remove it")
+        return self
+
+
 class PartyRef(ApiModel):
     """A Party taking part in the job."""
 
@@ -236,6 +269,11 @@ class FederatedJobSpec(ApiModel):
     strategy: StrategySpec = Field(default_factory=StrategySpec)
     aggregator: AggregatorSpec = Field(default_factory=AggregatorSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    personalization: PersonalizationSpec | None = Field(
+        None,
+        description="Personalised adapters: a per-party part (the classification head, or tensors named by "
+        "patterns) that trains locally and never leaves the party; only the rest is aggregated.",
+    )
     storage: StorageSpec | None = Field(None, description="Coordinator bucket (global and final adapters).")
     rounds: int = Field(3, description="Federated rounds (at least 1).")
     min_parties: int = Field(1, description="Fewest updates a round may aggregate.")
@@ -331,6 +369,28 @@ class FederatedJobSpec(ApiModel):
         out.extend(self._privacy_problems())
         out.extend(self._dp_sgd_problems())
         out.extend(self._secure_aggregation_problems(n))
+        out.extend(self._personalization_problems())
+        return out
+
+    def _personalization_problems(self) -> list[str]:
+        """Which promises a personal part would break. Which tensors it names is checked at init, by the
+        parties, against the adapter they built (fedtune_trainer.personal): each pattern must match, something
+        must stay shared, and no LoRA pair may be split (exact mode re-factors the shared pairs only).
+        Secure aggregation, DP and robust rules see the shared part only, which is all they need."""
+        pz = self.personalization
+        if pz is None:
+            return []
+        out = []
+        if pz.mode == "head" and self.model.task != "sequence-classification":
+            out.append(
+                f"personalization.mode: head keeps the classification head personal and model.task "
+                f"{self.model.task} has none; use personalization.mode: keep with tensor-name patterns"
+            )
+        if self.evaluator is not None:
+            out.append(
+                "spec.evaluator evaluates the global adapter, which under personalization holds no personal part "
+                "(each party's stays with it): drop spec.evaluator or spec.personalization"
+            )
         return out
 
     def _full_problems(self) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from fedtune.api.base import ApiModel
-from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, TrainingSpec
+from fedtune.api.job import DataSchema, DeepSpeedSpec, ModelSpec, PeftSpec, PersonalizationSpec, TrainingSpec
 from fedtune.api.privacy import DifferentialPrivacySpec, SampleDpSpec
 from fedtune.api.robust import RobustSpec
 from fedtune.api.secagg import PublicKeys, SecureAggregation, SecureTicket
@@ -99,6 +99,9 @@ class TrainerConfig(ApiModel):
     model_files: dict[str, str] = Field(
         default_factory=dict, description="For s3:// model sources: relative file path -> presigned GET URL."
     )
+    personalization: PersonalizationSpec | None = Field(
+        None, description="Which part of the adapter stays with the party (fedtune_trainer.personal)."
+    )
 
 
 class TrainerTicket(ApiModel):
@@ -122,6 +125,14 @@ class TrainerTicket(ApiModel):
         "(fedtune.api.full_export; init only, in place of adapter_config.json).",
     )
     receipt_out: str | None = Field(None, description="PUT URL for a copy of the receipt in the party bucket.")
+    personal_in: Download | None = Field(
+        None,
+        description="Personalization: GET URL of this party's personal part in its own bucket (the last one it "
+        "reported); without it the party starts from its initial personal part.",
+    )
+    personal_out: str | None = Field(
+        None, description="Personalization: PUT URL in the party's own bucket for its personal part after training."
+    )
     secure: SecureTicket | None = Field(None, description="Secure aggregation's part (kinds keys to unmask).")
 
     @property
@@ -168,6 +179,11 @@ class TrainerReceipt(ApiModel):
     bytes_down: Count = 0
     base_model_fingerprint: str | None = None
     public_keys: PublicKeys | None = Field(None, description="keys: the party's public keys for this round.")
+    personal_sha256: str | None = Field(
+        None,
+        description="Personalization: sha256 of the personal part the party wrote to its own bucket (personalOut); "
+        "the part itself never travels to the control plane.",
+    )
     sample_epsilon: float | None = Field(
         None,
         ge=0,

@@ -51,6 +51,14 @@ class Metrics(ApiModel):
     eval_loss: float | None = Field(None, description="Evaluation loss.")
     eval_accuracy: float | None = Field(None, description="Evaluation accuracy (sequence classification).")
     eval_perplexity: float | None = Field(None, description="Evaluation perplexity (causal LM).")
+    global_eval_loss: float | None = Field(
+        None,
+        description="Personalization: evaluation loss of the global (shared) part with the party's initial "
+        "personal part; eval* are then the personalised adapter's (shared part with the party's own).",
+    )
+    global_eval_accuracy: float | None = Field(
+        None, description="Personalization: evaluation accuracy of the global part with the initial personal part."
+    )
 
 
 class PartyState(ApiModel):
@@ -72,6 +80,10 @@ class PartyState(ApiModel):
     sample_epsilon: float | None = Field(
         None, description="privacy.dpSgd: ε the party's examples have spent in all rounds it trained (its accountant)."
     )
+    personal_object: str | None = Field(
+        None, description="Personalization: the key, in the party's own bucket, of the personal part it last wrote."
+    )
+    personal_sha256: str | None = Field(None, description="Personalization: sha256 of that personal part.")
     # The party's answer to the current round (cleared when a round or attempt starts).
     update_sha256: str | None = Field(None, description="sha256 of the update submitted this round.")
     num_eval_samples: int | None = Field(None, description="Evaluation examples behind the metrics.")
@@ -98,6 +110,11 @@ class RoundRecord(ApiModel):
     )
     held_out_samples: int | None = Field(None, description="Examples in the held-out test set.")
     lora_residual: float | None = Field(None, description="Relative Frobenius residual of exact LoRA re-factoring.")
+    party_eval: dict[str, Metrics] = Field(
+        default_factory=dict,
+        description="Personalization: each party's evaluation of the round's global adapter, personalised (eval*) "
+        "and global (globalEval*), on its own eval split.",
+    )
     epsilon: float | None = Field(
         None, description="Differential privacy: ε spent by the job up to and including this round (spec.privacy.dp)."
     )

@@ -41,6 +41,9 @@ def _party_line(p: PartyState, rnd: int) -> str | None:
         return f"{who} {p.state.lower()}: {p.message}"
     if p.state == "Done" and p.role == "evaluator":
         return None  # its HeldOutEvaluated event says what it found
+    if p.state == "Done" and m and m.global_eval_accuracy is not None and m.eval_accuracy is not None:
+        acc = f"global acc {m.global_eval_accuracy:.3f}, personalised acc {m.eval_accuracy:.3f}"
+        return f"{who} final evaluation: {acc}"
     if p.state == "Done":
         acc = f"acc {m.eval_accuracy:.3f}" if m and m.eval_accuracy is not None else ""
         ppl = f"ppl {m.eval_perplexity:.2f}" if m and m.eval_perplexity is not None else ""

@@ -53,6 +53,41 @@ def round_table(st: FederatedJobStatus) -> str:
     return "\n".join(lines)
 
 
+def personal_scores(st: FederatedJobStatus) -> dict[str, dict]:
+    """Personalization: each trainer's last evaluation, global part beside personalised adapter (empty without)."""
+    out = {}
+    for p in st.parties:
+        m = p.metrics
+        if p.role != "trainer" or m is None or m.global_eval_loss is None:
+            continue
+        out[p.name] = {
+            "globalEvalAccuracy": m.global_eval_accuracy,
+            "personalEvalAccuracy": m.eval_accuracy,
+            "globalEvalLoss": m.global_eval_loss,
+            "personalEvalLoss": m.eval_loss,
+            "evalSamples": p.num_eval_samples,
+            "personalObject": p.personal_object,
+        }
+    return out
+
+
+def personal_table(st: FederatedJobStatus) -> str | None:
+    """Per-party accuracy (loss) of the global part and of the party's personalised adapter, last evaluation."""
+    scores = personal_scores(st)
+    if not scores:
+        return None
+    head = f"{'party':<16}  {'global acc':>10}  {'personal acc':>12}  {'global loss':>11}  {'personal loss':>13}"
+    lines = ["per-party evaluation of the final global part: global (initial personal part) vs personalised", head]
+    lines.append("-" * len(head))
+    for name, s in scores.items():
+        lines.append(
+            f"{name.split('/', 1)[-1]:<16}  {_f(s['globalEvalAccuracy'], '.3f'):>10}  "
+            f"{_f(s['personalEvalAccuracy'], '.3f'):>12}  {_f(s['globalEvalLoss'], '.4f'):>11}  "
+            f"{_f(s['personalEvalLoss'], '.4f'):>13}"
+        )
+    return "\n".join(lines)
+
+
 def _points(st: FederatedJobStatus, key: str, held_out: bool = False) -> list[tuple[int, float]]:
     """(round, metric) of every round that has it: the parties' own metrics, or the held-out test set's."""
     out = []
@@ -80,6 +115,8 @@ def metrics_document(job: FederatedJob, st: FederatedJobStatus, extra: dict | No
     }
     if st.privacy is not None:
         doc["privacy"] = st.privacy.to_wire()
+    if job.spec.personalization is not None:
+        doc["personalization"] = job.spec.personalization.to_wire() | {"parties": personal_scores(st)}
     doc.update(extra or {})
     return doc
 

@@ -735,6 +735,8 @@ class LocalRun:
             print(f"\nmajority-class baseline on the parties' eval splits: {self.baseline:.3f}", file=self.out)
         if self.test_baseline is not None:
             print(f"majority-class baseline on the held-out test set: {self.test_baseline:.3f}", file=self.out)
+        if (table := report.personal_table(st)) is not None:
+            print("\n" + table, file=self.out)
         if (c := st.condition(cond.PRIVACY_BUDGET_EXHAUSTED)) is not None:
             print(f"\nprivacy budget exhausted: {c.message}", file=self.out)
         if st.phase == "Succeeded":
@@ -744,6 +746,13 @@ class LocalRun:
                 f"Load it with: PeftModel.from_pretrained(base_model, {str(_shown(final))!r})",
                 file=self.out,
             )
+            if self.job.spec.personalization is not None:
+                print(
+                    "It holds the shared part only: each party's personal part is in its own bucket "
+                    "(fedtune/<job>/personal.safetensors); merge the two to load a party's model (README, "
+                    '"Personalised adapters").',
+                    file=self.out,
+                )
         else:
             print(f"\nFailed: {st.message}\nPartial results and logs in {_shown(self.workdir)}", file=self.out)
         self.out.flush()

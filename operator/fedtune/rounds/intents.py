@@ -127,6 +127,7 @@ def trainer_config(job: FederatedJob, party: Party) -> TrainerConfig:
         prox_mu=mu,
         dp=spec.privacy.dp if spec.privacy.dp and spec.privacy.dp.mode == "local" else None,
         dp_sgd=spec.privacy.dp_sgd,
+        personalization=spec.personalization,
     )
 
 
@@ -213,7 +214,24 @@ def build_trainer_ticket(
     if intent.kind == "train":
         t.update_out = upload_target(signer, owner, layout.update_key(uid, intent.round), ttl, st.adapter_bytes)
         t.receipt_out = signer.presign_put(owner, layout.party_receipt_key(uid, intent.round), ttl)
+    if job.spec.personalization is not None and party.key != job.evaluator_key:
+        _personal_urls(t, intent, owner, st, signer, ttl)
     return t
+
+
+def _personal_urls(
+    t: TrainerTicket, intent: TrainerIntent, owner: str, st: FederatedJobStatus, signer: Signer, ttl: int
+) -> None:
+    """Personalization: the party's personal part, read from and written to its own bucket only (its credentials)."""
+    me = st.party(owner)
+    if me.personal_object and me.personal_sha256:
+        t.personal_in = Download(url=signer.presign_get(owner, me.personal_object, ttl), sha256=me.personal_sha256)
+    out = (
+        layout.personal_key(t.job, intent.round, intent.attempt)
+        if intent.kind == "train"
+        else layout.final_personal_key(t.job)
+    )
+    t.personal_out = signer.presign_put(owner, out, ttl)
 
 
 def _weighted(job: FederatedJob) -> bool:

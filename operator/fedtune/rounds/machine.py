@@ -32,6 +32,7 @@ from fedtune.api.status import MAX_HISTORY, FederatedJobStatus, Metrics, PartySt
 from fedtune.rounds import conditions as cond
 from fedtune.rounds import outage, secure_rounds
 from fedtune.rounds.events import Event
+from fedtune.storage import layout
 
 __all__ = ["Event", "Observation", "active", "advance", "members", "new_status", "resumed"]
 
@@ -226,6 +227,9 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
             p.train_seconds = r.timings.train_seconds
             if r.sample_epsilon is not None:
                 p.sample_epsilon = r.sample_epsilon
+            if r.personal_sha256:  # its personal part, in its own bucket: the next ticket reads it back
+                p.personal_object = layout.personal_key(uid, rnd, st.attempt)
+                p.personal_sha256 = r.personal_sha256
     if (any(_waiting(st)) or _evaluator_waiting(st)) and obs.now < st.round_deadline:
         return
     for p in _waiting(st):
@@ -316,12 +320,14 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
 
 
 def _evaluating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, events: list[Event]) -> None:
-    rnd = st.current_round
+    rnd, uid = st.current_round, job.metadata.uid
     for p in _waiting(st):
         r = obs.receipts.get(p.name)
         if _answers(r, "eval", job.metadata.uid, rnd, st.attempt):
             if r.ok:
                 p.state, p.metrics, p.num_eval_samples = "Done", r.metrics, r.num_eval_samples
+                if r.personal_sha256:  # the final personal part, at a fixed key of its own bucket
+                    p.personal_object, p.personal_sha256 = layout.final_personal_key(uid), r.personal_sha256
             elif r.storage_failed:
                 _storage_failed(p, f"final evaluation: {r.error}", events)
             else:
@@ -530,13 +536,17 @@ def _weighted(pairs: list[tuple[float | None, int | None]]) -> float | None:
     return mean if mean is None or math.isfinite(mean) else None
 
 
+EVAL_KEYS = ("eval_loss", "eval_accuracy", "eval_perplexity", "global_eval_loss", "global_eval_accuracy")
+
+
 def _record(st: FederatedJobStatus, rec: RoundRecord) -> None:
     """Insert or replace a round's record, keeping eval metrics already known, bounded in size."""
     old = next((h for h in st.history if h.round == rec.round), None)
     if old is not None:
-        for k in ("eval_loss", "eval_accuracy", "eval_perplexity"):
+        for k in EVAL_KEYS:
             if getattr(rec.metrics, k) is None:
                 setattr(rec.metrics, k, getattr(old.metrics, k))
+        rec.party_eval = rec.party_eval or old.party_eval
         if rec.held_out is None:
             rec.held_out, rec.held_out_samples = old.held_out, old.held_out_samples
         st.history.remove(old)
@@ -556,12 +566,18 @@ def _history(st: FederatedJobStatus, rnd: int) -> RoundRecord:
 
 def _record_eval(st: FederatedJobStatus, rnd: int, parties: list[PartyState]) -> None:
     rec = _history(st, rnd)
-    for k in ("eval_loss", "eval_accuracy", "eval_perplexity"):
+    for k in EVAL_KEYS:
         setattr(
             rec.metrics,
             k,
             _weighted([(getattr(p.metrics, k) if p.metrics else None, p.num_eval_samples) for p in parties]),
         )
+    # Personalization: each party's own numbers, personalised beside global (a mean hides the skew).
+    personal = [p for p in parties if p.metrics and p.metrics.global_eval_loss is not None]
+    if personal:
+        rec.party_eval = {
+            p.name: p.metrics.model_copy(update={"train_loss": None}) for p in sorted(personal, key=lambda p: p.name)
+        }
 
 
 def _summarise(st: FederatedJobStatus) -> None:

@@ -1,6 +1,8 @@
 """Where every object of a job lives. Pure functions; one place to change the layout.
 
-Party bucket:        fedtune/<job>/round-<r>/update.safetensors, …/receipt.json, data/… (its own data)
+Party bucket:        fedtune/<job>/round-<r>/update.safetensors, …/receipt.json, data/… (its own data),
+                     personalization: fedtune/<job>/round-<r>/personal-a<attempt>.safetensors and
+                     fedtune/<job>/personal.safetensors (the final one): the personal part, never elsewhere
 Coordinator bucket:  fedtune/<job>/job.json, fedtune/<job>/global/<r>.safetensors (+ .json receipt, .state.safetensors),
                      fedtune/<job>/global/adapter_config.json (PEFT) or …/global/model_files.json (full
                      fine-tuning: config and tokenizer files, fedtune.api.full_export), fedtune/<job>/final/…
@@ -19,6 +21,18 @@ def update_key(job: str, rnd: int) -> str:
 
 def party_receipt_key(job: str, rnd: int) -> str:
     return f"{_job(job)}/round-{rnd}/receipt.json"
+
+
+def personal_key(job: str, rnd: int, attempt: int) -> str:
+    """Personalization: the party's personal part after training round `rnd` (attempt `attempt`), in its own bucket.
+
+    One object per attempt: a retried round never overwrites the part the status names before its receipt is in."""
+    return f"{_job(job)}/round-{rnd}/personal-a{attempt}.safetensors"
+
+
+def final_personal_key(job: str) -> str:
+    """Personalization: the party's final personal part, in its own bucket (with the final adapter: its model)."""
+    return f"{_job(job)}/personal.safetensors"
 
 
 def shares_key(job: str, rnd: int, attempt: int) -> str:
