@@ -355,7 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# bitsandbytes, imported by peft wherever it is installed, warns at import on CPUs with AVX512-BF16 that an
+# optional accelerated kernel (the `kernels` package) is missing: nothing a fedtune user can act on, and it
+# would turn every one-line error of the CLI into two. Its real errors still show.
+QUIET_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
