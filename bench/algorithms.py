@@ -292,8 +292,8 @@ def report(args, results: dict, info: dict, total: float, describe: dict) -> str
         f"- FedLoRA: LoRA r=8 on query, key, value, dense, FedAvg, lr {args.lr}. full FedAvg: `peft: {{method: full}}` "
         f"(every weight and the head travel), lr {args.full_lr}. FedKD-LoRA: FedLoRA + `training.distillation` "
         f"(alpha {args.kd_alpha}, T {args.kd_temperature}) from a teacher that `fedtune teacher` fine-tuned "
-        f"({args.teacher_epochs} epochs, lr {args.teacher_lr}) on a public share of {args.public_per_class} records "
-        "per class held out from every party.",
+        f"({args.teacher_epochs} epochs, lr {args.teacher_lr}) on a public share of {args.public} records "
+        "(even over classes) held out from every party.",
         "- bytes: what one party uploaded plus downloaded in the last round (its update and the global model), "
         "mean over parties, from the job's status.",
         "- runtime: the whole `fedtune run` (S3 server and process start-up included), wall time.",
@@ -343,8 +343,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate")
     ap.add_argument("--full-lr", type=float, default=1e-4, help="full fine-tuning learning rate")
     ap.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    ap.add_argument("--per-class", type=int, default=100, help="records kept per class (before the public split)")
-    ap.add_argument("--public-per-class", type=int, default=20, help="records per class held out for the teacher")
+    ap.add_argument("--public", type=int, default=120, help="records held out for the teacher (split evenly by class)")
     ap.add_argument("--teacher-epochs", type=int, default=4)
     ap.add_argument("--teacher-lr", type=float, default=1e-4)
     ap.add_argument("--kd-alpha", type=float, default=0.5)
@@ -355,7 +354,7 @@ def main() -> None:
     if args.smoke:
         args.tasks, args.partitions = "tweets", "iid"
         args.parties, args.samples, args.eval_per_party, args.rounds, args.max_length = 2, 16, 8, 1, 16
-        args.per_class, args.public_per_class, args.teacher_epochs, args.teacher_lr = 40, 8, 1, 1e-3
+        args.public, args.teacher_epochs, args.teacher_lr = 16, 1, 1e-3
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -373,8 +372,12 @@ def main() -> None:
     }
     results = {}
     for task in args.tasks.split(","):
-        records, labels = task_records(task, args.per_class, args.seed)
-        public, rest = split_public(records, labels, args.public_per_class)
+        # Enough records per class that every party's shard is full under Dirichlet skew too.
+        n_labels = 2 if task == "tweets" else len(TOPICS)
+        per_public = args.public // n_labels
+        need = args.parties * (args.samples + args.eval_per_party)
+        records, labels = task_records(task, per_public + 2 * need // n_labels, args.seed)
+        public, rest = split_public(records, labels, per_public)
         files = {"data_source": f"file://{jsonl(tmp / f'{task}-parties.jsonl', rest)}", "labels": labels}
         ctx = Context(task, tmp, jsonl(tmp / f"{task}-public.jsonl", public), tmp / f"{task}-eval.jsonl", args)
         for part in args.partitions.split(","):
