@@ -1,0 +1,49 @@
+"""bench/algorithms.py runs end to end in its --smoke size: FedLoRA, full FedAvg and FedKD-LoRA (with a
+teacher that `fedtune teacher` prepared) as real local-mode jobs, one row each."""
+
+from __future__ import annotations
+
+import re
+
+from bench_smoke import machine_noted, run_smoke, table
+
+METHODS = ["FedLoRA", "full FedAvg", "FedKD-LoRA"]
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6}
+
+
+def _bytes(cell: str) -> float:
+    number, unit = cell.split()
+    return float(number) * UNITS[unit]
+
+
+def test_algorithms_smoke(tmp_path):
+    text = run_smoke("algorithms.py", tmp_path)
+    assert "SMOKE RUN" in text and machine_noted(text) and "chatterbot-corpus: " in text
+    assert "Bottleneck adapters" in text and "not in this build" in text
+
+    header, rows = table(text, "method")
+    assert header[1:3] == ["final accuracy", "final eval loss"]
+    cell = {r[0]: dict(zip(header, r)) for r in rows}
+    assert [r[0] for r in rows] == [*METHODS, "majority class"]  # a row per method
+    for name in METHODS:
+        c = cell[name]
+        assert 0.0 <= float(c["final accuracy"]) <= 1.0
+        curve = [float(a) for a in c["accuracy per round"].split(" → ")]
+        assert len(curve) == 2 and all(0.0 <= a <= 1.0 for a in curve)  # round 0 and round 1
+        losses = [float(x) for x in c["eval loss per round"].split(" → ")]
+        assert len(losses) == 2 and all(x > 0 for x in losses) and float(c["final eval loss"]) > 0
+        assert float(c["runtime s"]) > 0
+
+    # Full FedAvg moves the whole model; FedLoRA an adapter: at least ten times fewer bytes.
+    lora, full = (
+        _bytes(cell["FedLoRA"]["bytes up+down per party per round"]),
+        _bytes(cell["full FedAvg"]["bytes up+down per party per round"]),
+    )
+    assert lora > 0 and full > 10 * lora, (lora, full)
+    assert _bytes(cell["FedKD-LoRA"]["bytes up+down per party per round"]) == lora  # the teacher never travels
+
+    # FedKD-LoRA ran with the teacher: its loss column, the teacher's accuracy and the distillation term.
+    assert cell["FedKD-LoRA"]["final eval loss"] not in ("", "-")
+    m = re.search(r"teacher \(`fedtune teacher`.*?accuracy ([0-9.]+).*?T²·KL per round ([0-9.e+-]+)", text)
+    assert m, text
+    assert 0.0 <= float(m.group(1)) <= 1.0 and float(m.group(2)) >= 0.0
