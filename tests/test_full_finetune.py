@@ -38,6 +38,7 @@ def test_full_fine_tuning_end_to_end(tiny_seq_cls, toy_data, tmp_path, monkeypat
     monkeypatch.setattr(Bucket, "start_multipart", lambda self, key, *a: started.append(key) or start(self, key, *a))
     st, out = run_local(job_yaml(tiny_seq_cls, toy_data, peft=FULL), tmp_path / "run")
     assert st.phase == "Succeeded", out
+    assert "Final model (transformers layout)" in out and "PeftModel" not in out  # what the user is told to load
     assert [h.round for h in st.history] == [0, 1, 2]
     assert all(h.metrics.eval_loss is not None and h.metrics.eval_accuracy is not None for h in st.history)
     assert all(h.metrics.train_loss is not None for h in st.history[1:])

@@ -740,10 +740,14 @@ class LocalRun:
         if (c := st.condition(cond.PRIVACY_BUDGET_EXHAUSTED)) is not None:
             print(f"\nprivacy budget exhausted: {c.message}", file=self.out)
         if st.phase == "Succeeded":
+            where = str(_shown(final))
+            if self.job.spec.peft.method == "full":  # the whole model, as transformers saves one
+                what, load = "model (transformers layout)", f"AutoModelFor<task>.from_pretrained({where!r})"
+            else:
+                what, load = "adapter (PEFT layout)", f"PeftModel.from_pretrained(base_model, {where!r})"
             print(
-                f"\nSucceeded. Final adapter (PEFT layout) in {_shown(final)}; "
-                "metrics.json and metrics.png beside it.\n"
-                f"Load it with: PeftModel.from_pretrained(base_model, {str(_shown(final))!r})",
+                f"\nSucceeded. Final {what} in {_shown(final)}; metrics.json and metrics.png beside it.\n"
+                f"Load it with: {load}",
                 file=self.out,
             )
             if self.job.spec.personalization is not None:
