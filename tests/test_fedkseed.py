@@ -151,3 +151,47 @@ def test_aggregator_refuses_a_bad_update():
         fedkseed.check_update(fedkseed.update_tensors([1], [float("nan")]), k, "update from alice")
     with pytest.raises(ValueError, match="holds fedkseed.seeds"):
         fedkseed.check_update({fedkseed.ACCUM: torch.zeros(k)}, k, "update from alice")
+
+
+def _party_log(run, party: str, pattern: str) -> list:
+    import re
+
+    text = (run / "logs" / f"default--{party}.log").read_text()
+    return re.findall(pattern, text)
+
+
+def test_fedkseed_end_to_end(tiny_seq_cls, toy_data, tmp_path):  # noqa: F811
+    """Two parties, two rounds at the default K and steps: every party replays the same model, a party's traffic
+    per round (global down + update up) stays under 18 KB, and final/ replays into that same model."""
+    from transformers import AutoModelForSequenceClassification
+
+    peft = {"method": "fedkseed", "config": {"learningRate": 1e-3, "epsilon": 1e-3}}
+    run = tmp_path / "run"
+    st, out = run_local(job_yaml(tiny_seq_cls, toy_data, peft=peft), run)
+    assert st.phase == "Succeeded", out
+    assert [h.round for h in st.history] == [0, 1, 2]
+    assert all(h.metrics.eval_loss is not None for h in st.history)
+    assert all(h.metrics.train_loss is not None for h in st.history[1:])
+    assert "python -m fedtune_trainer.fedkseed" in out
+
+    final = run / "final"
+    global_bytes = (final / "fedkseed.safetensors").stat().st_size
+    replays = {}
+    for party in ("alice", "bob"):
+        sent = [int(n) for n in _party_log(run, party, r"round \d+: .* update (\d+) bytes")]
+        assert len(sent) == 2, sent
+        for update_bytes in sent:  # one global down, one update up
+            assert global_bytes + update_bytes < 18_000, (global_bytes, update_bytes)
+        replays[party] = _party_log(
+            run, party, r"round (\d+): replayed (\d+) of 4096 seeds .* in ([\d.]+)s \(weights (\w+)\)"
+        )
+        print(f"{party}: {global_bytes} bytes down + {sent} bytes up per round; replays {replays[party]}")
+    # globals 0 and 1 (train tickets), then the final evaluation of global 2: the same weights at every party
+    assert [r[3] for r in replays["alice"]] == [r[3] for r in replays["bob"]]
+    assert len({r[3] for r in replays["alice"]}) == 3  # each round's steps moved the model
+    assert [int(r[1]) for r in replays["alice"]][0] == 0 and int(replays["alice"][-1][1]) > 0
+
+    # final/ replays, outside any party, into the model the parties evaluated last
+    fedkseed.export(str(final), str(tmp_path / "model"))
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert fedkseed.weights_digest(model).startswith(replays["alice"][-1][3])
