@@ -66,7 +66,9 @@ class PeftSpec(ApiModel):
     method: str = Field(
         "lora",
         description="lora, ia3, prompt_tuning, prefix_tuning, loha, lokr, … (any peft method), or full: full "
-        "fine-tuning, where every weight trains and travels each round (no config).",
+        "fine-tuning, where every weight trains and travels each round (no config); or fedkseed: full-parameter "
+        "zeroth-order tuning on K shared seeds where only (seed, scalar) pairs travel (config: seeds, steps, "
+        "learningRate, epsilon).",
     )
     config: dict[str, Any] = Field(default_factory=dict, description="peft config keyword arguments, e.g. {r: 8}.")
 
