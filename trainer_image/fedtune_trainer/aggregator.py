@@ -23,7 +23,7 @@ from fedtune.api.status import utcnow
 from pydantic import ValidationError
 from safetensors.torch import save as save_safetensors
 
-from fedtune_trainer import privacy, transfer
+from fedtune_trainer import fedkseed, privacy, transfer
 from fedtune_trainer.mailbox import answers, as_int, deliver, open_mailbox, own_receipt
 from fedtune_trainer.secure_mean import secure_mean
 from fedtune_trainer.strategies import Strategy, aggregate_round, make_strategy
@@ -85,6 +85,9 @@ def _collect_updates(
 
     paths = [workdir / f"update-{i}.safetensors" for i in range(len(updates))]  # party names hold "/"
     limit = update_limit(global_prev.path.stat().st_size)
+    # FedKSeed: an update is (seed, scalar) pairs, not the global's tensors; checked against K below.
+    kseed = fedkseed.is_global(global_prev)
+    reference = None if kseed else global_prev
     with ThreadPoolExecutor(max_workers=min(8, len(updates) or 1)) as pool:  # downloads overlap; checks do not
         downloads = [
             pool.submit(transfer.get_to_file, upd.url, path, max_bytes=limit) for upd, path in zip(updates, paths)
@@ -93,7 +96,14 @@ def _collect_updates(
         try:
             digest, size = download.result()
             receipt.bytes_down += size  # counted here, in one thread
-            tensors.append(open_verified(path, digest, upd.sha256, global_prev, source=f"update from {upd.party}"))
+            source = f"update from {upd.party}"
+            tensors.append(opened := open_verified(path, digest, upd.sha256, reference, source=source))
+            if kseed:
+                try:
+                    fedkseed.check_update(opened, global_prev[fedkseed.ACCUM].numel(), source)
+                except ValueError as exc:
+                    tensors.pop()
+                    raise UpdateRejected(str(exc)) from None
         except UpdateRejected as exc:
             reason = str(exc)
         except transfer.StorageFailure:
@@ -180,6 +190,9 @@ def _combine(
     """The strategy's step from the round's mean: sample-weighted, or with differential privacy the
     unweighted mean of clipped updates plus noise (central) or of updates the parties noised (local)."""
     dp = ticket.dp
+    if fedkseed.is_global(global_prev):  # the paper's server step: per seed, the weighted mean of the scalars
+        pairs = [(u[fedkseed.SEEDS], u[fedkseed.GRADS]) for u in updates]
+        return {fedkseed.ACCUM: fedkseed.aggregate(global_prev[fedkseed.ACCUM], pairs, weights)}, None
     if ticket.secure is not None:  # one update: the mean of the masked ones (local DP noised each already)
         return strategy.aggregate(global_prev, updates[0]), None
     if dp is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
-from fedtune.api.methods import FULL, PEFT_METHODS, TASK_TYPES
+from fedtune.api.methods import FEDKSEED, FULL, PEFT_METHODS, TASK_TYPES
 from fedtune.api.support import UNSUPPORTED, cannot_train, first_forward, local_model_dir
 
 from fedtune_trainer import transfer
@@ -181,7 +181,7 @@ def apply_peft(
     """Wrap the base model with the job's PEFT method; the adapter init is drawn from `seed`.
 
     With `device` the wrapped model moves there before its one-batch check runs (on the GPU, not the CPU)."""
-    if peft.method == FULL:
+    if peft.method in (FULL, FEDKSEED):  # FedKSeed tunes every weight too (by zeroth-order steps)
         return _full(model, peft.method, task, device)
     from peft import get_peft_model
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING

@@ -229,6 +229,81 @@ def _upload(target: str | Upload, data: bytes, receipt: TrainerReceipt) -> str:
     return digest
 
 
+def _fedkseed(cfg: TrainerConfig) -> dict | None:
+    """FedKSeed's parameters (peft.config with defaults), or None for any other method."""
+    from fedtune.api.methods import FEDKSEED, fedkseed_params
+
+    return fedkseed_params(cfg.peft.config) if cfg.peft.method == FEDKSEED else None
+
+
+def _replay(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, global_state: dict) -> None:
+    """FedKSeed: set the model to the global by replaying its accumulated steps onto the kept base weights."""
+    from fedtune_trainer import fedkseed
+
+    ks = _fedkseed(ticket.config)
+    accum = global_state.get(fedkseed.ACCUM)
+    if not fedkseed.is_global(global_state) or accum.shape != (ks["seeds"],):
+        raise ValueError(f"global is not a FedKSeed accumulator of {ks['seeds']} seeds")
+    start = time.perf_counter()
+    fedkseed.replay(rt.model, rt.initial, accum, ticket.config.training.seed, ks["learningRate"])
+    receipt.timings.replay_seconds = time.perf_counter() - start
+    receipt.replayed_sha256 = fedkseed.weights_digest(rt.model)
+    log.info(
+        "[%s] round %d: replayed %d of %d seeds onto the base model in %.2fs (weights %s)",
+        ticket.party,
+        ticket.round,
+        int((accum != 0).sum()),
+        ks["seeds"],
+        receipt.timings.replay_seconds,
+        receipt.replayed_sha256[:12],
+    )
+
+
+def _train_fedkseed(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks) -> None:
+    """FedKSeed's round: replay the global, evaluate it, take the local zeroth-order steps, upload (i, g) pairs."""
+    from fedtune_trainer import fedkseed
+    from fedtune_trainer.adapters import to_bytes
+
+    cfg, ks = ticket.config, _fedkseed(ticket.config)
+    train, global_state, evals, _ = ranks.share(lambda: _fetch_round(ticket, rt, receipt))
+    _replay(ticket, rt, receipt, global_state)
+    with cpu_slots.hold():
+        metrics = _evaluate(ticket, rt, receipt, evals, ranks)
+        steps = fedkseed.train_steps(
+            rt.model,
+            train,
+            rt.tokenizer.pad_token_id,
+            job_seed=cfg.training.seed,
+            rnd=ticket.round,
+            party=ticket.party,
+            k=ks["seeds"],
+            steps=ks["steps"],
+            lr=ks["learningRate"],
+            eps=ks["epsilon"],
+            batch_size=cfg.training.batch_size,
+        )
+    if not ranks.lead:
+        return
+    update = to_bytes(fedkseed.update_tensors(steps.seeds, steps.grads))
+    metrics.train_loss = steps.train_loss
+    receipt.metrics, receipt.num_samples = metrics, steps.num_samples
+    receipt.timings.train_seconds = steps.seconds
+    receipt.sha256, receipt.update_bytes = _upload(ticket.update_out, update, receipt), len(update)
+    log.info(
+        "[%s] round %d: global eval_loss=%s accuracy=%s | %d zeroth-order steps, train_loss=%.4f in %.1fs "
+        "(replay %.2fs), update %d bytes",
+        ticket.party,
+        ticket.round,
+        _fmt(metrics.eval_loss),
+        _fmt(metrics.eval_accuracy),
+        len(steps.seeds),
+        steps.train_loss,
+        steps.seconds,
+        receipt.timings.replay_seconds,
+        len(update),
+    )
+
+
 def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ranks: Ranks = SOLO) -> None:
     from fedtune_trainer.adapters import adapter_config_json, model_files_bundle, to_bytes
 
@@ -243,6 +318,10 @@ def _init(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, rank
     if ticket.update_out:
         # Global 0 holds the shared part only; every party starts from its own initial personal part.
         initial = to_bytes({k: v for k, v in rt.initial.items() if k not in personal})
+        if (ks := _fedkseed(ticket.config)) is not None:  # the global is the per-seed accumulator, all zeros
+            from fedtune_trainer.fedkseed import global0
+
+            initial = to_bytes(global0(ks["seeds"]))
         receipt.sha256, receipt.update_bytes = _upload(ticket.update_out, initial, receipt), len(initial)
     if ticket.adapter_config_out:
         _upload(ticket.adapter_config_out, adapter_config_json(rt.model, ticket.config.model.portable_name), receipt)
@@ -303,6 +382,9 @@ def _train(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, ran
     cfg = ticket.config
     if ticket.train_data is None or not ticket.update_out:
         raise ValueError("train ticket needs trainData and updateOut")
+    if _fedkseed(cfg) is not None:
+        _train_fedkseed(ticket, rt, receipt, ranks)
+        return
     if ticket.secure is not None and ranks.lead:  # the shares dealt to this party, before the work of training
         secure_party.receive(ticket, rt.secure, receipt)
     train, global_state, evals, own = ranks.share(lambda: _fetch_round(ticket, rt, receipt))
@@ -435,7 +517,10 @@ def _eval(ticket: TrainerTicket, rt: PartyRuntime, receipt: TrainerReceipt, rank
         if ranks.lead:  # the final personal part, at a fixed key of the party's own bucket
             _keep_personal(ticket, rt, receipt, own)
     else:
-        _load_global(rt, global_state, ranks)
+        if _fedkseed(ticket.config) is not None:
+            _replay(ticket, rt, receipt, global_state)
+        else:
+            _load_global(rt, global_state, ranks)
         with cpu_slots.hold():
             receipt.metrics = _evaluate(ticket, rt, receipt, evals, ranks)
     if ranks.lead:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
-from fedtune.api.methods import FULL, PROMPT_LEARNING, TASK_TYPES, check_peft_config, strategy_params
+from fedtune.api.methods import FEDKSEED, FULL, PROMPT_LEARNING, TASK_TYPES, check_peft_config, strategy_params
 from fedtune.api.party import StorageSpec
 from fedtune.api.privacy import PrivacySpec, budget_problem
 from fedtune.api.quantization import QuantizationSpec
@@ -66,7 +66,9 @@ class PeftSpec(ApiModel):
     method: str = Field(
         "lora",
         description="lora, ia3, prompt_tuning, prefix_tuning, loha, lokr, … (any peft method), or full: full "
-        "fine-tuning, where every weight trains and travels each round (no config).",
+        "fine-tuning, where every weight trains and travels each round (no config); or fedkseed: full-parameter "
+        "zeroth-order tuning on K shared seeds where only (seed, scalar) pairs travel (config: seeds, steps, "
+        "learningRate, epsilon).",
     )
     config: dict[str, Any] = Field(default_factory=dict, description="peft config keyword arguments, e.g. {r: 8}.")
 
@@ -349,6 +351,7 @@ class FederatedJobSpec(ApiModel):
                     "remove model.ggufFile or model.quantization"
                 )
         out.extend(self._full_problems())
+        out.extend(self._fedkseed_problems())
         robust = self.aggregator.robust
         if robust is not None:
             fewest = min(max(self.min_parties, 1), n)
@@ -408,6 +411,32 @@ class FederatedJobSpec(ApiModel):
                 "remove model.quantization, or choose a PEFT method such as lora (QLoRA)"
             )
         return out
+
+    def _fedkseed_problems(self) -> list[str]:
+        """What FedKSeed's scalar exchange cannot combine with: the aggregator sums (seed, scalar) pairs into K
+        per-seed accumulators, and each party replays them onto the base model on the plain PyTorch path."""
+        if self.peft.method != FEDKSEED:
+            return []
+        why = "peft.method fedkseed exchanges (seed, scalar) pairs, not weights"
+        refused = [
+            (self.deepspeed.enabled, "deepspeed.enabled", "it trains on the plain PyTorch path (set it false)"),
+            (self.model.quantization is not None, "model.quantization", "quantised weights cannot be perturbed"),
+            (self.strategy.name != "fedavg", f"strategy {self.strategy.name}", "the accumulator is a mean (fedavg)"),
+            (self.aggregator.lora_mode == "exact", "aggregator.loraMode: exact", "there are no LoRA pairs"),
+            (self.aggregator.robust is not None, "aggregator.robust", why),
+            (self.privacy.dp is not None, "privacy.dp", why),
+            (self.privacy.dp_sgd is not None, "privacy.dpSgd", "there are no per-example gradients"),
+            (self.privacy.secure_aggregation is not None, "privacy.secureAggregation", why),
+            (self.personalization is not None, "spec.personalization", "every party replays the same model"),
+            (
+                self.training.distillation is not None,
+                "training.distillation",
+                "the loss is estimated, not backpropagated",
+            ),
+            (self.training.update_compression != "none", "training.updateCompression", "the update is a few KB"),
+            (self.evaluator is not None, "spec.evaluator", "the parties evaluate the replayed model themselves"),
+        ]
+        return [f"{field} cannot be used with peft.method fedkseed: {reason}" for bad, field, reason in refused if bad]
 
     def _distillation_problems(self) -> list[str]:
         kd = self.training.distillation

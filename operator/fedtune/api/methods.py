@@ -36,8 +36,44 @@ PEFT_METHODS: dict[str, str] = {
 # FedAvg baseline). Not a peft method, so it is not in PEFT_METHODS; check_peft_config accepts it.
 FULL = "full"
 
+# FedKSeed (Qin et al., ICML 2024): full-parameter zeroth-order tuning whose only traffic is scalars. K random
+# seeds are shared per job; each local step draws one, perturbs every weight along the Gaussian direction it
+# seeds, and sends (seed index, projected gradient). The global is the per-seed accumulated gradient, K floats,
+# which every party replays onto the base model. Not a peft method either; check_peft_config accepts it.
+FEDKSEED = "fedkseed"
+
+# peft.config of fedkseed: key -> (default, low, high, whether an integer). Keys in the job's camelCase.
+FEDKSEED_PARAMS: dict[str, tuple[float, float, float, bool]] = {
+    "seeds": (4096, 1, 32767, True),  # K; indices travel as int16
+    "steps": (200, 1, 100_000, True),  # zeroth-order steps per party per round
+    "learningRate": (3e-7, 0.0, 1.0, False),
+    "epsilon": (5e-4, 0.0, 1.0, False),  # perturbation scale
+}
+
 # Every method a FederatedJob may name.
-METHODS = (*PEFT_METHODS, FULL)
+METHODS = (*PEFT_METHODS, FULL, FEDKSEED)
+
+
+def fedkseed_params(config: dict[str, Any]) -> dict[str, float]:
+    """fedkseed's peft.config with defaults filled in. Raises ValueError naming the field at fault."""
+    unknown = sorted(set(config) - set(FEDKSEED_PARAMS))
+    if unknown:
+        raise ValueError(
+            f"peft.config: fedkseed has no parameter(s) {', '.join(unknown)}; it accepts: {', '.join(FEDKSEED_PARAMS)}"
+        )
+    out: dict[str, float] = {}
+    for key, (default, low, high, integral) in FEDKSEED_PARAMS.items():
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
+            kind = "an integer" if integral else "a number"
+            raise ValueError(f"peft.config.{key} must be {kind} (got {value!r})")
+        if integral and not low <= value <= high:
+            raise ValueError(f"peft.config.{key} must be between {low:g} and {high:g} (got {value})")
+        if not integral and not low < value <= high:
+            raise ValueError(f"peft.config.{key} must be > {low:g} and <= {high:g} (got {value})")
+        out[key] = value
+    return out
+
 
 # Prompt-learning methods: peft saves their prompt as a tensor it computes from the trained parameters.
 PROMPT_LEARNING = frozenset({"prompt_tuning", "prefix_tuning"})
@@ -157,6 +193,9 @@ def check_peft_config(method: str, config: dict[str, Any], task: str, model: str
                 "remove peft.config"
             )
         return
+    if method == FEDKSEED:
+        fedkseed_params(config)
+        return
     if (method, task) in TASK_LIMITS:
         which = f"{model} (a {task} model)" if model else f"a {task} model"
         raise ValueError(f"{method} cannot train {which}: {TASK_LIMITS[method, task]}")
@@ -174,7 +213,7 @@ def check_peft_config(method: str, config: dict[str, Any], task: str, model: str
 
 def ask_peft(method: str, config: dict[str, Any], task: str) -> None:
     """peft's own verdict on a config fedtune's checks passed; nothing where peft is not installed."""
-    if method == FULL:
+    if method in (FULL, FEDKSEED):
         return  # no peft config: nothing for peft to judge
     try:
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # lazy: imports torch; absent in the operator image

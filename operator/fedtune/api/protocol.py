@@ -146,6 +146,7 @@ class Timings(ApiModel):
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     upload_seconds: float = 0.0
+    replay_seconds: float = 0.0  # FedKSeed: rebuilding the global model from the base weights and the seeds
 
 
 def _fault_only_on_failure(receipt: TrainerReceipt | AggregatorReceipt) -> TrainerReceipt | AggregatorReceipt:
@@ -178,6 +179,10 @@ class TrainerReceipt(ApiModel):
     bytes_up: Count = 0
     bytes_down: Count = 0
     base_model_fingerprint: str | None = None
+    replayed_sha256: str | None = Field(
+        None,
+        description="FedKSeed: sha256 of the weights the party replayed from the global (the same at every party).",
+    )
     public_keys: PublicKeys | None = Field(None, description="keys: the party's public keys for this round.")
     personal_sha256: str | None = Field(
         None,

@@ -743,6 +743,9 @@ class LocalRun:
             where = str(_shown(final))
             if self.job.spec.peft.method == "full":  # the whole model, as transformers saves one
                 what, load = "model (transformers layout)", f"AutoModelFor<task>.from_pretrained({where!r})"
+            elif self.job.spec.peft.method == "fedkseed":  # K accumulated scalars, replayed onto the base model
+                what = "FedKSeed steps (fedkseed.safetensors)"
+                load = f"python -m fedtune_trainer.fedkseed {where} OUT (a transformers model directory in OUT)"
             else:
                 what, load = "adapter (PEFT layout)", f"PeftModel.from_pretrained(base_model, {where!r})"
             print(

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from fedtune.api.job import FederatedJob
-from fedtune.api.methods import FULL, SERVER_STATE_COPIES
+from fedtune.api.methods import FEDKSEED, FULL, SERVER_STATE_COPIES
 from fedtune.api.party import Party
 from fedtune.api.protocol import AggregatorTicket, Download, Multipart, TrainerConfig, TrainerTicket, UpdateIn, Upload
 from fedtune.api.secagg import ObjectIn, SecureAggregation, SecureTicket
@@ -200,7 +200,10 @@ def build_trainer_ticket(
     if intent.kind == "init":
         if intent.upload_global0:  # its size is not known yet: a single PUT
             t.update_out = Upload(url=signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl))
-            if job.spec.peft.method == FULL:  # a transformers model, not an adapter: its config and tokenizer
+            if job.spec.peft.method in (
+                FULL,
+                FEDKSEED,
+            ):  # a transformers model, not an adapter: its config and tokenizer
                 t.model_files_out = signer.presign_put(COORDINATOR, layout.model_files_key(uid), ttl)
             else:
                 t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)

@@ -2,15 +2,19 @@
 
 PEFT methods: adapter_model.safetensors + adapter_config.json (PeftModel.from_pretrained).
 Full fine-tuning: model.safetensors + the config and tokenizer files of the party's bundle
-(transformers' from_pretrained; fedtune.api.full_export). Server-side copies of the weights:
-they never pass through the control plane.
+(transformers' from_pretrained; fedtune.api.full_export). FedKSeed: fedkseed.safetensors (the per-seed
+accumulator), fedkseed.json (what replaying it needs) and the same config and tokenizer files;
+`python -m fedtune_trainer.fedkseed FINAL OUT` replays it into a transformers model directory.
+Server-side copies of the weights: they never pass through the control plane.
 """
 
 from __future__ import annotations
 
+import json
+
 from fedtune.api.full_export import FINAL_MODEL, unpack
 from fedtune.api.job import FederatedJob
-from fedtune.api.methods import FULL
+from fedtune.api.methods import FEDKSEED, FULL, fedkseed_params
 from fedtune.storage import layout
 from fedtune.storage.s3 import Bucket
 
@@ -22,11 +26,16 @@ def export_final(job: FederatedJob, coord: Bucket, rnd: int) -> list[str]:
     """
     uid = job.metadata.uid
     prefix = layout.final_prefix(uid)
-    if job.spec.peft.method != FULL:
+    method = job.spec.peft.method
+    if method not in (FULL, FEDKSEED):
         coord.copy(layout.global_key(uid, rnd), prefix + layout.FINAL_ADAPTER)
         coord.copy(layout.adapter_config_key(uid), prefix + layout.FINAL_CONFIG)
         return []
-    coord.copy(layout.global_key(uid, rnd), prefix + FINAL_MODEL)
+    if method == FEDKSEED:
+        coord.copy(layout.global_key(uid, rnd), prefix + FEDKSEED_STEPS)
+        coord.put_bytes(prefix + FEDKSEED_REPLAY, fedkseed_replay_json(job))
+    else:
+        coord.copy(layout.global_key(uid, rnd), prefix + FINAL_MODEL)
     try:
         files = unpack(coord.get_bytes(layout.model_files_key(uid)))
     except ValueError as exc:  # a party's doing: the weights are exported, the rest is reported
@@ -36,9 +45,25 @@ def export_final(job: FederatedJob, coord: Bucket, rnd: int) -> list[str]:
     return []
 
 
+FEDKSEED_STEPS = "fedkseed.safetensors"
+FEDKSEED_REPLAY = "fedkseed.json"
+
+
+def fedkseed_replay_json(job: FederatedJob) -> bytes:
+    """What replaying a FedKSeed accumulator needs besides it: the base model as the parties built it."""
+    spec = job.spec
+    doc = {
+        "model": spec.model.to_wire(),
+        "data": spec.data.to_wire(),
+        "seed": spec.training.seed,
+        "fedkseed": fedkseed_params(spec.peft.config),
+    }
+    return json.dumps(doc, indent=2, sort_keys=True).encode()
+
+
 def final_names(job: FederatedJob, coord: Bucket) -> list[str]:
     """The model files in final/ (not the metrics fedtune writes beside them)."""
-    if job.spec.peft.method != FULL:
+    if job.spec.peft.method not in (FULL, FEDKSEED):
         return [layout.FINAL_ADAPTER, layout.FINAL_CONFIG]
     prefix = layout.final_prefix(job.metadata.uid)
     skip = {layout.FINAL_METRICS, layout.FINAL_PLOT}
