@@ -120,7 +120,23 @@ def load_base_model(
             raise ValueError(f"tokenizer of {model.source} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     net.config.pad_token_id = tokenizer.pad_token_id
+    if model.quantization is not None:
+        _keep_cpu_4bit_unpacked(net)
     return net, tokenizer
+
+
+def _keep_cpu_4bit_unpacked(net: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' repacking of 4-bit weights for its AVX512-BF16 CPU kernel.
+
+    On CPUs with AVX512-BF16 a Linear4bit evaluated without gradients rewrites its stored weight into
+    another packing for an optimised kernel. That breaks what fedtune relies on: the frozen base's
+    bytes stay as loaded (its fingerprint, a party's evaluation between training rounds), and it fails
+    outright on a layer narrower than one quantisation block (absmax reshaped to (out, in // 64)).
+    Every other CPU takes the generic path; with this, these CPUs do too. GPUs are unaffected.
+    """
+    for module in net.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _quantized(model: ModelSpec, device: torch.device) -> dict[str, Any]:
