@@ -1,4 +1,4 @@
-"""Federated fine-tuning methods side by side: FedLoRA, full FedAvg, FedKD-LoRA.
+"""Federated fine-tuning methods side by side: FedLoRA, full FedAvg, FedKD-LoRA, FedKSeed, personalised FedLoRA.
 
     python bench/algorithms.py [--smoke] [--out bench/results] [--methods ...] [--tasks tweets,topics]
 
@@ -16,8 +16,7 @@ Each task's records are split once: a public share (for FedKD-LoRA's teacher, pr
 runs on the same parties' shards (IID and Dirichlet 0.5, fedtune's own partitioner).
 
 Methods are rows of METHODS: a name and a transform of the benchmark's job documents (FederatedJob +
-Parties + Dataset). A new method (offsite tuning, FedKSeed, personalised adapters) is one more
-entry there.
+Parties + Dataset). A new method (offsite tuning, say) is one more entry there.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import argparse
 import copy
 import json
 import random
+import re
 import statistics
 import sys
 import tempfile
@@ -82,10 +82,24 @@ def fedkd_lora(docs: list[dict], ctx: Context) -> list[dict]:
     return docs
 
 
+def fedkseed(docs: list[dict], ctx: Context) -> list[dict]:
+    a = ctx.args
+    config = {"seeds": a.kseed_seeds, "steps": a.kseed_steps, "learningRate": a.kseed_lr, "epsilon": a.kseed_epsilon}
+    docs[0]["spec"]["peft"] = {"method": "fedkseed", "config": config}
+    return docs
+
+
+def personalised(docs: list[dict], ctx: Context) -> list[dict]:
+    docs[0]["spec"]["personalization"] = {"mode": "head"}  # FedLoRA, each party's classifier stays with it
+    return docs
+
+
 METHODS: dict[str, Callable[[list[dict], Context], list[dict]]] = {
     "FedLoRA": fedlora,
     "full FedAvg": full_fedavg,
     "FedKD-LoRA": fedkd_lora,
+    "FedKSeed": fedkseed,
+    "personalised FedLoRA": personalised,
 }
 
 
@@ -178,7 +192,22 @@ def base_docs(args, task: str, partition: str, source: str, data_source: str, la
     )
 
 
+REPLAYED = re.compile(r"round (\d+): replayed (\d+) of (\d+) seeds onto the base model in ([\d.]+)s")
+
+
+def replays(workdir: Path) -> list[dict]:
+    """FedKSeed: each party's replays of the global (its log lines; receipts' timings.replaySeconds are not in
+    the job's status)."""
+    out = []
+    for log in sorted((workdir / "logs").glob("*.log")):
+        for rnd, used, k, secs in REPLAYED.findall(log.read_text(errors="replace")):
+            out.append({"party": log.stem, "round": int(rnd), "seeds": int(used), "of": int(k), "seconds": float(secs)})
+    return out
+
+
 def run_method(docs: list[dict], workdir: Path) -> dict:
+    from fedtune.local.report import personal_scores
+
     res = mlbench.run_local(docs, workdir, threads=1)
     st = res.status
     hist = sorted(st.history, key=lambda h: h.round)
@@ -195,6 +224,8 @@ def run_method(docs: list[dict], workdir: Path) -> dict:
         "parties": len(trainers),
         "seconds": res.seconds,
         "round_seconds": [h.duration_seconds for h in trained],
+        "personal": personal_scores(st),  # personalised runs: per party, global part vs personalised adapter
+        "replays": replays(Path(workdir)),  # FedKSeed runs
     }
 
 
@@ -280,7 +311,37 @@ def report(args, results: dict, info: dict, total: float, describe: dict) -> str
                 f"pooled eval set, {t['seconds']:.0f} s, not counted in the runtime; FedKD train T²·KL per round "
                 + " → ".join("-" if x is None else f"{x:.3g}" for x in kd["distill"])
             )
-        parts.append(f"### {describe[task]}, {partition}\n\n{mlbench.md_table(headers, rows)}\n\n{facts}")
+        ks = res["methods"].get("FedKSeed")
+        if ks and ks["replays"]:
+            secs = [r["seconds"] for r in ks["replays"]]
+            last = ks["replays"][-1]  # a party's last replay: the final evaluation's
+            facts += (
+                f"; FedKSeed replay of the global onto the base weights (parties' logs, `replayed N of K seeds … "
+                f"in Xs`): median {statistics.median(secs):.1f} s, max {max(secs):.1f} s over {len(secs)} replays, "
+                f"{last['seeds']} of {last['of']} seeds at the last"
+            )
+        section = f"### {describe[task]}, {partition}\n\n{mlbench.md_table(headers, rows)}\n\n{facts}"
+        pers = res["methods"].get("personalised FedLoRA")
+        if pers and pers["personal"]:
+            prow = [
+                [
+                    name,
+                    s["evalSamples"],
+                    f"{s['globalEvalAccuracy']:.3f}",
+                    f"{s['personalEvalAccuracy']:.3f}",
+                    f"{s['globalEvalLoss']:.3f}",
+                    f"{s['personalEvalLoss']:.3f}",
+                ]
+                for name, s in sorted(pers["personal"].items())
+            ]
+            pheaders = ["party", "eval examples", "global part acc", "personalised acc"]
+            pheaders += ["global loss", "personalised loss"]
+            section += (
+                "\n\npersonalised FedLoRA per party (last evaluation, each on its own eval split; global part = the "
+                "shared LoRA with the initial head, personalised = with the party's own head):\n\n"
+                + mlbench.md_table(pheaders, prow)
+            )
+        parts.append(section)
     fed_rounds = [s for res in results.values() for m in res["methods"].values() for s in m["round_seconds"]]
     model = "tiny random BERT (smoke)" if args.smoke else "MiniLM-L6 (all-MiniLM-L6-v2)"
     notes = [
@@ -294,6 +355,12 @@ def report(args, results: dict, info: dict, total: float, describe: dict) -> str
         f"(alpha {args.kd_alpha}, T {args.kd_temperature}) from a teacher that `fedtune teacher` fine-tuned "
         f"({args.teacher_epochs} epochs, lr {args.teacher_lr}) on a public share of {args.public} records "
         "(even over classes) held out from every party.",
+        f"- FedKSeed: `peft: {{method: fedkseed, config: {{seeds: {args.kseed_seeds}, steps: {args.kseed_steps}, "
+        f"learningRate: {args.kseed_lr:g}, epsilon: {args.kseed_epsilon:g}}}}}`: every weight tuned by zeroth-order "
+        "steps along shared seeds; only (seed, scalar) pairs and the K-scalar accumulator travel.",
+        "- personalised FedLoRA: FedLoRA + `spec.personalization: {mode: head}` (each party's classifier stays "
+        "with it). Its row's accuracy and loss are the sample-weighted mean of the parties' personalised adapters "
+        "on their own eval splits (not one global model); the per-party table sets them beside the global part.",
         "- bytes: what one party uploaded plus downloaded in the last round (its update and the global model), "
         "mean over parties, from the job's status.",
         "- runtime: the whole `fedtune run` (S3 server and process start-up included), wall time.",
@@ -308,7 +375,7 @@ def report(args, results: dict, info: dict, total: float, describe: dict) -> str
             f"median {statistics.median(fed_rounds):.1f} s over {len(fed_rounds)} rounds."
         )
     smoke = "**SMOKE RUN** (tiny random model, a handful of examples): checks the script, not a measurement.\n\n"
-    return f"""# Federated fine-tuning methods: FedLoRA, full FedAvg, FedKD-LoRA
+    return f"""# Federated fine-tuning methods: FedLoRA, full FedAvg, FedKD-LoRA, FedKSeed, personalised FedLoRA
 
 {smoke if args.smoke else ""}Model {model}. Every row is a real `fedtune run` job in local mode; accuracy and eval
 loss of the global model on the pooled eval splits, from the job's status.
@@ -348,6 +415,12 @@ def main() -> None:
     ap.add_argument("--teacher-lr", type=float, default=1e-4)
     ap.add_argument("--kd-alpha", type=float, default=0.5)
     ap.add_argument("--kd-temperature", type=float, default=2.0)
+    ap.add_argument("--kseed-seeds", type=int, default=4096, help="FedKSeed K (its default)")
+    ap.add_argument(
+        "--kseed-steps", type=int, default=50, help="FedKSeed local steps per round (its own default 200: slow on CPU)"
+    )
+    ap.add_argument("--kseed-lr", type=float, default=1e-5, help="FedKSeed learning rate")
+    ap.add_argument("--kseed-epsilon", type=float, default=1e-3, help="FedKSeed perturbation scale")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-runs", default=None, help="keep fedtune work directories here")
     args = ap.parse_args()
@@ -355,6 +428,7 @@ def main() -> None:
         args.tasks, args.partitions = "tweets", "iid"
         args.parties, args.samples, args.eval_per_party, args.rounds, args.max_length = 2, 16, 8, 1, 16
         args.public, args.teacher_epochs, args.teacher_lr = 16, 1, 1e-3
+        args.kseed_steps, args.kseed_lr = 20, 1e-3
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = set(args.methods) - set(METHODS)
     if unknown:

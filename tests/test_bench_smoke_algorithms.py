@@ -1,5 +1,6 @@
-"""bench/algorithms.py runs end to end in its --smoke size: FedLoRA, full FedAvg and FedKD-LoRA (with a
-teacher that `fedtune teacher` prepared) as real local-mode jobs, one row each."""
+"""bench/algorithms.py runs end to end in its --smoke size: FedLoRA, full FedAvg, FedKD-LoRA (with a
+teacher that `fedtune teacher` prepared), FedKSeed and personalised FedLoRA as real local-mode jobs, one row
+each, and the personalised run's per-party table."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 
 from bench_smoke import machine_noted, run_smoke, table
 
-METHODS = ["FedLoRA", "full FedAvg", "FedKD-LoRA"]
+METHODS = ["FedLoRA", "full FedAvg", "FedKD-LoRA", "FedKSeed", "personalised FedLoRA"]
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6}
 
 
@@ -47,3 +48,18 @@ def test_algorithms_smoke(tmp_path):
     m = re.search(r"teacher \(`fedtune teacher`.*?accuracy ([0-9.]+).*?T²·KL per round ([0-9.e+-]+)", text)
     assert m, text
     assert 0.0 <= float(m.group(1)) <= 1.0 and float(m.group(2)) >= 0.0
+
+    # FedKSeed: the K-scalar accumulator down and (seed, scalar) pairs up, under 18 KB and far below an adapter.
+    kseed = _bytes(cell["FedKSeed"]["bytes up+down per party per round"])
+    assert 0 < kseed < 18_000 and kseed * 3 < lora, (kseed, lora)
+    replay = r"FedKSeed replay .*?median ([0-9.]+) s, max ([0-9.]+) s over (\d+) replays, (\d+) of 4096 seeds"
+    m = re.search(replay, text)
+    assert m and float(m.group(2)) >= float(m.group(1)) >= 0 and int(m.group(3)) >= 2 and int(m.group(4)) > 0, text
+
+    # Personalised FedLoRA: its classifier stays home, so it moves less than FedLoRA; a row per party, both ways.
+    assert _bytes(cell["personalised FedLoRA"]["bytes up+down per party per round"]) < lora
+    header, rows = table(text, "party")
+    assert header[2:4] == ["global part acc", "personalised acc"]
+    assert sorted(r[0] for r in rows) == ["default/p0", "default/p1"]  # --smoke: 2 parties
+    for r in rows:
+        assert all(0.0 <= float(a) <= 1.0 for a in r[2:4]) and all(float(x) > 0 for x in r[4:6]), r
