@@ -161,4 +161,3 @@ def test_runner_interrupted_then_killed_then_resumed(job_file, tmp_path):
         if h["round"] < before["currentRound"]:
             assert finished[h["round"]] == h.get("finishedAt"), h["round"]
     assert_no_orphans(job)
-
