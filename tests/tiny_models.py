@@ -24,7 +24,7 @@ def minilm_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def make_tiny_model(directory: str | Path, task: str, seed: int = 0) -> Path:
+def make_tiny_model(directory: str | Path, task: str, seed: int = 0, layers: int = 2) -> Path:
     """Save a tiny random BERT (sequence-classification) or Llama (causal-lm) plus a tokenizer.
 
     The checkpoint is written with save_pretrained (safetensors); the same seed gives the same bytes.
@@ -39,7 +39,7 @@ def make_tiny_model(directory: str | Path, task: str, seed: int = 0) -> Path:
         config = BertConfig(
             vocab_size=30522,
             hidden_size=32,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=128,
@@ -57,7 +57,7 @@ def make_tiny_model(directory: str | Path, task: str, seed: int = 0) -> Path:
             vocab_size=30522,
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             num_key_value_heads=2,
             max_position_embeddings=256,

@@ -224,6 +224,26 @@ def _cmd_teacher(args: argparse.Namespace) -> int:
         return subprocess.run(argv, check=False).returncode
 
 
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    """Derive the offsite-tuning emulator from the job's full model (the model owner's step, once per job)."""
+    from fedtune.documents import load_documents
+    from fedtune.local.emulator import build
+
+    spec = load_documents(args.file, require_parties=False).job.spec
+    output = args.output
+    if output is None:
+        if spec.model.emulator is None or spec.model.emulator.startswith(("hf://", "s3://", "pkg://")):
+            raise SpecError(
+                f"--output is needed: spec.model.emulator ({spec.model.emulator}) is not a local directory to "
+                "write the emulator to (write it here, then publish it there)"
+            )
+        output = spec.model.emulator.removeprefix("file://")
+    if Path(output).exists():
+        raise SpecError(f"{output} exists: remove it to build the emulator again (nothing was overwritten)")
+    print(build(spec, output))
+    return 0
+
+
 def _cmd_crds(args: argparse.Namespace) -> int:
     """Write the CRDs generated from the API models, or with --check compare them with the files there."""
     import difflib
@@ -348,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--base", help="model source to fine-tune instead of spec.model.source (e.g. a larger model)")
     teacher.add_argument("--eval", help="held-out JSON lines to report the teacher's accuracy on")
     teacher.set_defaults(func=_cmd_teacher)
+
+    emulator = sub.add_parser(
+        "emulator",
+        help="derive the offsite-tuning emulator from the job's full model (peft.method offsite): parties train on it",
+    )
+    emulator.add_argument("file", help="YAML with the FederatedJob (its model, peft.config and data schema)")
+    emulator.add_argument("--output", help="where the emulator goes (default: the job's local spec.model.emulator)")
+    emulator.set_defaults(func=_cmd_emulator)
     crds = sub.add_parser("crds", help="write the CRD YAML generated from the API models (one file per kind)")
     crds.add_argument("--output-dir", default="crds", help="where to write (default crds/)")
     crds.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files there are stale")

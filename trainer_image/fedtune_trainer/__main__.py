@@ -1,7 +1,8 @@
 """Entry point of trainer and aggregator pods: `python -m fedtune_trainer party|aggregator --mailbox URI`.
 
 `python -m fedtune_trainer zygote [--config FILE]` is local mode's warm start (fedtune_trainer.zygote);
-`python -m fedtune_trainer teacher ...` prepares a distillation teacher (fedtune_trainer.teacher).
+`python -m fedtune_trainer teacher ...` prepares a distillation teacher (fedtune_trainer.teacher);
+`python -m fedtune_trainer emulator ...` derives an offsite-tuning emulator (fedtune_trainer.offsite).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from fedtune_trainer.teacher import main as teacher_main
 
         return teacher_main(argv[1:])
+    if argv[:1] == ["emulator"]:
+        from fedtune_trainer.offsite import build_main
+
+        return build_main(argv[1:])
     parser = argparse.ArgumentParser(prog="fedtune_trainer", description=__doc__)
     parser.add_argument("role", choices=["party", "aggregator"], help="what this pod does")
     parser.add_argument(

@@ -2,7 +2,8 @@
 
 Under full fine-tuning (peft.method full) the model is no PeftModel and its "adapter" is every
 parameter, under the names `named_parameters` gives: a weight tied to another (a causal LM's
-output embeddings) appears once, under its first name, as transformers' own saving does.
+output embeddings) appears once, under its first name, as transformers' own saving does. Under
+offsite tuning it is the emulator's parameters that train (its adapter layers and head).
 
 Under DeepSpeed ZeRO-3 the adapter's parameters may be partitioned across the pod's ranks
 (fedtune_trainer.engines): reading and loading then gather them, and every rank must call.
@@ -27,9 +28,10 @@ def is_full(model: torch.nn.Module) -> bool:
 def _adapter_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """peft's saved names -> the model's own tensors (the parameters themselves, ZeRO-3's marks included).
 
-    Fully fine-tuned: every parameter, each tied one once (named_parameters removes duplicates)."""
+    Unwrapped (full fine-tuning, FedKSeed, offsite tuning): every parameter that trains, each tied one once
+    (named_parameters removes duplicates): all of them, or offsite's adapter layers and head."""
     if is_full(model):
-        return dict(model.named_parameters())
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(model, state_dict=model.state_dict(keep_vars=True))

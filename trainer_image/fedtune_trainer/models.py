@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
-from fedtune.api.methods import FEDKSEED, FULL, PEFT_METHODS, TASK_TYPES
+from fedtune.api.methods import FEDKSEED, FULL, OFFSITE, PEFT_METHODS, TASK_TYPES
 from fedtune.api.support import UNSUPPORTED, cannot_train, first_forward, local_model_dir
 
 from fedtune_trainer import transfer
@@ -199,6 +199,8 @@ def apply_peft(
     With `device` the wrapped model moves there before its one-batch check runs (on the GPU, not the CPU)."""
     if peft.method in (FULL, FEDKSEED):  # FedKSeed tunes every weight too (by zeroth-order steps)
         return _full(model, peft.method, task, device)
+    if peft.method == OFFSITE:
+        return _offsite(model, peft, task, device)
     from peft import get_peft_model
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -231,6 +233,21 @@ def _full(model: torch.nn.Module, method: str, task: str, device: torch.device |
     if device is not None:
         model.to(device)
     _check_forward(model, method, task)
+    return model
+
+
+def _offsite(model: torch.nn.Module, peft: PeftSpec, task: str, device: torch.device | None) -> torch.nn.Module:
+    """Offsite tuning: the emulator itself, its adapter layers (and a classifier's head) trainable, the rest frozen."""
+    from fedtune.api.offsite import offsite_params
+
+    from fedtune_trainer.offsite import mark_trainable
+
+    if is_quantized(model):
+        raise ValueError("peft.method offsite cannot train a quantised model: remove model.quantization")
+    mark_trainable(model, int(offsite_params(peft.config)["adapterLayers"]))
+    if device is not None:
+        model.to(device)
+    _check_forward(model, peft.method, task)
     return model
 
 

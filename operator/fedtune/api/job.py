@@ -7,7 +7,15 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from fedtune.api.base import GROUP_VERSION, ApiModel, ObjectMeta
-from fedtune.api.methods import FEDKSEED, FULL, PROMPT_LEARNING, TASK_TYPES, check_peft_config, strategy_params
+from fedtune.api.methods import (
+    FEDKSEED,
+    FULL,
+    OFFSITE,
+    PROMPT_LEARNING,
+    TASK_TYPES,
+    check_peft_config,
+    strategy_params,
+)
 from fedtune.api.party import StorageSpec
 from fedtune.api.privacy import PrivacySpec, budget_problem
 from fedtune.api.quantization import QuantizationSpec
@@ -40,11 +48,17 @@ class ModelSpec(ApiModel):
         description="Load the frozen base model quantised by bitsandbytes (4-bit: QLoRA). Only the adapter "
         "trains and travels. Needs a GPU, or bitsandbytes' CPU backend.",
     )
+    emulator: str | None = Field(
+        None,
+        description="peft.method offsite only: the emulator of the model (what `fedtune emulator` derives from "
+        "source: its middle layers compressed), as a model source like `source`. Parties load this and never "
+        "the full model; only the coordinator reads `source`, to build the emulator and plug the result back.",
+    )
 
-    @field_validator("source")
+    @field_validator("source", "emulator")
     @classmethod
-    def _scheme(cls, v: str) -> str:
-        if "://" in v and not v.startswith(MODEL_SCHEMES):
+    def _scheme(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v and not v.startswith(MODEL_SCHEMES):
             raise ValueError(f"unsupported scheme in {v!r}; use one of {', '.join(MODEL_SCHEMES)} or a local path")
         return v
 
@@ -68,7 +82,9 @@ class PeftSpec(ApiModel):
         description="lora, ia3, prompt_tuning, prefix_tuning, loha, lokr, … (any peft method), or full: full "
         "fine-tuning, where every weight trains and travels each round (no config); or fedkseed: full-parameter "
         "zeroth-order tuning on K shared seeds where only (seed, scalar) pairs travel (config: seeds, steps, "
-        "learningRate, epsilon).",
+        "learningRate, epsilon); or offsite: offsite tuning, where parties train the first and last layers of an "
+        "emulator (model.emulator, the model with its middle compressed) and never hold the full model (config: "
+        "adapterLayers, dropRatio).",
     )
     config: dict[str, Any] = Field(default_factory=dict, description="peft config keyword arguments, e.g. {r: 8}.")
 
@@ -352,6 +368,7 @@ class FederatedJobSpec(ApiModel):
                 )
         out.extend(self._full_problems())
         out.extend(self._fedkseed_problems())
+        out.extend(self._offsite_problems())
         robust = self.aggregator.robust
         if robust is not None:
             fewest = min(max(self.min_parties, 1), n)
@@ -437,6 +454,47 @@ class FederatedJobSpec(ApiModel):
             (self.evaluator is not None, "spec.evaluator", "the parties evaluate the replayed model themselves"),
         ]
         return [f"{field} cannot be used with peft.method fedkseed: {reason}" for bad, field, reason in refused if bad]
+
+    def _offsite_problems(self) -> list[str]:
+        """Offsite tuning needs its emulator, and refuses what its frozen, layer-dropped model cannot combine with."""
+        emulator = self.model.emulator
+        if self.peft.method != OFFSITE:
+            if emulator is None:
+                return []
+            return [
+                f"model.emulator is for peft.method offsite (this job's method is {self.peft.method}): remove "
+                "model.emulator, or set peft.method: offsite"
+            ]
+        if emulator is None:
+            return [
+                "peft.method offsite needs model.emulator: where the emulator parties train against lies (build it "
+                "from model.source with `fedtune emulator JOB.yaml`), e.g. file:///models/emulator"
+            ]
+        out = []
+        if emulator.removeprefix("file://") == self.model.source.removeprefix("file://"):
+            out.append(
+                "model.emulator is model.source itself: parties would download the full model; name the emulator "
+                "`fedtune emulator` builds"
+            )
+        why = "the emulator's adapter layers train in full on the plain PyTorch path"
+        refused = [
+            (self.deepspeed.enabled, "deepspeed.enabled", f"{why} (set it false)"),
+            (self.model.quantization is not None, "model.quantization", "the emulator is compressed by layer dropping"),
+            (self.aggregator.lora_mode == "exact", "aggregator.loraMode: exact", "there are no LoRA pairs"),
+            (self.personalization is not None, "spec.personalization", "the adapter layers are shared as a whole"),
+            (self.training.distillation is not None, "training.distillation", "the teacher would be a full model"),
+        ]
+        out.extend(
+            f"{field} cannot be used with peft.method offsite: {reason}" for bad, field, reason in refused if bad
+        )
+        return out
+
+    @property
+    def party_model(self) -> ModelSpec:
+        """The model parties load: the emulator under offsite tuning (never the full model), else model itself."""
+        if self.peft.method == OFFSITE and self.model.emulator is not None:
+            return self.model.model_copy(update={"source": self.model.emulator, "emulator": None})
+        return self.model
 
     def _distillation_problems(self) -> list[str]:
         kd = self.training.distillation

@@ -12,6 +12,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from fedtune.api.offsite import offsite_params
+
 # Whether check_peft_config also asks peft itself (where installed; importing it takes seconds).
 _ASK_PEFT: ContextVar[bool] = ContextVar("fedtune_ask_peft", default=True)
 
@@ -50,8 +52,15 @@ FEDKSEED_PARAMS: dict[str, tuple[float, float, float, bool]] = {
     "epsilon": (5e-4, 0.0, 1.0, False),  # perturbation scale
 }
 
+# Offsite tuning (Xiao et al., 2023; fedtune.api.offsite): parties train the first and last layers of an
+# emulator (the model with its middle compressed) and never hold the full model. Not a peft method either.
+OFFSITE = "offsite"
+
+# Methods that wrap nothing: the model itself trains (all of it, or offsite's adapter layers).
+UNWRAPPED = (FULL, FEDKSEED, OFFSITE)
+
 # Every method a FederatedJob may name.
-METHODS = (*PEFT_METHODS, FULL, FEDKSEED)
+METHODS = (*PEFT_METHODS, *UNWRAPPED)
 
 
 def fedkseed_params(config: dict[str, Any]) -> dict[str, float]:
@@ -196,6 +205,9 @@ def check_peft_config(method: str, config: dict[str, Any], task: str, model: str
     if method == FEDKSEED:
         fedkseed_params(config)
         return
+    if method == OFFSITE:
+        offsite_params(config)
+        return
     if (method, task) in TASK_LIMITS:
         which = f"{model} (a {task} model)" if model else f"a {task} model"
         raise ValueError(f"{method} cannot train {which}: {TASK_LIMITS[method, task]}")
@@ -213,7 +225,7 @@ def check_peft_config(method: str, config: dict[str, Any], task: str, model: str
 
 def ask_peft(method: str, config: dict[str, Any], task: str) -> None:
     """peft's own verdict on a config fedtune's checks passed; nothing where peft is not installed."""
-    if method in (FULL, FEDKSEED):
+    if method in UNWRAPPED:
         return  # no peft config: nothing for peft to judge
     try:
         from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # lazy: imports torch; absent in the operator image

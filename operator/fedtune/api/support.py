@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.api.job import DataSchema, ModelSpec, PeftSpec
-from fedtune.api.methods import ALTERNATIVES, FEDKSEED, FULL, PEFT_METHODS, TASK_TYPES
+from fedtune.api.methods import ALTERNATIVES, OFFSITE, PEFT_METHODS, TASK_TYPES, UNWRAPPED
 
 # What the first forward pass feeds the model: a batch of one short sequence.
 _PROBE_TOKENS = 8
@@ -84,7 +84,15 @@ def _probe(model: ModelSpec, peft: PeftSpec, data: DataSchema, where: Path) -> s
     config = _config(model, data, where)
     arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
     auto = AutoModelForSequenceClassification if model.task == "sequence-classification" else AutoModelForCausalLM
-    full = peft.method in (FULL, FEDKSEED)  # no peft wrapping: the model itself trains
+    full = peft.method in UNWRAPPED  # no peft wrapping: the model itself trains
+    if peft.method == OFFSITE:  # the emulator needs a middle to compress
+        from fedtune.api.offsite import kept_layers, offsite_params
+
+        params = offsite_params(peft.config)
+        try:
+            kept_layers(getattr(config, "num_hidden_layers", 0) or 0, params["adapterLayers"], params["dropRatio"])
+        except ValueError as exc:
+            return f"{model.source} ({arch}): {exc}"
     peft_config = None
     if not full:
         config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_METHODS[peft.method]]

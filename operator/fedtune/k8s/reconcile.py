@@ -307,9 +307,10 @@ async def _write_tickets(
         elif key == AGGREGATOR:  # presigning is boto3 work: off the event loop
             ticket = (await asyncio.to_thread(build_aggregator_ticket, job, intent, st, signer, now)).to_wire()
         else:
-            if model_files is None and job.spec.model.source.startswith("s3://"):
+            source = job.spec.party_model.source  # offsite tuning: the emulator, never the full model
+            if model_files is None and source.startswith("s3://"):
                 ttl = url_ttl(intent.deadline, now)
-                model_files = await asyncio.to_thread(model_file_urls, job.spec.model.source, signer.buckets, ttl)
+                model_files = await asyncio.to_thread(model_file_urls, source, signer.buckets, ttl)
             built = await asyncio.to_thread(
                 build_trainer_ticket, job, intent, parties[key], st, signer, now, model_files
             )

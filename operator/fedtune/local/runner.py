@@ -45,7 +45,7 @@ from fedtune.api.support import local_model_dir, verdict
 from fedtune.data.checks import check_data
 from fedtune.data.own_files import read_own_data
 from fedtune.documents import Documents
-from fedtune.local import report
+from fedtune.local import emulator, report
 from fedtune.local.children import Pod, Pods
 from fedtune.local.progress import Progress
 from fedtune.local.run_lock import LOCK_FILE, RunLock, RunnerBusy
@@ -611,6 +611,7 @@ class LocalRun:
         # Bad data: an error before anything starts or is written (the same checks as `fedtune validate`).
         check_data(self.docs)
         own = read_own_data(self.job, self.parties, self.base_dir, self.evaluator)
+        emulator.ensure(self.job.spec, self.progress.say)  # offsite tuning: what the parties load
         try:
             self.workdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -746,6 +747,12 @@ class LocalRun:
             elif self.job.spec.peft.method == "fedkseed":  # K accumulated scalars, replayed onto the base model
                 what = "FedKSeed steps (fedkseed.safetensors)"
                 load = f"python -m fedtune_trainer.fedkseed {where} OUT (a transformers model directory in OUT)"
+            elif self.job.spec.peft.method == "offsite":  # the emulator's adapter layers, for the full model
+                what = "offsite adapter layers (offsite.safetensors)"
+                load = (
+                    f"python -m fedtune_trainer.offsite {where} OUT [--eval FILE] (plugs them into the full model, "
+                    "a transformers directory in OUT)"
+                )
             else:
                 what, load = "adapter (PEFT layout)", f"PeftModel.from_pretrained(base_model, {where!r})"
             print(

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Protocol
 
 from fedtune.api.job import FederatedJob
-from fedtune.api.methods import FEDKSEED, FULL, SERVER_STATE_COPIES
+from fedtune.api.methods import FEDKSEED, FULL, OFFSITE, SERVER_STATE_COPIES
 from fedtune.api.party import Party
 from fedtune.api.protocol import AggregatorTicket, Download, Multipart, TrainerConfig, TrainerTicket, UpdateIn, Upload
 from fedtune.api.secagg import ObjectIn, SecureAggregation, SecureTicket
@@ -118,7 +118,7 @@ def trainer_config(job: FederatedJob, party: Party) -> TrainerConfig:
     spec = job.spec
     mu = spec.strategy.resolved().get("mu", 0.0) if spec.strategy.name == "fedprox" else 0.0
     return TrainerConfig(
-        model=spec.model,
+        model=spec.party_model,  # under offsite tuning the emulator: a party never learns the full model's source
         peft=spec.peft,
         data=spec.data,
         training=spec.training,
@@ -200,12 +200,9 @@ def build_trainer_ticket(
     if intent.kind == "init":
         if intent.upload_global0:  # its size is not known yet: a single PUT
             t.update_out = Upload(url=signer.presign_put(COORDINATOR, layout.global_key(uid, 0), ttl))
-            if job.spec.peft.method in (
-                FULL,
-                FEDKSEED,
-            ):  # a transformers model, not an adapter: its config and tokenizer
+            if job.spec.peft.method in (FULL, FEDKSEED):  # a transformers model, not an adapter: its files
                 t.model_files_out = signer.presign_put(COORDINATOR, layout.model_files_key(uid), ttl)
-            else:
+            elif job.spec.peft.method != OFFSITE:  # offsite's final/ says how to plug it in (fedtune.storage.final)
                 t.adapter_config_out = signer.presign_put(COORDINATOR, layout.adapter_config_key(uid), ttl)
         return t
     # A train ticket of round r starts from global r-1; an eval ticket reads the global of its round

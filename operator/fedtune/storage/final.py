@@ -5,6 +5,9 @@ Full fine-tuning: model.safetensors + the config and tokenizer files of the part
 (transformers' from_pretrained; fedtune.api.full_export). FedKSeed: fedkseed.safetensors (the per-seed
 accumulator), fedkseed.json (what replaying it needs) and the same config and tokenizer files;
 `python -m fedtune_trainer.fedkseed FINAL OUT` replays it into a transformers model directory.
+Offsite tuning: offsite.safetensors (the emulator's trained adapter layers and head) and offsite.json
+(the full model and how the emulator was derived from it); `python -m fedtune_trainer.offsite FINAL
+OUT` plugs them into the full model, which only the model owner holds.
 Server-side copies of the weights: they never pass through the control plane.
 """
 
@@ -14,7 +17,8 @@ import json
 
 from fedtune.api.full_export import FINAL_MODEL, unpack
 from fedtune.api.job import FederatedJob
-from fedtune.api.methods import FEDKSEED, FULL, fedkseed_params
+from fedtune.api.methods import FEDKSEED, FULL, OFFSITE, fedkseed_params
+from fedtune.api.offsite import OFFSITE_DOC, OFFSITE_TENSORS, offsite_params
 from fedtune.storage import layout
 from fedtune.storage.s3 import Bucket
 
@@ -27,6 +31,10 @@ def export_final(job: FederatedJob, coord: Bucket, rnd: int) -> list[str]:
     uid = job.metadata.uid
     prefix = layout.final_prefix(uid)
     method = job.spec.peft.method
+    if method == OFFSITE:  # the emulator's bundle would describe the emulator, not the model it plugs into
+        coord.copy(layout.global_key(uid, rnd), prefix + OFFSITE_TENSORS)
+        coord.put_bytes(prefix + OFFSITE_DOC, offsite_json(job))
+        return []
     if method not in (FULL, FEDKSEED):
         coord.copy(layout.global_key(uid, rnd), prefix + layout.FINAL_ADAPTER)
         coord.copy(layout.adapter_config_key(uid), prefix + layout.FINAL_CONFIG)
@@ -61,8 +69,23 @@ def fedkseed_replay_json(job: FederatedJob) -> bytes:
     return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
+def offsite_json(job: FederatedJob) -> bytes:
+    """What plugging an offsite adapter back needs besides it: the full model (the owner's source, which the
+    parties never saw) and the emulator's derivation, which the plug-back recomputes from the full model."""
+    spec = job.spec
+    doc = {
+        "model": spec.model.to_wire(),
+        "data": spec.data.to_wire(),
+        "seed": spec.training.seed,
+        "offsite": offsite_params(spec.peft.config),
+    }
+    return json.dumps(doc, indent=2, sort_keys=True).encode()
+
+
 def final_names(job: FederatedJob, coord: Bucket) -> list[str]:
     """The model files in final/ (not the metrics fedtune writes beside them)."""
+    if job.spec.peft.method == OFFSITE:
+        return [OFFSITE_TENSORS, OFFSITE_DOC]
     if job.spec.peft.method not in (FULL, FEDKSEED):
         return [layout.FINAL_ADAPTER, layout.FINAL_CONFIG]
     prefix = layout.final_prefix(job.metadata.uid)
