@@ -206,13 +206,12 @@ def test_only_adapter_layers_and_head_train(emulator_dir):
     assert layers == {0, 1, 3, 4}  # the first and last two of five; the kept middle layer (2) is frozen
     assert {n for n in state if not n.startswith("bert.encoder.layer.")} == {"classifier.weight", "classifier.bias"}
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("bert.embeddings"))
-    with pytest.raises(ValueError, match=r"adapterLayers \(1\) differs from the emulator's \(2\)"):
-        apply_peft(
-            _load(emulator_dir)[0],
-            PeftSpec(method="offsite", config={"adapterLayers": 1}),
-            "sequence-classification",
-            0,
-        )
+    for config, match in [
+        ({"adapterLayers": 1}, r"adapterLayers \(1\) differs from the emulator's \(2\)"),
+        ({"dropRatio": 0.25}, r"dropRatio \(0.25\) differs from the emulator's \(0.5\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            apply_peft(_load(emulator_dir)[0], PeftSpec(method="offsite", config=config), "sequence-classification", 0)
 
 
 def test_a_full_model_is_refused_as_emulator(tiny6):

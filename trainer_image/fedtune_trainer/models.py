@@ -244,7 +244,7 @@ def _offsite(model: torch.nn.Module, peft: PeftSpec, task: str, device: torch.de
 
     if is_quantized(model):
         raise ValueError("peft.method offsite cannot train a quantised model: remove model.quantization")
-    mark_trainable(model, int(offsite_params(peft.config)["adapterLayers"]))
+    mark_trainable(model, offsite_params(peft.config))
     if device is not None:
         model.to(device)
     _check_forward(model, peft.method, task)

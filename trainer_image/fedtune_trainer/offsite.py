@@ -71,25 +71,30 @@ def build_emulator(model: torch.nn.Module, adapter_layers: int, drop_ratio: floa
     return info
 
 
-def emulator_info(model: torch.nn.Module, adapter_layers: int) -> dict[str, Any]:
-    """What the emulator's config records; ValueError when the model is no emulator or was built for another k."""
+def emulator_info(model: torch.nn.Module, params: dict[str, float]) -> dict[str, Any]:
+    """What the emulator's config records; ValueError when the model is no emulator, or one derived with other
+    peft.config (`params`: adapterLayers, dropRatio) than the job's: the plug-back would map other layers."""
     info = getattr(model.config, CONFIG_KEY, None)
-    if not isinstance(info, dict) or not {"layersPath", "kept", "adapterLayers"} <= set(info):
+    if not isinstance(info, dict) or not {"layersPath", "kept", "adapterLayers", "dropRatio"} <= set(info):
         raise ValueError(
             "peft.method offsite: the model parties load (model.emulator) is not an emulator: its config.json has "
             f"no {CONFIG_KEY}; build it with `fedtune emulator JOB.yaml`"
         )
-    if info["adapterLayers"] != adapter_layers:
-        raise ValueError(
-            f"peft.config.adapterLayers ({adapter_layers}) differs from the emulator's ({info['adapterLayers']}): "
-            "rebuild the emulator with `fedtune emulator JOB.yaml`, or set adapterLayers to the emulator's"
-        )
+    for key in ("adapterLayers", "dropRatio"):
+        if info[key] != params[key]:
+            raise ValueError(
+                f"peft.config.{key} ({params[key]}) differs from the emulator's ({info[key]}): rebuild the emulator "
+                f"(remove it and run `fedtune emulator JOB.yaml`), or set {key} to the emulator's"
+            )
     return info
 
 
-def mark_trainable(model: torch.nn.Module, adapter_layers: int) -> list[str]:
-    """Freeze the emulator but its adapter layers and a classifier's head; returns the trainable names."""
-    info = emulator_info(model, adapter_layers)
+def mark_trainable(model: torch.nn.Module, params: dict[str, float]) -> list[str]:
+    """Freeze the emulator but its adapter layers and a classifier's head; returns the trainable names.
+
+    `params`: the job's offsite peft.config (fedtune.api.offsite.offsite_params)."""
+    adapter_layers = int(params["adapterLayers"])
+    info = emulator_info(model, params)
     path, layers = layer_list(model)
     if path != info["layersPath"] or len(layers) != len(info["kept"]):
         raise ValueError(
