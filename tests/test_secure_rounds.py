@@ -183,6 +183,18 @@ def test_what_secure_aggregation_cannot_combine_with_is_refused_naming_the_field
     assert words in str(err.value)
 
 
+def test_full_fine_tuning_is_refused_naming_the_fix():
+    doc = secure_job().model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["peft"] = {"method": "full"}
+    with pytest.raises(ValidationError) as err:
+        FederatedJob.model_validate(doc)
+    text = str(err.value)
+    assert "privacy.secureAggregation cannot be combined with peft.method full" in text, text
+    assert "a PEFT method such as lora, or drop privacy.secureAggregation" in text, text
+    del doc["spec"]["privacy"]
+    assert FederatedJob.model_validate(doc).spec.peft.method == "full"  # full alone is accepted
+
+
 def test_local_dp_and_server_optimisers_combine_with_it():
     doc = secure_job().model_dump(by_alias=True, exclude_none=True)
     doc["spec"]["privacy"]["dp"] = {

@@ -477,6 +477,13 @@ class FederatedJobSpec(ApiModel):
                 f"privacy.secureAggregation.threshold ({t}) is larger than the number of parties ({n}): no round "
                 f"could recover its sum; set it to at most {n}"
             )
+        if self.peft.method == FULL:  # fedkseed is refused by _fedkseed_problems
+            out.append(
+                "privacy.secureAggregation cannot be combined with peft.method full: a masked update is the whole "
+                "model at 8 bytes per parameter and the aggregator holds every survivor's twice (download and "
+                "vector), which exhausts its memory; choose a PEFT method such as lora, or drop "
+                "privacy.secureAggregation"
+            )
         # The aggregator sees only the sum: whatever needs the updates one by one cannot run on it.
         if self.aggregator.lora_mode == "exact":
             out.append(
