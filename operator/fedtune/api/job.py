@@ -435,6 +435,12 @@ class FederatedJobSpec(ApiModel):
             ),
             (self.training.update_compression != "none", "training.updateCompression", "the update is a few KB"),
             (self.evaluator is not None, "spec.evaluator", "the parties evaluate the replayed model themselves"),
+            (
+                self.model.dtype != "float32",
+                f"model.dtype {self.model.dtype}",
+                f"its steps (lr·g·z, about 1e-7 at the defaults) round to zero in {self.model.dtype} weights; set "
+                "model.dtype: float32",
+            ),
         ]
         return [f"{field} cannot be used with peft.method fedkseed: {reason}" for bad, field, reason in refused if bad]
 
