@@ -12,8 +12,10 @@ import pytest
 from fedtune.api import FederatedJob
 from fedtune.api.protocol import TrainerReceipt
 from fedtune.api.receipts import TicketRef
+from fedtune.api.secagg import MAX_PARTIES
 from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import aggregator_intent, trainer_intents
+from fedtune_trainer.secagg.shares import MAX_PARTIES as SHARES_MAX_PARTIES
 from pydantic import ValidationError
 from test_round_machine import Sim, make_job, reasons
 
@@ -193,6 +195,17 @@ def test_full_fine_tuning_is_refused_naming_the_fix():
     assert "a PEFT method such as lora, or drop privacy.secureAggregation" in text, text
     del doc["spec"]["privacy"]
     assert FederatedJob.model_validate(doc).spec.peft.method == "full"  # full alone is accepted
+
+
+def test_more_parties_than_a_shamir_share_index_can_name_are_refused():
+    assert MAX_PARTIES == SHARES_MAX_PARTIES  # the limit the trainers' Shamir shares enforce at run time
+    doc = secure_job().model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["parties"] = [{"name": f"p{i}"} for i in range(MAX_PARTIES)]
+    assert len(FederatedJob.model_validate(doc).spec.parties) == MAX_PARTIES  # 255 is accepted
+    doc["spec"]["parties"].append({"name": "one-too-many"})
+    with pytest.raises(ValidationError) as err:
+        FederatedJob.model_validate(doc)
+    assert f"takes at most {MAX_PARTIES} parties" in str(err.value) and "this job has 256" in str(err.value)
 
 
 def test_local_dp_and_server_optimisers_combine_with_it():

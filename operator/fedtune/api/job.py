@@ -12,6 +12,7 @@ from fedtune.api.party import StorageSpec
 from fedtune.api.privacy import PrivacySpec, budget_problem
 from fedtune.api.quantization import QuantizationSpec
 from fedtune.api.robust import RobustSpec
+from fedtune.api.secagg import MAX_PARTIES
 from fedtune.api.status import FederatedJobStatus
 
 Task = Literal["sequence-classification", "causal-lm"]
@@ -482,6 +483,12 @@ class FederatedJobSpec(ApiModel):
             out.append(
                 f"privacy.secureAggregation.threshold ({t}) is larger than the number of parties ({n}): no round "
                 f"could recover its sum; set it to at most {n}"
+            )
+        if n > MAX_PARTIES:
+            out.append(
+                f"privacy.secureAggregation takes at most {MAX_PARTIES} parties (a Shamir share's index is one byte) "
+                f"and this job has {n}: split them into jobs of at most {MAX_PARTIES}, or drop "
+                "privacy.secureAggregation"
             )
         if self.peft.method == FULL:  # fedkseed is refused by _fedkseed_problems
             out.append(
