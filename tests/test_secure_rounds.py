@@ -30,11 +30,12 @@ def secure_job(n=4, threshold=3, min_parties=2, retries=1, rounds=2) -> Federate
 
 
 class SecureSim(Sim):
-    """Answers the secure exchanges too; `gone[party] = phase` makes a party silent from that phase of round 1."""
+    """Answers the secure exchanges too; `gone[party] = phase` makes a party silent from that phase of round 1,
+    `broken[party] = phase` makes it fail that exchange, `nameless[party] = phase` answer it ok naming no object."""
 
-    def __init__(self, job, gone=None, broken=None, **kw):
+    def __init__(self, job, gone=None, broken=None, nameless=None, **kw):
         super().__init__(job, **kw)
-        self.gone, self.broken = gone or {}, broken or {}
+        self.gone, self.broken, self.nameless = gone or {}, broken or {}, nameless or {}
         self.kinds: dict[str, list[str]] = {}
 
     def answer(self):
@@ -54,6 +55,7 @@ class SecureSim(Sim):
                 if r and (r.kind, r.round, r.attempt) == (it.kind, it.round, it.attempt):
                     continue
                 ok = not (it.round == 1 and self.broken.get(short) == it.kind)
+                named = it.kind != "keys" and not (it.round == 1 and self.nameless.get(short) == it.kind)
                 self.receipts[name] = TrainerReceipt(
                     kind=it.kind,
                     job="uid-1",
@@ -63,7 +65,7 @@ class SecureSim(Sim):
                     ok=ok,
                     error=None if ok else "this trainer holds no secure-aggregation keys",
                     public_keys={"c": KEY, "s": KEY} if it.kind == "keys" else None,
-                    sha256=f"{it.kind}-{short}-{it.round}-{it.attempt}" if it.kind != "keys" else None,
+                    sha256=f"{it.kind}-{short}-{it.round}-{it.attempt}" if named else None,
                     bytes_up=10,
                 )
         super().answer()
@@ -94,6 +96,15 @@ def test_a_survivor_that_cannot_reveal_after_a_restart_still_counts_and_is_not_b
     assert st.phase == "Succeeded" and sim.aggregated[0] == ["default/a", "default/b", "default/c", "default/d"]
     assert "NoReveal" in reasons(sim) and "PartyFailed" not in reasons(sim)
     assert st.party("default/d").failures == 0 and st.history[1].attempt == 0
+
+
+def test_an_ok_unmask_receipt_naming_no_reveal_is_no_reveal_not_a_failure():
+    sim = SecureSim(secure_job(), nameless={"d": "unmask"})
+    st = sim.run()
+    assert st.phase == "Succeeded" and sim.aggregated[0] == ["default/a", "default/b", "default/c", "default/d"]
+    assert "NoReveal" in reasons(sim) and "PartyFailed" not in reasons(sim)
+    assert st.party("default/d").failures == 0 and st.history[1].attempt == 0
+    assert any("the unmask receipt names no object (sha256)" in e.message for e in sim.events)
 
 
 def test_a_party_that_drops_before_uploading_is_unmasked_out_of_the_sum():
