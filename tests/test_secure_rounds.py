@@ -107,6 +107,28 @@ def test_an_ok_unmask_receipt_naming_no_reveal_is_no_reveal_not_a_failure():
     assert any("the unmask receipt names no object (sha256)" in e.message for e in sim.events)
 
 
+def test_a_masked_update_the_aggregator_rejects_fails_the_attempt_counted_against_that_party():
+    """secure_mean names a malformed masked update in `rejected` and fails (the sum needs it): the party is
+    blamed, the round is retried with fresh keys and the others are not blamed."""
+    sim = SecureSim(secure_job(retries=1), reject={"d"})
+    plain = sim.answer
+
+    def answer():
+        plain()
+        a = sim.agg
+        if a is not None and a.rejected and a.ok:  # what the secure aggregator answers instead
+            sim.agg = a.model_copy(update={"ok": False, "accepted": [], "error": "cannot unmask without d"})
+            sim.aggregated.pop()
+            sim.reject.clear()
+
+    sim.answer = answer
+    st = sim.run()
+    assert st.phase == "Succeeded" and st.history[1].attempt == 1
+    assert [e.message.split(":")[0] for e in sim.events if e.reason == "UpdateRejected"] == ["default/d"]
+    assert "PartyFailed" not in reasons(sim) and "RoundRetry" in reasons(sim)
+    assert sim.aggregated[0] == ["default/a", "default/b", "default/c", "default/d"]  # back in the retry
+
+
 def test_a_party_that_drops_before_uploading_is_unmasked_out_of_the_sum():
     sim = SecureSim(secure_job(), gone={"d": "train"})
     seen = {}
