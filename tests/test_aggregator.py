@@ -10,17 +10,21 @@ import time
 import uuid
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 from fedtune.api.mailbox import FileMailbox
 from fedtune.api.protocol import AggregatorReceipt, AggregatorTicket, Download, UpdateIn
 from fedtune.api.robust import RobustSpec
+from fedtune.api.secagg import ObjectIn, PublicKeys, SecureAggregation
 from fedtune.api.status import utcnow
 from fedtune.storage.s3 import StorageError
+from fedtune_trainer import secagg, secure_vectors
 from fedtune_trainer.aggregator import handle, serve, update_limit
 from fedtune_trainer.compression import encode
 from fedtune_trainer.strategies import aggregate_round, make_strategy
 from fedtune_trainer.verify import load_verified
+from safetensors.numpy import save as save_numpy
 from safetensors.torch import load, save
 
 EXPIRY = 600
@@ -372,3 +376,75 @@ def test_serve_writes_the_receipt_copy_to_s3(s3world, tmp_path):
     assert result == [0]
     # The S3 copy follows the mailbox write; the pod made it before it took the exit ticket.
     assert json.loads(rnd.hub.get_bytes(receipt_key)) == local
+
+
+SECURE_PARTIES = ["alice", "bob", "carol"]
+
+
+def secure_ticket(s3world, bad: tuple[str, bytes | None, str | None] | None = None) -> tuple[Round, AggregatorTicket]:
+    """A real secure round of alice, bob and carol (t=2, all survive and reveal), as the aggregator receives it.
+
+    `bad`: (party, bytes it uploads instead of its masked update or None, sha256 its receipt claims or None).
+    """
+    rnd = Round(s3world, job_id(), 1)
+    ctx = secagg.Context(job=rnd.job, round=1, attempt=0)
+    keys = {p: secagg.PartyKeys.generate() for p in SECURE_PARTIES}
+    roster = {p: keys[p].public() for p in SECURE_PARTIES}
+    dealt = {p: secagg.deal(ctx, p, keys[p], roster, 2) for p in SECURE_PARTIES}
+    objects = {p: obj for p, (obj, _) in dealt.items()}
+    held = {p: secagg.open_shares(ctx, p, keys[p], roster, objects) for p in SECURE_PARTIES}
+    trained = dict(zip(SECURE_PARTIES, [upd(1.0, 2.0, 0.0), upd(3.0, 6.0, 4.0), upd(6.0, 0.0, 4.0)]))
+
+    def small(name: str, data: bytes) -> ObjectIn:
+        key = rnd.key(f"round-1/{name}")
+        return ObjectIn(url=rnd.hub.presign_get(key, EXPIRY), sha256=rnd.hub.put_bytes(key, data))
+
+    for p in SECURE_PARTIES:
+        vector = secagg.quantise(secure_vectors.delta_vector(GLOBAL0, trained[p]), 1.0, len(SECURE_PARTIES))
+        data = secure_vectors.to_bytes(secagg.mask(ctx, p, keys[p], dealt[p][1], roster, vector))
+        claimed = None
+        if bad is not None and bad[0] == p:
+            data, claimed = bad[1] if bad[1] is not None else data, bad[2]
+        rnd.add_update(p, None, 1, claimed_sha=claimed, data=data)
+    secure = SecureAggregation(
+        threshold=2,
+        roster={p: PublicKeys(**roster[p].to_dict()) for p in SECURE_PARTIES},
+        shares_in={p: small(f"shares-{p}", objects[p]) for p in SECURE_PARTIES},
+        reveals_in={
+            p: small(f"reveal-{p}", secagg.reveal(ctx, p, held[p], SECURE_PARTIES, [], 2)) for p in SECURE_PARTIES
+        },
+    )
+    return rnd, rnd.ticket(rnd.put_global(GLOBAL0), secure=secure)
+
+
+def test_a_secure_round_of_well_formed_masked_updates_gives_their_mean(s3world):
+    rnd, ticket = secure_ticket(s3world)
+    receipt = handle(ticket)
+    assert receipt.ok, receipt.error
+    assert receipt.accepted == SECURE_PARTIES and receipt.rejected == {}
+    new = rnd.new_global()
+    torch.testing.assert_close(new[W], torch.tensor([[10 / 3, 8 / 3]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(new[BIAS], torch.tensor([8 / 3]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("upload", "claimed", "words"),
+    [
+        (save_numpy({secure_vectors.MASKED: np.zeros(3, np.float32)}), None, "one uint64 tensor"),
+        (save_numpy({secure_vectors.MASKED: np.zeros(4, np.uint64)}), None, "of 3 values"),
+        (b"not a safetensors file", None, "not a safetensors file"),
+        (None, "0" * 64, "sha256"),  # not the object its receipt named
+    ],
+    ids=["dtype", "length", "unparsable", "sha256"],
+)
+def test_a_malformed_masked_update_fails_the_round_naming_its_party_as_rejected(s3world, upload, claimed, words):
+    """The sum needs every survivor's masked vector: the round fails, and the party is named so the control
+    plane counts it against that party (not against the round's other parties)."""
+    rnd, ticket = secure_ticket(s3world, bad=("bob", upload, claimed))
+    receipt = handle(ticket)
+    assert not receipt.ok and receipt.accepted == []
+    assert list(receipt.rejected) == ["bob"], receipt.rejected
+    assert "bob" in receipt.rejected["bob"] and words in receipt.rejected["bob"], receipt.rejected
+    assert "bob" in receipt.error and receipt.fault == "pod" and receipt.sha256 is None
+    with pytest.raises(StorageError, match="no object"):  # nothing was uploaded
+        rnd.new_global()

@@ -141,6 +141,19 @@ def test_fedkseed_spec_validation():
         assert f"{field} cannot be used with peft.method fedkseed" in text, text
 
 
+def test_fedkseed_refuses_a_model_dtype_other_than_float32():
+    # Why: a step of lr·g·z (3e-7 x a gradient of order 1) vanishes in a bfloat16 weight, not in a float32 one.
+    step = 3e-7 * 2.0
+    w = torch.tensor([0.05])
+    assert (w.to(torch.bfloat16) + step).eq(w.to(torch.bfloat16)).all() and not (w + step).eq(w).all()
+    assert FederatedJobSpec.model_validate(_spec(model={**_spec()["model"], "dtype": "float32"})).problems() == []
+    with pytest.raises(ValueError) as caught:
+        FederatedJobSpec.model_validate(_spec(model={**_spec()["model"], "dtype": "bfloat16"}))
+    text = str(caught.value)
+    assert "model.dtype bfloat16 cannot be used with peft.method fedkseed" in text, text
+    assert "set model.dtype: float32" in text, text
+
+
 def test_aggregator_refuses_a_bad_update():
     k = 8
     good = fedkseed.update_tensors([1, 7], [0.5, -0.5])

@@ -12,8 +12,10 @@ import pytest
 from fedtune.api import FederatedJob
 from fedtune.api.protocol import TrainerReceipt
 from fedtune.api.receipts import TicketRef
+from fedtune.api.secagg import MAX_PARTIES
 from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import aggregator_intent, trainer_intents
+from fedtune_trainer.secagg.shares import MAX_PARTIES as SHARES_MAX_PARTIES
 from pydantic import ValidationError
 from test_round_machine import Sim, make_job, reasons
 
@@ -28,11 +30,12 @@ def secure_job(n=4, threshold=3, min_parties=2, retries=1, rounds=2) -> Federate
 
 
 class SecureSim(Sim):
-    """Answers the secure exchanges too; `gone[party] = phase` makes a party silent from that phase of round 1."""
+    """Answers the secure exchanges too; `gone[party] = phase` makes a party silent from that phase of round 1,
+    `broken[party] = phase` makes it fail that exchange, `nameless[party] = phase` answer it ok naming no object."""
 
-    def __init__(self, job, gone=None, broken=None, **kw):
+    def __init__(self, job, gone=None, broken=None, nameless=None, **kw):
         super().__init__(job, **kw)
-        self.gone, self.broken = gone or {}, broken or {}
+        self.gone, self.broken, self.nameless = gone or {}, broken or {}, nameless or {}
         self.kinds: dict[str, list[str]] = {}
 
     def answer(self):
@@ -52,6 +55,7 @@ class SecureSim(Sim):
                 if r and (r.kind, r.round, r.attempt) == (it.kind, it.round, it.attempt):
                     continue
                 ok = not (it.round == 1 and self.broken.get(short) == it.kind)
+                named = it.kind != "keys" and not (it.round == 1 and self.nameless.get(short) == it.kind)
                 self.receipts[name] = TrainerReceipt(
                     kind=it.kind,
                     job="uid-1",
@@ -61,7 +65,7 @@ class SecureSim(Sim):
                     ok=ok,
                     error=None if ok else "this trainer holds no secure-aggregation keys",
                     public_keys={"c": KEY, "s": KEY} if it.kind == "keys" else None,
-                    sha256=f"{it.kind}-{short}-{it.round}-{it.attempt}" if it.kind != "keys" else None,
+                    sha256=f"{it.kind}-{short}-{it.round}-{it.attempt}" if named else None,
                     bytes_up=10,
                 )
         super().answer()
@@ -92,6 +96,37 @@ def test_a_survivor_that_cannot_reveal_after_a_restart_still_counts_and_is_not_b
     assert st.phase == "Succeeded" and sim.aggregated[0] == ["default/a", "default/b", "default/c", "default/d"]
     assert "NoReveal" in reasons(sim) and "PartyFailed" not in reasons(sim)
     assert st.party("default/d").failures == 0 and st.history[1].attempt == 0
+
+
+def test_an_ok_unmask_receipt_naming_no_reveal_is_no_reveal_not_a_failure():
+    sim = SecureSim(secure_job(), nameless={"d": "unmask"})
+    st = sim.run()
+    assert st.phase == "Succeeded" and sim.aggregated[0] == ["default/a", "default/b", "default/c", "default/d"]
+    assert "NoReveal" in reasons(sim) and "PartyFailed" not in reasons(sim)
+    assert st.party("default/d").failures == 0 and st.history[1].attempt == 0
+    assert any("the unmask receipt names no object (sha256)" in e.message for e in sim.events)
+
+
+def test_a_masked_update_the_aggregator_rejects_fails_the_attempt_counted_against_that_party():
+    """secure_mean names a malformed masked update in `rejected` and fails (the sum needs it): the party is
+    blamed, the round is retried with fresh keys and the others are not blamed."""
+    sim = SecureSim(secure_job(retries=1), reject={"d"})
+    plain = sim.answer
+
+    def answer():
+        plain()
+        a = sim.agg
+        if a is not None and a.rejected and a.ok:  # what the secure aggregator answers instead
+            sim.agg = a.model_copy(update={"ok": False, "accepted": [], "error": "cannot unmask without d"})
+            sim.aggregated.pop()
+            sim.reject.clear()
+
+    sim.answer = answer
+    st = sim.run()
+    assert st.phase == "Succeeded" and st.history[1].attempt == 1
+    assert [e.message.split(":")[0] for e in sim.events if e.reason == "UpdateRejected"] == ["default/d"]
+    assert "PartyFailed" not in reasons(sim) and "RoundRetry" in reasons(sim)
+    assert sim.aggregated[0] == ["default/a", "default/b", "default/c", "default/d"]  # back in the retry
 
 
 def test_a_party_that_drops_before_uploading_is_unmasked_out_of_the_sum():
@@ -181,6 +216,29 @@ def test_what_secure_aggregation_cannot_combine_with_is_refused_naming_the_field
     with pytest.raises(ValidationError) as err:
         FederatedJob.model_validate(doc)
     assert words in str(err.value)
+
+
+def test_full_fine_tuning_is_refused_naming_the_fix():
+    doc = secure_job().model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["peft"] = {"method": "full"}
+    with pytest.raises(ValidationError) as err:
+        FederatedJob.model_validate(doc)
+    text = str(err.value)
+    assert "privacy.secureAggregation cannot be combined with peft.method full" in text, text
+    assert "a PEFT method such as lora, or drop privacy.secureAggregation" in text, text
+    del doc["spec"]["privacy"]
+    assert FederatedJob.model_validate(doc).spec.peft.method == "full"  # full alone is accepted
+
+
+def test_more_parties_than_a_shamir_share_index_can_name_are_refused():
+    assert MAX_PARTIES == SHARES_MAX_PARTIES  # the limit the trainers' Shamir shares enforce at run time
+    doc = secure_job().model_dump(by_alias=True, exclude_none=True)
+    doc["spec"]["parties"] = [{"name": f"p{i}"} for i in range(MAX_PARTIES)]
+    assert len(FederatedJob.model_validate(doc).spec.parties) == MAX_PARTIES  # 255 is accepted
+    doc["spec"]["parties"].append({"name": "one-too-many"})
+    with pytest.raises(ValidationError) as err:
+        FederatedJob.model_validate(doc)
+    assert f"takes at most {MAX_PARTIES} parties" in str(err.value) and "this job has 256" in str(err.value)
 
 
 def test_local_dp_and_server_optimisers_combine_with_it():

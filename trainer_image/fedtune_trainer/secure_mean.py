@@ -4,8 +4,9 @@ It downloads the survivors' masked updates, every dealer's shares object (for th
 authenticate a revealed share) and the survivors' reveals, each checked against the sha256 its
 owner's receipt gave; rebuilds the survivors' self masks and the dropped parties' mask keys from t
 valid shares; removes the masks from the sum; and divides by the total weight. It never holds one
-party's update in clear: only the sum exists unmasked. A masked update that cannot be used fails the
-round (its masks could not be removed without revealing what they hide), naming the party.
+party's update in clear: only the sum exists unmasked. A masked update that cannot be used (refused on
+download, or not one uint64 vector of the global's length) fails the round (its masks could not be removed
+without revealing what they hide), naming the party in receipt.rejected.
 """
 
 from __future__ import annotations
@@ -53,12 +54,37 @@ def secure_mean(
             pool.submit(_get, url, sha, what, workdir / f"secure-{i}", cap)
             for i, (what, url, sha, cap) in enumerate(jobs)
         ]
-    blobs = dict(zip((what for what, *_ in jobs), (f.result() for f in got)))
+    updates = len(ticket.updates)  # the first jobs: a failure there is the party's (storage failures aside)
+    blobs, unusable = {}, {}
+    for i, ((what, *_), f) in enumerate(zip(jobs, got)):
+        try:
+            blobs[what] = f.result()
+        except ValueError as exc:
+            if i >= updates:
+                raise
+            unusable[ticket.updates[i].party] = str(exc)
     receipt.bytes_down += sum(len(b) for b in blobs.values())
-    masked = {
-        u.party: secure_vectors.from_bytes(blobs[f"masked update of {u.party}"], n, f"masked update of {u.party}")
-        for u in ticket.updates
-    }
+    masked = {}
+    for u in ticket.updates:
+        if u.party not in unusable:
+            try:
+                masked[u.party] = secure_vectors.from_bytes(
+                    blobs[f"masked update of {u.party}"], n, f"masked update of {u.party}"
+                )
+            except ValueError as exc:
+                unusable[u.party] = str(exc)
+    if unusable:
+        # The sum needs every survivor's masked vector, and this attempt's reveals gave out the self-mask
+        # shares of these parties: their masks cannot be removed without revealing what they hide. The round
+        # fails naming them (rejected: the control plane counts a failure against each) and is retried with
+        # fresh keys.
+        receipt.rejected.update(unusable)
+        for party, why in unusable.items():
+            log.warning("round %d: secure aggregation: rejected %s: %s", ticket.round, party, why)
+        raise ValueError(
+            f"secure aggregation needs every survivor's masked update to unmask their sum; {len(unusable)} "
+            f"cannot be used: {'; '.join(unusable.values())}"
+        )
     shares = {p: blobs[f"shares of {p}"] for p in sec.shares_in}
     reveals = {p: blobs[f"reveal of {p}"] for p in sec.reveals_in}
     roster = {p: secagg.PublicKeys(c=k.c, s=k.s) for p, k in sec.roster.items()}

@@ -20,6 +20,7 @@ from fedtune.api.party import StorageSpec
 from fedtune.api.privacy import PrivacySpec, budget_problem
 from fedtune.api.quantization import QuantizationSpec
 from fedtune.api.robust import RobustSpec
+from fedtune.api.secagg import MAX_PARTIES
 from fedtune.api.status import FederatedJobStatus
 
 Task = Literal["sequence-classification", "causal-lm"]
@@ -452,6 +453,12 @@ class FederatedJobSpec(ApiModel):
             ),
             (self.training.update_compression != "none", "training.updateCompression", "the update is a few KB"),
             (self.evaluator is not None, "spec.evaluator", "the parties evaluate the replayed model themselves"),
+            (
+                self.model.dtype != "float32",
+                f"model.dtype {self.model.dtype}",
+                f"its steps (lr·g·z, about 1e-7 at the defaults) round to zero in {self.model.dtype} weights; set "
+                "model.dtype: float32",
+            ),
         ]
         return [f"{field} cannot be used with peft.method fedkseed: {reason}" for bad, field, reason in refused if bad]
 
@@ -534,6 +541,19 @@ class FederatedJobSpec(ApiModel):
             out.append(
                 f"privacy.secureAggregation.threshold ({t}) is larger than the number of parties ({n}): no round "
                 f"could recover its sum; set it to at most {n}"
+            )
+        if n > MAX_PARTIES:
+            out.append(
+                f"privacy.secureAggregation takes at most {MAX_PARTIES} parties (a Shamir share's index is one byte) "
+                f"and this job has {n}: split them into jobs of at most {MAX_PARTIES}, or drop "
+                "privacy.secureAggregation"
+            )
+        if self.peft.method == FULL:  # fedkseed is refused by _fedkseed_problems
+            out.append(
+                "privacy.secureAggregation cannot be combined with peft.method full: a masked update is the whole "
+                "model at 8 bytes per parameter and the aggregator holds every survivor's twice (download and "
+                "vector), which exhausts its memory; choose a PEFT method such as lora, or drop "
+                "privacy.secureAggregation"
             )
         # The aggregator sees only the sum: whatever needs the updates one by one cannot run on it.
         if self.aggregator.lora_mode == "exact":

@@ -30,6 +30,8 @@ from fedtune.api.base import ApiModel
 # The exchanges of a round with secure aggregation, in order (ticket kinds; "train" is the plain one).
 PHASES = ("keys", "shares", "train", "unmask")
 Phase = Literal["keys", "shares", "train", "unmask"]
+# A share's index travels as one byte (fedtune_trainer.secagg.shares.MAX_PARTIES): at most 255 holders.
+MAX_PARTIES = 255
 
 
 class SecureAggregationSpec(ApiModel):
@@ -38,7 +40,7 @@ class SecureAggregationSpec(ApiModel):
     threshold: int | None = Field(
         None,
         ge=2,
-        le=255,
+        le=MAX_PARTIES,
         description="t: the fewest parties whose shares recover the sum (and whom a colluding aggregator "
         "would need). A round fails when fewer than t upload or fewer than t reveal. Default: a majority "
         "of the job's parties.",

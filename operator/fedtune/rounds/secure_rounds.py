@@ -60,8 +60,9 @@ def step(job: FederatedJob, st: FederatedJobStatus, obs: m.Observation, events: 
             continue
         p.bytes_up += r.bytes_up
         p.bytes_down += r.bytes_down
-        if phase == "unmask" and not r.ok:  # its masked update is in: the others reveal its self mask
-            p.state, p.message = "Submitted", f"round {rnd}: gave no reveal ({r.error}); its update still counts"
+        if phase == "unmask" and not (r.ok and r.sha256):  # its masked update is in: the others reveal its self mask
+            why = r.error if not r.ok else "the unmask receipt names no object (sha256)"
+            p.state, p.message = "Submitted", f"round {rnd}: gave no reveal ({why}); its update still counts"
             events.append(Event("Warning", "NoReveal", f"{p.name}: {p.message}"))
         elif r.storage_failed:
             m._storage_failed(p, f"round {rnd} ({phase}): {r.error}", events)
