@@ -67,6 +67,7 @@ def make_world(
     node_gpus=0,
     s3_model=False,
     evaluator: str | None = None,
+    model_spec: dict | None = None,
     **job,
 ) -> World:
     """Namespaces, a node (with `node_gpus` GPUs), credentials, data in each party's bucket, Parties and a FederatedJob.
@@ -74,6 +75,7 @@ def make_world(
     `consent`: the namespaces each Party admits jobs from (default: the hub's).
     `s3_model`: the model files go to the coordinator bucket and the job names them by s3:// URI.
     `evaluator`: one more Party, named as the job's spec.evaluator (its eval split is the held-out set).
+    `model_spec`: spec.model as written, instead of one naming `model`.
     """
     world = World(kube, kube.namespace("hub"))
     prefix = f"op-{uuid.uuid4().hex[:8]}"
@@ -108,7 +110,7 @@ def make_world(
             }
         )
     spec = {
-        "model": {"source": source, "task": "sequence-classification"},
+        "model": model_spec or {"source": source, "task": "sequence-classification"},
         "peft": {"method": "lora", "config": {"r": 4, "target_modules": ["query", "value"]}},
         "data": {"labels": ["negative", "positive"], "maxLength": 16},
         "training": {"localEpochs": 1, "batchSize": 8, "learningRate": 0.01},

@@ -253,6 +253,57 @@ def test_an_s3_endpoint_gone_mid_round_pauses_the_job_and_blames_no_party(kube, 
     assert "PartyFailed" not in reasons and "PartyDropped" not in reasons
 
 
+def test_offsite_tuning_parties_train_an_s3_emulator_and_never_the_full_model(kube, s3world, tmp_path):
+    """peft.method offsite through the operator: the emulator lies in the coordinator's bucket (s3://) and the
+    full model's source exists nowhere the parties could read it, so the job can only succeed if every party
+    loads the emulator; final/ holds the last global and what plugging it back needs."""
+    import json
+    import subprocess
+    import sys
+
+    from fedtune.api.job import DataSchema, ModelSpec, PeftSpec, TrainingSpec
+    from fedtune.api.protocol import TrainerConfig
+    from tiny_models import make_tiny_model
+
+    full = make_tiny_model(tmp_path / "full", "sequence-classification", layers=4)
+    offsite = {"method": "offsite", "config": {"adapterLayers": 1, "dropRatio": 0.5}}
+    cfg = TrainerConfig(
+        model=ModelSpec(source=str(full), task="sequence-classification"),
+        peft=PeftSpec(**offsite),
+        data=DataSchema(labels=["negative", "positive"], max_length=16),
+        training=TrainingSpec(),
+        deepspeed={},
+    )
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_wire()))
+    emulator = tmp_path / "emulator"
+    argv = [sys.executable, "-m", "fedtune_trainer", "emulator", "--config", str(tmp_path / "config.json")]
+    built = subprocess.run([*argv, "--output", str(emulator)], capture_output=True, text=True, check=False)
+    assert built.returncode == 0 and "3 of 4 layers" in built.stdout, built.stderr
+    hub = s3world.bucket("hub")
+    key = f"emulators/{kube.test_id}"
+    for f in emulator.rglob("*"):
+        if f.is_file():
+            hub.put_bytes(f"{key}/{f.relative_to(emulator)}", f.read_bytes())
+    model = {
+        "source": f"file://{tmp_path}/owner-only/full-model",  # not on any machine: the owner's, not the parties'
+        "emulator": f"s3://hub-bkt/{key}",
+        "task": "sequence-classification",
+    }
+    with pods_of(kube) as pods, kube.run_kopf("fedtune.k8s.operator"):
+        w = make_world(kube, s3world, full, peft=offsite, model_spec=model)
+        kube.wait_for(lambda: ended(w), timeout=240, what="the job to end")
+        st = status(w)
+        assert st["phase"] == "Succeeded", st
+        assert all(h["metrics"].get("evalAccuracy") is not None for h in st["history"])
+        prefix = f"fedtune/{w.job['metadata']['uid']}/"
+        names = {k.removeprefix(prefix + "final/") for k in hub.list(prefix + "final/")}
+        assert {"offsite.safetensors", "offsite.json"} <= names and "adapter_config.json" not in names
+        assert hub.get_bytes(prefix + "final/offsite.safetensors") == hub.get_bytes(prefix + "global/2.safetensors")
+        doc = json.loads(hub.get_bytes(prefix + "final/offsite.json"))
+        assert doc["model"]["source"] == model["source"] and doc["offsite"] == {"adapterLayers": 1, "dropRatio": 0.5}
+        assert not pods.errors, pods.errors
+
+
 def test_full_fine_tuning_job_ends_with_a_transformers_model_in_final(kube, s3world, tiny_model):
     """peft.method full through the operator: final/ holds the last global as model.safetensors, and the config."""
     import json
