@@ -40,8 +40,9 @@ def make_job(
 class Sim:
     """Plays the pods: answers the tickets the status asks for, unless told otherwise."""
 
-    def __init__(self, job, silent=(), fail=(), reject=(), fingerprint=None, roundtrip=False):
+    def __init__(self, job, silent=(), fail=(), reject=(), fingerprint=None, roundtrip=False, fields=None):
         self.job, self.now = job, T0
+        self.fields = fields or (lambda short, intent: {})  # more receipt fields: (party, intent) -> dict
         self.silent, self.fail, self.reject = set(silent), set(fail), set(reject)
         self.fingerprint = fingerprint or {}
         self.roundtrip = roundtrip
@@ -82,6 +83,7 @@ class Sim:
                 bytes_up=100,
                 bytes_down=50,
                 timings=Timings(train_seconds=2.0),
+                **self.fields(short, it),
             )
         ai = aggregator_intent(self.job, self.st)
         if (
@@ -375,3 +377,25 @@ def test_pods_that_keep_blaming_the_storage_fail_the_job_after_the_bound():
     assert "the storage kept failing for" in st.message and "spec.storageOutageTimeoutSeconds (20s)" in st.message
     assert "http://s3.example:9000/a-data/update" in st.message  # the pods' words name the endpoint
     assert all(p.state != "Dropped" for p in st.parties)
+
+
+def test_a_partys_sample_epsilon_never_goes_down_when_its_accountant_restarts():
+    """privacy.dpSgd: a restarted trainer's Opacus accountant counts from zero, so its receipts report less ε than
+    the status already holds; the status keeps the largest ε each party reported (the spend never shrinks)."""
+    reported = {1: 2.0, 2: 0.5, 3: 1.5}  # party a's pod restarts after round 1: its new accountant starts over
+
+    def eps(short, it):
+        return {"sample_epsilon": reported[it.round] if short == "a" else 0.1 * it.round} if it.kind == "train" else {}
+
+    sim = Sim(make_job(rounds=3), fields=eps)
+    seen = []
+    for _ in range(200):
+        if sim.st.phase in ("Succeeded", "Failed"):
+            break
+        sim.step()
+        seen.append(sim.st.party("default/a").sample_epsilon)
+    assert sim.st.phase == "Succeeded", reasons(sim)
+    a = [e for e in seen if e is not None]
+    assert a == sorted(a) and a[-1] == 2.0, a
+    assert [h.sample_epsilon for h in sim.st.history if h.round > 0] == [2.0, 2.0, 2.0]
+    assert sim.st.party("default/b").sample_epsilon == pytest.approx(0.3)

@@ -78,7 +78,10 @@ class PartyState(ApiModel):
     pod_retry_at: datetime | None = Field(None, description="Earliest time a failed trainer pod is recreated.")
     fingerprint: str | None = Field(None, description="Base-model fingerprint the party reported.")
     sample_epsilon: float | None = Field(
-        None, description="privacy.dpSgd: ε the party's examples have spent in all rounds it trained (its accountant)."
+        None,
+        description="privacy.dpSgd: ε the party's examples have spent in all rounds it trained (its accountant). "
+        "Never lowered: a restarted trainer's accountant counts from zero, so after a restart this is the largest "
+        "ε any of its accountants reported, a lower bound of the true spend.",
     )
     personal_object: str | None = Field(
         None, description="Personalization: the key, in the party's own bucket, of the personal part it last wrote."

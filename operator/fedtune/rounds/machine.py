@@ -225,8 +225,8 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
             p.metrics = r.metrics
             p.bytes_up, p.bytes_down = p.bytes_up + r.bytes_up, p.bytes_down + r.bytes_down
             p.train_seconds = r.timings.train_seconds
-            if r.sample_epsilon is not None:
-                p.sample_epsilon = r.sample_epsilon
+            if r.sample_epsilon is not None:  # never lower: a restarted pod's accountant counts from zero again
+                p.sample_epsilon = max(r.sample_epsilon, p.sample_epsilon or 0.0)
             if r.personal_sha256:  # its personal part, in its own bucket: the next ticket reads it back
                 p.personal_object = layout.personal_key(uid, rnd, st.attempt)
                 p.personal_sha256 = r.personal_sha256
