@@ -80,6 +80,49 @@ def test_fp32_param_offload_counts_four_bytes():
     assert res.requests["memory"] == format_memory(8 * GI + GI + Decimal("1.5") * 2**28 * 4) == "10752Mi"
 
 
+def method_spec(method: str, dtype: str = "float32", strategy: dict | None = None, **model) -> FederatedJobSpec:
+    spec = {
+        "model": {"source": "pkg://tiny/model", "task": "causal-lm", "dtype": dtype, **model},
+        "parties": [{"name": "hospital-a"}],
+        "peft": {"method": method},
+    }
+    if strategy:
+        spec["strategy"] = strategy
+    return FederatedJobSpec.model_validate(spec)
+
+
+def cpu_memory(spec: FederatedJobSpec, params: int | None, **compute) -> int:
+    res = trainer_resources(spec, ComputeSpec.model_validate(compute), model_params=params)
+    return int(parse_quantity(res.requests["memory"]))
+
+
+P = 2**28  # parameters: 1 GiB in float32
+
+
+@pytest.mark.parametrize("dtype,per_weight", [("float32", 4), ("bfloat16", 2)])
+def test_full_fine_tuning_counts_gradients_adamw_moments_and_the_kept_copies_on_a_cpu_party(dtype, per_weight):
+    lora = cpu_memory(method_spec("lora", dtype), P)
+    full = cpu_memory(method_spec("full", dtype), P)
+    assert lora == parse_quantity(format_memory(8 * GI + GI + Decimal("1.2") * P * per_weight))  # the base model
+    # gradients, exp_avg, exp_avg_sq, PartyRuntime.initial and the round's global: five weight-sized tensors
+    assert full - lora == 5 * P * per_weight
+    prox = cpu_memory(method_spec("full", dtype, strategy={"name": "fedprox", "params": {"mu": 0.01}}), P)
+    assert prox - full == 4 * P  # FedProx's float32 anchors
+    assert cpu_memory(method_spec("full", dtype), None) == cpu_memory(method_spec("lora", dtype), None)  # unknown
+
+
+def test_fedkseed_counts_the_base_weights_kept_for_replay_and_a_direction_on_a_cpu_party():
+    lora, fedkseed = cpu_memory(method_spec("lora"), P), cpu_memory(method_spec("fedkseed"), P)
+    assert fedkseed - lora == 2 * 4 * P  # PartyRuntime.initial and z, both float32
+
+
+def test_offsite_and_gpu_pods_are_sized_as_before():
+    offsite = method_spec("offsite", emulator="pkg://tiny/emulator")
+    assert cpu_memory(offsite, P) == cpu_memory(method_spec("lora"), P)
+    gpu = {"gpusPerPod": 1}
+    assert cpu_memory(method_spec("full"), P, **gpu) == cpu_memory(method_spec("lora"), P, **gpu)  # state on the GPU
+
+
 def test_gpu_product_sets_selector_affinity_and_keeps_tolerations():
     own = {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
     compute = ComputeSpec(gpus_per_pod=1, gpu_product="A100", node_selector={"pool": "ml"}, tolerations=[own])

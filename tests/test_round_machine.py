@@ -6,11 +6,12 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fedtune.api import FederatedJob
+from fedtune.api import FederatedJob, Party
 from fedtune.api.protocol import AggregatorReceipt, Timings, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus, Metrics
-from fedtune.rounds.intents import aggregator_intent, trainer_intents
+from fedtune.rounds.intents import aggregator_intent, build_trainer_ticket, trainer_intents
 from fedtune.rounds.machine import Observation, advance, new_status
+from fedtune.storage import layout
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 FP = "fp-base"
@@ -19,7 +20,7 @@ DOWN = "S3 endpoint http://s3.example:9000 (bucket a-data of party default/a) do
 
 
 def make_job(
-    n=3, rounds=2, min_parties=2, retries=1, max_failures=3, timeout=60, evaluator=None, outage=600
+    n=3, rounds=2, min_parties=2, retries=1, max_failures=3, timeout=60, evaluator=None, outage=600, **more
 ) -> FederatedJob:
     spec = {
         "model": {"source": "/m", "task": "sequence-classification"},
@@ -34,14 +35,16 @@ def make_job(
     }
     if evaluator:
         spec["evaluator"] = {"name": evaluator}
+    spec.update(more)
     return FederatedJob.model_validate({"metadata": {"name": "j", "uid": "uid-1", "generation": 1}, "spec": spec})
 
 
 class Sim:
     """Plays the pods: answers the tickets the status asks for, unless told otherwise."""
 
-    def __init__(self, job, silent=(), fail=(), reject=(), fingerprint=None, roundtrip=False):
+    def __init__(self, job, silent=(), fail=(), reject=(), fingerprint=None, roundtrip=False, fields=None):
         self.job, self.now = job, T0
+        self.fields = fields or (lambda short, intent: {})  # more receipt fields: (party, intent) -> dict
         self.silent, self.fail, self.reject = set(silent), set(fail), set(reject)
         self.fingerprint = fingerprint or {}
         self.roundtrip = roundtrip
@@ -82,6 +85,7 @@ class Sim:
                 bytes_up=100,
                 bytes_down=50,
                 timings=Timings(train_seconds=2.0),
+                **self.fields(short, it),
             )
         ai = aggregator_intent(self.job, self.st)
         if (
@@ -375,3 +379,64 @@ def test_pods_that_keep_blaming_the_storage_fail_the_job_after_the_bound():
     assert "the storage kept failing for" in st.message and "spec.storageOutageTimeoutSeconds (20s)" in st.message
     assert "http://s3.example:9000/a-data/update" in st.message  # the pods' words name the endpoint
     assert all(p.state != "Dropped" for p in st.parties)
+
+
+def test_a_partys_sample_epsilon_never_goes_down_when_its_accountant_restarts():
+    """privacy.dpSgd: a restarted trainer's Opacus accountant counts from zero, so its receipts report less ε than
+    the status already holds; the status keeps the largest ε each party reported (the spend never shrinks)."""
+    reported = {1: 2.0, 2: 0.5, 3: 1.5}  # party a's pod restarts after round 1: its new accountant starts over
+
+    def eps(short, it):
+        return {"sample_epsilon": reported[it.round] if short == "a" else 0.1 * it.round} if it.kind == "train" else {}
+
+    sim = Sim(make_job(rounds=3), fields=eps)
+    seen = []
+    for _ in range(200):
+        if sim.st.phase in ("Succeeded", "Failed"):
+            break
+        sim.step()
+        seen.append(sim.st.party("default/a").sample_epsilon)
+    assert sim.st.phase == "Succeeded", reasons(sim)
+    a = [e for e in seen if e is not None]
+    assert a == sorted(a) and a[-1] == 2.0, a
+    assert [h.sample_epsilon for h in sim.st.history if h.round > 0] == [2.0, 2.0, 2.0]
+    assert sim.st.party("default/b").sample_epsilon == pytest.approx(0.3)
+
+
+class UrlSigner:
+    def presign_get(self, owner, key, expires_s):
+        return f"get:{owner}:{key}"
+
+    def presign_put(self, owner, key, expires_s):
+        return f"put:{owner}:{key}"
+
+
+@pytest.mark.parametrize("roundtrip", [False, True])
+def test_a_personal_part_is_committed_only_when_its_round_is_aggregated(roundtrip):
+    """Personalization: a party's personal part of an attempt whose round is retried (no quorum) was trained beside
+    a shared update that was thrown away; the retry starts from the personal part of the last aggregated round."""
+    job = make_job(n=3, rounds=2, timeout=5, personalization={"mode": "head"})
+
+    def own(short, it):  # each train attempt writes its own personal part (its own key, its own digest)
+        return {"personal_sha256": f"own-{short}-r{it.round}-a{it.attempt}"} if it.kind == "train" else {}
+
+    sim = Sim(job, fields=own, roundtrip=roundtrip)
+    a = lambda: sim.st.party("default/a")  # noqa: E731
+    round1 = (layout.personal_key("uid-1", 1, 0), "own-a-r1-a0")
+    _until(sim, lambda st: st.current_round == 2)
+    assert (a().personal_object, a().personal_sha256) == round1
+    sim.silent = {"b", "c"}  # round 2, attempt 0: only a trains, so the round is retried for want of a quorum
+    _until(sim, lambda st: st.party("default/a").state == "Submitted")
+    assert (a().personal_object, a().personal_sha256) == round1
+    _until(sim, lambda st: st.attempt == 1)
+    assert "RoundRetry" in reasons(sim) and (a().personal_object, a().personal_sha256) == round1
+    doc = Party.model_validate({"metadata": {"name": "a"}, "spec": {"storage": {"bucket": "a-data"}}})
+    ticket = build_trainer_ticket(job, trainer_intents(job, sim.st)["default/a"], doc, sim.st, UrlSigner(), sim.now)
+    assert (ticket.personal_in.url, ticket.personal_in.sha256) == (f"get:default/a:{round1[0]}", round1[1])
+    assert ticket.personal_out == f"put:default/a:{layout.personal_key('uid-1', 2, 1)}"
+    sim.silent = set()
+    _until(sim, lambda st: st.stage == "evaluating")  # round 2 aggregated at attempt 1: its parts are committed
+    assert sim.st.history[-1].attempt == 1
+    for short in "abc":
+        p = sim.st.party(f"default/{short}")
+        assert (p.personal_object, p.personal_sha256) == (layout.personal_key("uid-1", 2, 1), f"own-{short}-r2-a1")

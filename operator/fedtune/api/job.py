@@ -41,8 +41,9 @@ class ModelSpec(ApiModel):
         None,
         ge=1,
         description="The base model's parameter count (e.g. 7241732096), when known. It sizes trainer pods' "
-        "memory where the model lives in host memory: CPU parties, and DeepSpeed parameter offload. Left out, "
-        "compute.memory must hold it.",
+        "memory where the model lives in host memory: CPU parties (with peft.method full or fedkseed, the "
+        "training state of every weight too), and DeepSpeed parameter offload. Left out, compute.memory must "
+        "hold it.",
     )
     quantization: QuantizationSpec | None = Field(
         None,

@@ -78,14 +78,25 @@ class PartyState(ApiModel):
     pod_retry_at: datetime | None = Field(None, description="Earliest time a failed trainer pod is recreated.")
     fingerprint: str | None = Field(None, description="Base-model fingerprint the party reported.")
     sample_epsilon: float | None = Field(
-        None, description="privacy.dpSgd: ε the party's examples have spent in all rounds it trained (its accountant)."
+        None,
+        description="privacy.dpSgd: ε the party's examples have spent in all rounds it trained (its accountant). "
+        "Never lowered: a restarted trainer's accountant counts from zero, so after a restart this is the largest "
+        "ε any of its accountants reported, a lower bound of the true spend.",
     )
     personal_object: str | None = Field(
-        None, description="Personalization: the key, in the party's own bucket, of the personal part it last wrote."
+        None,
+        description="Personalization: the key, in the party's own bucket, of its personal part of the last round "
+        "that was aggregated with its update (the final one after the final evaluation); the next round starts "
+        "from it.",
     )
     personal_sha256: str | None = Field(None, description="Personalization: sha256 of that personal part.")
     # The party's answer to the current round (cleared when a round or attempt starts).
     update_sha256: str | None = Field(None, description="sha256 of the update submitted this round.")
+    round_personal_sha256: str | None = Field(
+        None,
+        description="Personalization: sha256 of the personal part written with this attempt's update; it becomes "
+        "personalObject/personalSha256 only if the round is aggregated with that update.",
+    )
     num_eval_samples: int | None = Field(None, description="Evaluation examples behind the metrics.")
     bytes_up: int = Field(0, description="Bytes the party uploaded this round.")
     bytes_down: int = Field(0, description="Bytes the party downloaded this round.")

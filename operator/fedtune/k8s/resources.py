@@ -26,6 +26,20 @@ memory                request = limit = compute.memory + shm + offload extras be
                       lives in host memory (unless offloadParams counted it). On a GPU pod's
                       plain path a causal LM loads straight onto the GPU (a quantised model
                       too, quantised there), so its host sees one shard at a time.
+ + full / fedkseed    CPU parties, spec.model.parameters given (with or without offload: a CPU
+                      party holds everything in host memory), on top of the base model:
+                      peft.method full (every weight trains with torch's AdamW): + parameters x
+                      bytes per weight x 5: gradients and AdamW's two moments (in the weights'
+                      dtype: float32 unless model.dtype bfloat16), PartyRuntime.initial and the
+                      round's global (CPU copies of every weight); strategy fedprox with mu > 0
+                      adds its float32 anchors, + 4 bytes per parameter.
+                      peft.method fedkseed (float32 weights): + parameters x 4 x 2: the base
+                      weights kept for replay (PartyRuntime.initial) and the direction z, drawn
+                      one parameter tensor at a time in float32 (counted as the whole model: the
+                      spec does not say the largest tensor, so this is an upper bound).
+                      peft.method offsite: the base-model row only (the emulator is smaller than
+                      the model spec.model.parameters counts; its adapter layers' optimizer state
+                      is not counted separately).
 world size            spec.world_size(gpusPerPod): one rank per GPU (plain PyTorch or DeepSpeed),
                       1 for CPU parties; the pod's command starts them (fedtune.api.launch).
 global batch          spec.global_batch(gpusPerPod) = micro x accumulation x world; its
@@ -50,6 +64,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from fedtune.api.job import AggregatorSpec, FederatedJobSpec
+from fedtune.api.methods import FEDKSEED, FULL
 from fedtune.api.party import ComputeSpec
 from fedtune.api.quantization import weight_bytes
 
@@ -61,6 +76,8 @@ OFFLOAD_OPTIMIZER_PER_RANK = 2 * GI
 OFFLOAD_PARAMS_UNKNOWN_MODEL = 8 * GI
 OFFLOAD_PARAMS_HEADROOM = Decimal("1.5")
 BASE_MODEL_HEADROOM = Decimal("1.2")
+FULL_COPIES = 5  # full fine-tuning, per weight: gradient, AdamW exp_avg and exp_avg_sq, initial copy, round's global
+FEDKSEED_COPIES = 2  # FedKSeed, per float32 weight: the base kept for replay, the direction z (an upper bound)
 GPU_TOLERATION = {"key": GPU, "operator": "Exists", "effect": "NoSchedule"}
 
 _SUFFIXES = {
@@ -137,6 +154,19 @@ def _offload_bytes(spec: FederatedJobSpec, world: int, model_params: int | None)
     return extra
 
 
+def _training_state_bytes(spec: FederatedJobSpec, model_params: int) -> Decimal:
+    """What a CPU party holds in host memory beside the base model when every weight trains (full, fedkseed)."""
+    per_weight = Decimal(weight_bytes(spec.model.dtype, None))
+    if spec.peft.method == FULL:
+        extra = FULL_COPIES * model_params * per_weight
+        if spec.strategy.name == "fedprox" and spec.strategy.resolved().get("mu", 0.0) > 0:
+            extra += model_params * 4  # FedProx's anchors: a float32 copy of every trainable weight
+        return extra
+    if spec.peft.method == FEDKSEED:
+        return FEDKSEED_COPIES * model_params * Decimal(4)
+    return Decimal(0)
+
+
 def _gpu_affinity(product: str) -> dict[str, Any]:
     term = {"matchExpressions": [{"key": GPU_PRODUCT_LABEL, "operator": "In", "values": [product]}]}
     return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
@@ -146,7 +176,7 @@ def trainer_resources(spec: FederatedJobSpec, compute: ComputeSpec, *, model_par
     """Resources of a party's trainer pod (see the module docstring for every rule).
 
     `model_params` is the base model's parameter count when known (spec.model.parameters); it sizes
-    parameter offload and a CPU party's model.
+    parameter offload, a CPU party's model and, under full fine-tuning or FedKSeed, its training state.
     Raises ValueError when the batch settings do not fit this party's world size.
     """
     gpus = compute.gpus_per_pod
@@ -157,6 +187,8 @@ def trainer_resources(spec: FederatedJobSpec, compute: ComputeSpec, *, model_par
     offloaded = spec.deepspeed.enabled and spec.deepspeed.offload_params  # already counted the model
     if not gpus and model_params is not None and not offloaded:
         memory += BASE_MODEL_HEADROOM * model_params * Decimal(weight_bytes(spec.model.dtype, spec.model.quantization))
+    if not gpus and model_params is not None:
+        memory += _training_state_bytes(spec, model_params)
     requests = {"cpu": compute.cpu, "memory": format_memory(memory)}
     limits = {"memory": requests["memory"]}
     node_selector = dict(compute.node_selector)

@@ -225,11 +225,11 @@ def _training(job: FederatedJob, st: FederatedJobStatus, obs: Observation, event
             p.metrics = r.metrics
             p.bytes_up, p.bytes_down = p.bytes_up + r.bytes_up, p.bytes_down + r.bytes_down
             p.train_seconds = r.timings.train_seconds
-            if r.sample_epsilon is not None:
-                p.sample_epsilon = r.sample_epsilon
-            if r.personal_sha256:  # its personal part, in its own bucket: the next ticket reads it back
-                p.personal_object = layout.personal_key(uid, rnd, st.attempt)
-                p.personal_sha256 = r.personal_sha256
+            if r.sample_epsilon is not None:  # never lower: a restarted pod's accountant counts from zero again
+                p.sample_epsilon = max(r.sample_epsilon, p.sample_epsilon or 0.0)
+            # Its personal part, in its own bucket: the next round's ticket reads it back once this round is
+            # aggregated (committed in _aggregating); a retried attempt starts from the last committed one.
+            p.round_personal_sha256 = r.personal_sha256
     if (any(_waiting(st)) or _evaluator_waiting(st)) and obs.now < st.round_deadline:
         return
     for p in _waiting(st):
@@ -275,6 +275,9 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
     accepted = [st.party(n) for n in a.accepted]
     for p in accepted:
         p.failures, p.last_round = 0, rnd
+        if p.round_personal_sha256:  # personalization: the personal part trained beside the aggregated update
+            p.personal_object = layout.personal_key(job.metadata.uid, rnd, st.attempt)
+            p.personal_sha256, p.round_personal_sha256 = p.round_personal_sha256, None
     _record(
         st,
         RoundRecord(
@@ -458,7 +461,7 @@ def _reset_round(spec: FederatedJobSpec, st: FederatedJobStatus, now: datetime) 
     waiting = "Pending" if st.stage == "init" else "Training"
     for p in active(st):
         p.state = waiting
-        p.update_sha256, p.num_eval_samples = None, None
+        p.update_sha256, p.num_eval_samples, p.round_personal_sha256 = None, None, None
         p.bytes_up = p.bytes_down = 0
         p.train_seconds = 0.0
     st.secure_aggregation = secure_rounds.fresh(spec, st) if st.stage == "training" else None
