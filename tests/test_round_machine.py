@@ -10,7 +10,7 @@ from fedtune.api import FederatedJob, Party
 from fedtune.api.protocol import AggregatorReceipt, Timings, TrainerReceipt
 from fedtune.api.status import FederatedJobStatus, Metrics
 from fedtune.rounds.intents import aggregator_intent, build_trainer_ticket, trainer_intents
-from fedtune.rounds.machine import Observation, advance, new_status
+from fedtune.rounds.machine import Observation, advance, new_status, resumed
 from fedtune.storage import layout
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -152,6 +152,18 @@ def test_happy_path_records_every_round(roundtrip):
     assert st.history[1].bytes_up == 3 * 100 + 7
     assert reasons(sim).count("RoundCompleted") == 3 and st.last_metric == "acc=0.800"
     assert all(i.kind == "exit" for i in trainer_intents(sim.job, st).values())
+
+
+def test_a_plain_round_resumed_mid_training_keeps_its_attempt_and_the_receipts_already_written():
+    sim = Sim(make_job(rounds=2))
+    while not (sim.st.current_round == 1 and sim.st.stage == "training"):
+        sim.step()
+    sim.answer()  # the parties uploaded round 1's updates before the run stopped
+    sim.now += timedelta(hours=5)
+    st = resumed(sim.job, sim.st, sim.now)
+    assert (st.stage, st.current_round, st.attempt, st.resume_restarts) == ("training", 1, 0, 0)
+    st, _ = advance(sim.job, st, Observation(now=sim.now, receipts=dict(sim.receipts)))
+    assert st.stage == "aggregating" and all(p.state == "Submitted" for p in st.parties)
 
 
 def test_straggler_is_left_out_then_rejoins_next_round():

@@ -7,14 +7,17 @@ and tests/test_secure_aggregation_e2e.py runs both together in a real local job.
 from __future__ import annotations
 
 import base64
+from datetime import timedelta
 
 import pytest
 from fedtune.api import FederatedJob
 from fedtune.api.protocol import TrainerReceipt
 from fedtune.api.receipts import TicketRef
 from fedtune.api.secagg import MAX_PARTIES
+from fedtune.api.status import FederatedJobStatus
 from fedtune.rounds import conditions as cond
 from fedtune.rounds.intents import aggregator_intent, trainer_intents
+from fedtune.rounds.machine import resumed
 from fedtune_trainer.secagg.shares import MAX_PARTIES as SHARES_MAX_PARTIES
 from pydantic import ValidationError
 from test_round_machine import Sim, make_job, reasons
@@ -182,6 +185,67 @@ def test_a_retried_attempts_keys_come_after_the_last_attempts_unmask():
     assert not TicketRef("unmask", 1, 0).after(TicketRef("keys", 1, 1))
     assert TicketRef("unmask", 1, 0).after(TicketRef("train", 1, 0))
     assert TicketRef("eval", 1, 0).after(TicketRef("unmask", 1, 0))
+
+
+def _interrupted_then_resumed(sim: SecureSim, phase: str) -> FederatedJobStatus:
+    """Run round 1 to `phase`, let parties a and b answer it, stop the run, and resume it hours later.
+
+    The resumed run's party processes are new: the old attempt's secrets are gone, so they fail any
+    exchange of that attempt after keys (as secure_party.py does). Returns the status as resumed.
+    """
+    while not (sim.st.current_round == 1 and sim.st.secure_aggregation.phase == phase):
+        sim.step()
+    sim.silent |= {"c", "d"}
+    sim.answer()  # a and b answered the exchange before the run stopped; c and d had not yet
+    sim.silent -= {"c", "d"}
+    before, old = dict(sim.receipts), sim.st.attempt
+    plain = sim.answer
+
+    def forgetful():
+        plain()
+        for name, r in sim.receipts.items():
+            if r is not before.get(name) and (r.round, r.attempt) == (1, old) and r.kind != "keys":
+                err = "this trainer holds no secure-aggregation keys"
+                sim.receipts[name] = r.model_copy(update={"ok": False, "error": err, "sha256": None})
+
+    sim.answer = forgetful
+    persisted = FederatedJobStatus.model_validate_json(sim.st.model_dump_json(by_alias=True))
+    sim.now += timedelta(hours=5)
+    sim.st = resumed(sim.job, persisted, sim.now)
+    return persisted
+
+
+@pytest.mark.parametrize("phase", ["train", "unmask"])
+def test_a_run_resumed_mid_round_restarts_the_attempt_with_fresh_keys_counting_no_retry_and_no_failure(phase):
+    """The last run's parties took the attempt's secrets with them: the resumed round starts again at keys,
+    with a new attempt number, and neither the job's retry budget nor any party pays for the time away."""
+    sim = SecureSim(secure_job(retries=0))  # a counted retry would fail the job
+    before = _interrupted_then_resumed(sim, phase)
+    st, sa = sim.st, sim.st.secure_aggregation
+    assert (st.stage, st.current_round, st.attempt) == ("training", 1, before.attempt + 1)
+    assert (sa.phase, sa.keys, sa.shares, sa.survivors, sa.reveals) == ("keys", {}, {}, [], {})
+    assert {p.name: (p.state, p.failures) for p in st.parties} == {p.name: ("Training", 0) for p in before.parties}
+    assert st.attempt - st.storage_retries - st.resume_restarts == before.attempt - before.storage_retries == 0
+    assert st.round_deadline == sim.now + timedelta(seconds=sim.job.spec.round_timeout_seconds)
+    assert "not counted as a retry" in st.condition(cond.READY).message
+    assert {it.kind for it in trainer_intents(sim.job, st).values()} == {"keys"}  # every party, the new attempt
+
+    st = sim.run()
+    assert st.phase == "Succeeded", st.message
+    assert sim.aggregated == [["default/a", "default/b", "default/c", "default/d"]] * 2
+    assert st.history[1].attempt == before.attempt + 1 and st.history[2].attempt == 0
+    assert {"RoundRetry", "PartyFailed", "NoReveal", "PartyDropped"}.isdisjoint(reasons(sim))
+    assert all(p.failures == 0 for p in st.parties) and st.condition(cond.SECURE_AGGREGATION_FAILED) is None
+    assert "keys-r1-a1" in sim.kinds["d"] and st.resume_restarts == 0  # round 2 starts with a clean count
+
+
+def test_a_resumed_restart_is_not_a_retry_but_later_retries_of_the_round_still_count():
+    sim = SecureSim(secure_job(retries=1), gone={"c": "shares", "d": "shares"})
+    _interrupted_then_resumed(sim, "keys")
+    assert (sim.st.attempt, sim.st.resume_restarts) == (1, 1)
+    st = sim.run(max_steps=1000)  # c and d never deal shares again: one counted retry, then QuorumLost
+    assert st.phase == "Failed" and reasons(sim).count("RoundRetry") == 1
+    assert "gave up after 2 attempt(s) (spec.maxRoundRetries=1)" in st.condition(cond.QUORUM_LOST).message
 
 
 @pytest.mark.parametrize(

@@ -171,6 +171,11 @@ class FederatedJobStatus(ApiModel):
     storage_retries: int = Field(
         0, description="Attempts of the current round restarted for storage failures (not counted as retries)."
     )
+    resume_restarts: int = Field(
+        0,
+        description="Attempts of the current round restarted because a local run resumed it under secure "
+        "aggregation (its secrets died with the last run's parties; not counted as retries).",
+    )
     storage_retry_since: datetime | None = Field(
         None, description="When the current round first restarted for a storage failure the probe did not see."
     )

@@ -93,7 +93,11 @@ def resumed(job: FederatedJob, status: FederatedJobStatus, now: datetime) -> Fed
     """The status of a job picked up again after its controller was away (local mode's resume).
 
     Completed rounds stay completed; the current stage goes on where it was, with a fresh deadline:
-    the time the controller was away is nobody's fault. Receipts already in the mailboxes still count.
+    the time the controller was away is nobody's fault. Receipts already in the mailboxes still count,
+    except in a training round under secure aggregation: its secrets lived in the last run's party
+    processes, so its attempt starts again from the keys exchange with fresh keys (a new attempt
+    number, as keys and object keys are bound to it), neither a retry counted against
+    spec.maxRoundRetries nor a failure counted against any party.
     """
     st = status.model_copy(deep=True)
     if st.phase in ("Succeeded", "Failed"):
@@ -101,7 +105,14 @@ def resumed(job: FederatedJob, status: FederatedJobStatus, now: datetime) -> Fed
     st.phase, st.message = "Running", ""  # a Stopped run runs again
     st.round_deadline = now + timedelta(seconds=job.spec.round_timeout_seconds)
     outage.cleared_for_resume(st, now)
-    cond.mark_running(st, f"resumed: {st.stage}, round {st.current_round}/{job.spec.rounds}", now)
+    if st.stage == "training" and st.secure_aggregation is not None:
+        st.attempt += 1
+        st.resume_restarts += 1  # not a retry: `_retry` leaves it out of the count
+        _reset_round(job.spec, st, now)
+        again = f", attempt {st.attempt} from secure aggregation's keys exchange (not counted as a retry)"
+    else:
+        again = ""
+    cond.mark_running(st, f"resumed: {st.stage}, round {st.current_round}/{job.spec.rounds}{again}", now)
     return st
 
 
@@ -314,7 +325,7 @@ def _aggregating(job: FederatedJob, st: FederatedJobStatus, obs: Observation, ev
         if rnd < spec.rounds:
             _budget_exhausted(spec, st, rnd, obs.now, events)
         st.stage, st.attempt = "evaluating", 0
-        st.storage_retries, st.storage_retry_since = 0, None
+        st.storage_retries, st.storage_retry_since, st.resume_restarts = 0, None, 0
         st.round_deadline = obs.now + timedelta(seconds=spec.round_timeout_seconds)
         for p in members(st):
             p.state = "Pending"
@@ -448,7 +459,7 @@ def _storage_failed(p: PartyState, message: str, events: list[Event]) -> None:
 
 def _start_round(spec: FederatedJobSpec, st: FederatedJobStatus, rnd: int, now: datetime, events: list[Event]) -> None:
     st.current_round, st.attempt, st.stage = rnd, 0, "training"
-    st.storage_retries, st.storage_retry_since = 0, None
+    st.storage_retries, st.storage_retry_since, st.resume_restarts = 0, None, 0
     if (ev := st.evaluator) is not None and ev.state != "Dropped":  # asked once per round, whatever the retries
         ev.state = "Training"
     _reset_round(spec, st, now)
@@ -489,7 +500,7 @@ def _retry(
                 spec, st, now, f"{why}; retrying (attempt {st.attempt + 1}, not counted: the storage failed)", events
             )
         return
-    counted = st.attempt - st.storage_retries
+    counted = st.attempt - st.storage_retries - st.resume_restarts  # restarts for a resume are free
     if counted >= spec.max_round_retries:
         msg = f"{why}; gave up after {counted + 1} attempt(s) (spec.maxRoundRetries={spec.max_round_retries})"
         cond.set_condition(st, cond.QUORUM_LOST, "True", cond.QUORUM_LOST, msg, now)

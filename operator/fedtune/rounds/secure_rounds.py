@@ -7,7 +7,8 @@ per exchange). A party that fails keys or shares sits the round out (a counted f
 update); one that dealt its shares and then uploads no masked update is *dropped*: the others reveal
 its mask key so its pairwise masks leave the sum. A survivor that gives no reveal still counts (the
 others reveal its self mask). Fewer than t (or spec.minParties) at any exchange fails the round:
-it is retried with fresh keys, and the condition SecureAggregationFailed says why.
+it is retried with fresh keys, and the condition SecureAggregationFailed says why. A local run resumed
+mid-round starts the attempt again at keys with fresh keys, not counted as a retry (`machine.resumed`).
 """
 
 from __future__ import annotations
