@@ -53,6 +53,24 @@ def round_table(st: FederatedJobStatus) -> str:
     return "\n".join(lines)
 
 
+def final_hint(method: str, where: str) -> tuple[str, str]:
+    """(what final/ holds, how to load it) for a job's peft.method; `where` is final/ as the user typed it."""
+    if method == "full":  # the whole model, as transformers saves one
+        return "model (transformers layout)", f"AutoModelFor<task>.from_pretrained({where!r})"
+    if method == "fedkseed":  # K accumulated scalars, replayed onto the base model
+        return (
+            "FedKSeed steps (fedkseed.safetensors)",
+            f"python -m fedtune_trainer.fedkseed {where} OUT (a transformers model directory in OUT)",
+        )
+    if method == "offsite":  # the emulator's adapter layers, for the full model only the owner holds
+        return (
+            "offsite adapter layers (offsite.safetensors)",
+            f"python -m fedtune_trainer.offsite {where} OUT [--eval FILE] (plugs them into the full model, a "
+            "transformers directory in OUT)",
+        )
+    return "adapter (PEFT layout)", f"PeftModel.from_pretrained(base_model, {where!r})"
+
+
 def personal_scores(st: FederatedJobStatus) -> dict[str, dict]:
     """Personalization: each trainer's last evaluation, global part beside personalised adapter (empty without)."""
     out = {}

@@ -741,20 +741,7 @@ class LocalRun:
         if (c := st.condition(cond.PRIVACY_BUDGET_EXHAUSTED)) is not None:
             print(f"\nprivacy budget exhausted: {c.message}", file=self.out)
         if st.phase == "Succeeded":
-            where = str(_shown(final))
-            if self.job.spec.peft.method == "full":  # the whole model, as transformers saves one
-                what, load = "model (transformers layout)", f"AutoModelFor<task>.from_pretrained({where!r})"
-            elif self.job.spec.peft.method == "fedkseed":  # K accumulated scalars, replayed onto the base model
-                what = "FedKSeed steps (fedkseed.safetensors)"
-                load = f"python -m fedtune_trainer.fedkseed {where} OUT (a transformers model directory in OUT)"
-            elif self.job.spec.peft.method == "offsite":  # the emulator's adapter layers, for the full model
-                what = "offsite adapter layers (offsite.safetensors)"
-                load = (
-                    f"python -m fedtune_trainer.offsite {where} OUT [--eval FILE] (plugs them into the full model, "
-                    "a transformers directory in OUT)"
-                )
-            else:
-                what, load = "adapter (PEFT layout)", f"PeftModel.from_pretrained(base_model, {where!r})"
+            what, load = report.final_hint(self.job.spec.peft.method, str(_shown(final)))
             print(
                 f"\nSucceeded. Final {what} in {_shown(final)}; metrics.json and metrics.png beside it.\n"
                 f"Load it with: {load}",
