@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from fedtune.api.method_params import Table, method_params
 from fedtune.api.offsite import offsite_params
 
 # Whether check_peft_config also asks peft itself (where installed; importing it takes seconds).
@@ -45,7 +46,7 @@ FULL = "full"
 FEDKSEED = "fedkseed"
 
 # peft.config of fedkseed: key -> (default, low, high, whether an integer). Keys in the job's camelCase.
-FEDKSEED_PARAMS: dict[str, tuple[float, float, float, bool]] = {
+FEDKSEED_PARAMS: Table = {
     "seeds": (4096, 1, 32767, True),  # K; indices travel as int16
     "steps": (200, 1, 100_000, True),  # zeroth-order steps per party per round
     "learningRate": (3e-7, 0.0, 1.0, False),
@@ -65,23 +66,7 @@ METHODS = (*PEFT_METHODS, *UNWRAPPED)
 
 def fedkseed_params(config: dict[str, Any]) -> dict[str, float]:
     """fedkseed's peft.config with defaults filled in. Raises ValueError naming the field at fault."""
-    unknown = sorted(set(config) - set(FEDKSEED_PARAMS))
-    if unknown:
-        raise ValueError(
-            f"peft.config: fedkseed has no parameter(s) {', '.join(unknown)}; it accepts: {', '.join(FEDKSEED_PARAMS)}"
-        )
-    out: dict[str, float] = {}
-    for key, (default, low, high, integral) in FEDKSEED_PARAMS.items():
-        value = config.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
-            kind = "an integer" if integral else "a number"
-            raise ValueError(f"peft.config.{key} must be {kind} (got {value!r})")
-        if integral and not low <= value <= high:
-            raise ValueError(f"peft.config.{key} must be between {low:g} and {high:g} (got {value})")
-        if not integral and not low < value <= high:
-            raise ValueError(f"peft.config.{key} must be > {low:g} and <= {high:g} (got {value})")
-        out[key] = value
-    return out
+    return method_params("fedkseed", FEDKSEED_PARAMS, config, floats_open_low=True)
 
 
 # Prompt-learning methods: peft saves their prompt as a tensor it computes from the trained parameters.

@@ -17,8 +17,10 @@ import math
 import re
 from typing import Any
 
+from fedtune.api.method_params import Table, method_params
+
 # peft.config of offsite: key -> (default, low, high, whether an integer). Keys in the job's camelCase.
-OFFSITE_PARAMS: dict[str, tuple[float, float, float, bool]] = {
+OFFSITE_PARAMS: Table = {
     "adapterLayers": (2, 1, 1024, True),  # k: the first k and the last k layers train
     "dropRatio": (0.5, 0.0, 1.0, False),  # share of the middle layers the emulator drops
 }
@@ -33,21 +35,7 @@ CONFIG_KEY = "fedtune_offsite"
 
 def offsite_params(config: dict[str, Any]) -> dict[str, float]:
     """offsite's peft.config with defaults filled in. Raises ValueError naming the field at fault."""
-    unknown = sorted(set(config) - set(OFFSITE_PARAMS))
-    if unknown:
-        raise ValueError(
-            f"peft.config: offsite has no parameter(s) {', '.join(unknown)}; it accepts: {', '.join(OFFSITE_PARAMS)}"
-        )
-    out: dict[str, float] = {}
-    for key, (default, low, high, integral) in OFFSITE_PARAMS.items():
-        value = config.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (integral and not isinstance(value, int)):
-            kind = "an integer" if integral else "a number"
-            raise ValueError(f"peft.config.{key} must be {kind} (got {value!r})")
-        if not low <= value <= high:
-            raise ValueError(f"peft.config.{key} must be between {low:g} and {high:g} (got {value})")
-        out[key] = value
-    return out
+    return method_params("offsite", OFFSITE_PARAMS, config, floats_open_low=False)
 
 
 def kept_layers(total: int, adapter_layers: int, drop_ratio: float) -> list[int]:

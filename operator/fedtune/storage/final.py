@@ -57,29 +57,23 @@ FEDKSEED_STEPS = "fedkseed.safetensors"
 FEDKSEED_REPLAY = "fedkseed.json"
 
 
+def _rebuild_json(job: FederatedJob, method: str, params: dict[str, float]) -> bytes:
+    """The base model as the job built it (its spec, data schema and seed: a new head is seeded) and the method's
+    parameters: what turning a final/ of FedKSeed or offsite tuning into a model needs besides its tensors."""
+    spec = job.spec
+    doc = {"model": spec.model.to_wire(), "data": spec.data.to_wire(), "seed": spec.training.seed, method: params}
+    return json.dumps(doc, indent=2, sort_keys=True).encode()
+
+
 def fedkseed_replay_json(job: FederatedJob) -> bytes:
     """What replaying a FedKSeed accumulator needs besides it: the base model as the parties built it."""
-    spec = job.spec
-    doc = {
-        "model": spec.model.to_wire(),
-        "data": spec.data.to_wire(),
-        "seed": spec.training.seed,
-        "fedkseed": fedkseed_params(spec.peft.config),
-    }
-    return json.dumps(doc, indent=2, sort_keys=True).encode()
+    return _rebuild_json(job, "fedkseed", fedkseed_params(job.spec.peft.config))
 
 
 def offsite_json(job: FederatedJob) -> bytes:
     """What plugging an offsite adapter back needs besides it: the full model (the owner's source, which the
     parties never saw) and the emulator's derivation, which the plug-back recomputes from the full model."""
-    spec = job.spec
-    doc = {
-        "model": spec.model.to_wire(),
-        "data": spec.data.to_wire(),
-        "seed": spec.training.seed,
-        "offsite": offsite_params(spec.peft.config),
-    }
-    return json.dumps(doc, indent=2, sort_keys=True).encode()
+    return _rebuild_json(job, "offsite", offsite_params(job.spec.peft.config))
 
 
 def final_names(job: FederatedJob, coord: Bucket) -> list[str]:
