@@ -9,7 +9,7 @@ named PARTY (its FEDTUNE_NAME) uploads a corrupted update:
 - `signflip`: global − (update − global);
 - `huge`:     every floating element 1e30 (finite in float32).
 
-The party records the global adapter it received (`fedtune_trainer.party._load_global`) and rewrites
+The party records the global adapter it received (`fedtune_trainer.party_steps.load_global`) and rewrites
 the tensors just before they are encoded for upload (`fedtune_trainer.compression.encode`), so the
 receipt's sha256 is that of what it sent, as a real malicious party would do. Without the variable
 (every other process) nothing is wrapped.
@@ -43,10 +43,10 @@ def corrupt(global_state, update, attack: str):
 def _install(spec: str) -> None:
     party, _, attack = spec.partition(":")
     import fedtune_trainer.compression as compression
-    import fedtune_trainer.party as trainer_party
+    import fedtune_trainer.party_steps as party_steps
 
     seen: dict = {}
-    load_global, encode = trainer_party._load_global, compression.encode
+    load_global, encode = party_steps.load_global, compression.encode
 
     def _load_global(rt, tensors, ranks):
         seen["global"] = tensors
@@ -57,7 +57,7 @@ def _install(spec: str) -> None:
             tensors = corrupt(seen["global"], tensors, attack)
         return encode(tensors, mode)
 
-    trainer_party._load_global = _load_global
+    party_steps.load_global = _load_global
     compression.encode = attacked_encode
 
 
