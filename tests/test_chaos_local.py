@@ -53,7 +53,7 @@ def job_file(tmp_path_factory):
 def test_pod_faults_and_an_s3_freeze_in_one_run(job_file, tmp_path):
     """Garbage in alice's mailbox, bob killed mid-training, the aggregator killed mid-aggregation, then S3
     frozen: each in a round of its own of one run, which succeeds with every round done once by both parties."""
-    rounds = 6
+    rounds = 10  # rounds take ~0.1 s on an idle machine: room for the last fault to land before the job ends
     job = LocalJob(job_file(rounds), tmp_path / "w")
     job.start()
     try:
@@ -114,7 +114,9 @@ def test_runner_interrupted_then_killed_then_resumed(job_file, tmp_path):
     """Ctrl-C stops the run in order (Stopped, Interrupted); a resume goes on; SIGKILL of that runner
     leaves its children to die with it, `fedtune status` marks the run RunnerLost, and a second resume
     finishes the job with no round lost or repeated."""
-    rounds = 6
+    # Rounds of the tiny job take ~0.1 s on an idle machine: enough of them that no run finishes the job
+    # between the test seeing the round it waits for and its signal landing.
+    rounds = 40
     job = LocalJob(job_file(rounds), tmp_path / "w")
     try:
         first = job.start()
@@ -134,7 +136,7 @@ def test_runner_interrupted_then_killed_then_resumed(job_file, tmp_path):
         job.processes()
         second.proc.kill()  # no cleanup code runs in the runner: the kernel ends its children (lifeline)
         second.proc.wait(timeout=30)
-        assert_log_names(second.output, r"\] resuming: \w+, round \d+/6 \(the last run stopped: Interrupted\)$")
+        assert_log_names(second.output, rf"\] resuming: \w+, round \d+/{rounds} \(the last run stopped: Interrupted\)$")
         assert_no_orphans(job)
         before = job.status()
         assert before["phase"] == "Running"  # nothing could say otherwise: the runner was killed outright
@@ -152,7 +154,7 @@ def test_runner_interrupted_then_killed_then_resumed(job_file, tmp_path):
         assert third.proc.wait(timeout=180) == 0, third.output
     finally:
         stop_all(job.runners)
-    assert_log_names(third.output, r"\] resuming: \w+, round \d+/6 \(the last run stopped: RunnerLost\)$")
+    assert_log_names(third.output, rf"\] resuming: \w+, round \d+/{rounds} \(the last run stopped: RunnerLost\)$")
     st = job.status()
     assert st["phase"] == "Succeeded", st.get("message")
     assert_rounds_once(st, rounds)

@@ -16,7 +16,7 @@ from test_local_run import _processes_mentioning, _wait_for_round, job_yaml
 from tiny_models import make_tiny_model
 from toy_data import toy_jsonl
 
-ROUNDS = 30
+ROUNDS = 45  # rounds of the tiny job take ~0.1 s on an idle machine: the kill must land mid-job (history keeps 50)
 
 
 @pytest.fixture(scope="module")
