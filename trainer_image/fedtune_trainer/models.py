@@ -23,7 +23,7 @@ from fedtune_trainer import transfer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Classification heads stay unquantised: they are new, trained and federated (peft's modules_to_save);
 # transformers would quantise some (BERT's classifier) like any other linear layer.
-_HEADS = ["classifier", "score", "pre_classifier"]
+HEADS = ("classifier", "score", "pre_classifier")
 _SAMPLE_ELEMENTS = 1024  # per tensor: enough to tell checkpoints apart, cheap on billions of weights
 
 
@@ -153,7 +153,7 @@ def _quantized(model: ModelSpec, device: torch.device) -> dict[str, Any]:
     if model.task == "sequence-classification":
         # Only for classifiers: the list replaces transformers' own, which keeps a causal LM's
         # (often tied) output embeddings unquantised.
-        options["llm_int8_skip_modules"] = list(_HEADS)
+        options["llm_int8_skip_modules"] = list(HEADS)
     config = BitsAndBytesConfig(**options)
     return {"quantization_config": config, "device_map": {"": device}}
 

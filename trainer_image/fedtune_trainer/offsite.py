@@ -28,9 +28,7 @@ from fedtune.api.offsite import (
     plugged_name,
 )
 
-from fedtune_trainer.models import DTYPES
-
-HEADS = ("classifier", "score", "pre_classifier")  # transformers' classification heads: new, so trained too
+from fedtune_trainer.models import DTYPES, HEADS  # HEADS: a classifier's head is new, so it trains too
 
 
 def layer_list(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
