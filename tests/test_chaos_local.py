@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from chaos import (
     LocalJob,
     assert_aggregated_once,
@@ -44,7 +45,11 @@ def job_file(tmp_path_factory):
     def make(rounds: int):
         path = where / f"job-{rounds}.yaml"
         # A short deadline: a fault that the runner did not recover from fails the round in seconds, not minutes.
-        path.write_text(job_yaml(model, data, rounds=rounds, samples=24, timeout=45))
+        docs = list(yaml.safe_load_all(job_yaml(model, data, rounds=rounds, samples=24, timeout=45)))
+        # Rounds of a few tenths of a second (one epoch of 3 steps takes milliseconds): a test that waits for a
+        # round and then signals a process must not find the job ended meanwhile on an idle machine.
+        docs[0]["spec"]["training"]["localEpochs"] = 20
+        path.write_text(yaml.safe_dump_all(docs))
         return path
 
     return make
@@ -53,7 +58,7 @@ def job_file(tmp_path_factory):
 def test_pod_faults_and_an_s3_freeze_in_one_run(job_file, tmp_path):
     """Garbage in alice's mailbox, bob killed mid-training, the aggregator killed mid-aggregation, then S3
     frozen: each in a round of its own of one run, which succeeds with every round done once by both parties."""
-    rounds = 10  # rounds take ~0.1 s on an idle machine: room for the last fault to land before the job ends
+    rounds = 8
     job = LocalJob(job_file(rounds), tmp_path / "w")
     job.start()
     try:
@@ -114,9 +119,7 @@ def test_runner_interrupted_then_killed_then_resumed(job_file, tmp_path):
     """Ctrl-C stops the run in order (Stopped, Interrupted); a resume goes on; SIGKILL of that runner
     leaves its children to die with it, `fedtune status` marks the run RunnerLost, and a second resume
     finishes the job with no round lost or repeated."""
-    # Rounds of the tiny job take ~0.1 s on an idle machine: enough of them that no run finishes the job
-    # between the test seeing the round it waits for and its signal landing.
-    rounds = 40
+    rounds = 20
     job = LocalJob(job_file(rounds), tmp_path / "w")
     try:
         first = job.start()

@@ -240,9 +240,11 @@ def test_dead_party_and_aggregator_are_restarted_counted_and_job_finishes(tiny_s
 
 def test_ctrl_c_and_kill_leave_nothing_running_and_two_runs_do_not_collide(tiny_seq_cls, toy_data, tmp_path):
     job = tmp_path / "job.yaml"
-    # Never run to its end (every run here is stopped or killed): rounds of ~0.1 s on an idle machine must not
-    # let the first run finish while the second starts up.
-    job.write_text(job_yaml(tiny_seq_cls, toy_data, rounds=2000, samples=40))
+    # Never run to its end (every run here is stopped or killed). One epoch of the tiny job takes milliseconds:
+    # 20 make rounds of a few tenths of a second, so the first run cannot finish while the second starts up.
+    docs = list(yaml.safe_load_all(job_yaml(tiny_seq_cls, toy_data, rounds=200, samples=40)))
+    docs[0]["spec"]["training"]["localEpochs"] = 20
+    job.write_text(yaml.safe_dump_all(docs))
     procs, logs = [], []
 
     def start(i: int, log: Path) -> subprocess.Popen:
