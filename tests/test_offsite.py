@@ -294,3 +294,25 @@ def test_offsite_end_to_end(tiny6, toy_data, tmp_path):  # noqa: F811
     assert torch.equal(
         state["bert.encoder.layer.3.output.dense.weight"], base.state_dict()["bert.encoder.layer.3.output.dense.weight"]
     )
+
+
+def test_emulator_command(tiny6, toy_data, tmp_path, capsys):  # noqa: F811
+    """`fedtune emulator` writes the emulator where asked, says what it kept, and never overwrites one."""
+    from fedtune.cli import main
+
+    docs = list(yaml.safe_load_all(job_yaml(tiny6, toy_data, peft=OFFSITE)))
+    docs[0]["spec"]["model"]["emulator"] = f"file://{tmp_path / 'emu'}"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump_all(docs))
+    assert main(["emulator", str(job)]) == 0
+    assert "5 of 6 layers" in capsys.readouterr().out
+    config = json.loads((tmp_path / "emu" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 5 and config["fedtune_offsite"]["kept"] == [0, 1, 2, 4, 5]
+    assert main(["emulator", str(job)]) != 0  # it exists: nothing is overwritten
+    assert "exists: remove it" in capsys.readouterr().err
+    docs[0]["spec"]["peft"] = {"method": "lora", "config": {"r": 4}}
+    del docs[0]["spec"]["model"]["emulator"]
+    job.write_text(yaml.safe_dump_all(docs))
+    assert main(["emulator", str(job), "--output", str(tmp_path / "other")]) != 0
+    assert "an emulator is for peft.method offsite" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
