@@ -60,8 +60,7 @@ def kept_layers(total: int, adapter_layers: int, drop_ratio: float) -> list[int]
 
 def adapter_map(kept: list[int], adapter_layers: int) -> dict[int, int]:
     """Emulator layer index -> full model layer index, for the adapter layers only (what plugs back)."""
-    n = len(kept)
-    return {i: kept[i] for i in (*range(adapter_layers), *range(n - adapter_layers, n))}
+    return {i: kept[i] for i in adapter_layer_indices(len(kept), adapter_layers)}
 
 
 def adapter_layer_indices(emulator_layers: int, adapter_layers: int) -> list[int]:
